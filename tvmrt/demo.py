@@ -1,0 +1,142 @@
+"""Hosts of Penglai's demos, ported line by line with :mod:`tvmrt.penglai`.
+
+``test_caller`` is ``demo/IPC/test-caller/host.c``; ``run_one`` is
+``demo/host/host.c`` for a single normal enclave (e.g. hello_world).
+"""
+from __future__ import annotations
+
+import ctypes
+
+from .penglai import (NORMAL_ENCLAVE, SERVER_ENCLAVE, PLenclave, PLenclave_attest,
+                      PLenclave_create, PLenclave_destroy, PLenclave_destruct, PLenclave_init,
+                      PLenclave_run, PLenclave_schrodinger_at, PLenclave_schrodinger_ctl,
+                      PLenclave_schrodinger_dt, PLenclave_schrodinger_get,
+                      PLenclave_set_mem_arg, PLenclave_shmat, PLenclave_shmctl,
+                      PLenclave_shmdt, PLenclave_shmget, elf_args, elf_args_destroy,
+                      elf_args_init, elf_valid, enclave_args, enclave_args_init)
+
+
+def print_signature(sig: bytes) -> None:
+    """The host's report dump: ``0x%02X, `` with a space every 4 bytes, 16 per line."""
+    line = ""
+    for i, b in enumerate(sig[:64]):
+        line += f"0x{b:02X}, "
+        if i % 4 == 3:
+            line += " "
+        if i % 16 == 15:
+            print(line.rstrip())
+            line = ""
+    print(line, end="", flush=True)
+
+
+def test_caller(caller_file: str, server_file: str, server1_file: str | None = None) -> int:
+    """``./test-caller caller server [server1]``; returns the process exit code."""
+    rc = 1
+    caller_enclave, server_enclave, server1_enclave = PLenclave(), PLenclave(), PLenclave()
+    caller_elf, server_elf, server1_elf = elf_args(), elf_args(), elf_args()
+    elf_args_init(caller_elf, caller_file)
+    elf_args_init(server_elf, server_file)
+    if server1_file:
+        elf_args_init(server1_elf, server1_file)
+    if not elf_valid(caller_elf) or not elf_valid(server_elf) or (
+            server1_file and not elf_valid(server1_elf)):
+        print("error when initializing enclave elf")
+        return 1
+    for enc in (caller_enclave, server_enclave, server1_enclave):
+        if PLenclave_init(enc) < 0:
+            print("host: failed to initialize enclave")
+            return 1
+    shmid = mm_arg_id = -1
+    shm = mm_arg = 0
+    try:
+        server_params = enclave_args()
+        enclave_args_init(server_params)
+        server_params.name = "test-server"
+        server_params.type = SERVER_ENCLAVE
+        if PLenclave_create(server_enclave, server_elf, server_params) < 0:
+            print("host: failed to create server enclave")
+            return 1
+        if server1_file:
+            server1_params = enclave_args()
+            enclave_args_init(server1_params)
+            server1_params.name = "test-server1"
+            server1_params.type = SERVER_ENCLAVE
+            if PLenclave_create(server1_enclave, server1_elf, server1_params) < 0:
+                print("host: failed to create server1 enclave")
+                return 1
+
+        caller_params = enclave_args()
+        enclave_args_init(caller_params)
+        # Allocate the shared memory for enclave
+        shm_size = 0x1000 * 4
+        shmid = PLenclave_shmget(shm_size)
+        shm = PLenclave_shmat(shmid, 0)
+        if shmid < 0 or shm < 0:
+            return 1
+        ctypes.c_int.from_address(shm).value = 11111
+        caller_params.shmid = shmid
+        caller_params.shm_offset = 0
+        caller_params.shm_size = shm_size
+
+        # Allocate the relay/schrodinger page for enclave
+        mm_arg_size = 0x1000 * 4
+        mm_arg_id = PLenclave_schrodinger_get(mm_arg_size)
+        mm_arg = PLenclave_schrodinger_at(mm_arg_id, 0)
+        if mm_arg_id < 0 or mm_arg < 0:
+            return 1
+        ctypes.c_int.from_address(mm_arg).value = 22222
+
+        caller_params.name = "test-caller"
+        caller_params.type = NORMAL_ENCLAVE
+        if PLenclave_create(caller_enclave, caller_elf, caller_params) < 0:
+            print("host: failed to create caller_enclave")
+            return 1
+        if PLenclave_attest(caller_enclave, 1234) == 0:
+            print_signature(caller_enclave.attest_param.report["sig"])
+
+        # Assign the schrodinger page to the enclave before it runs
+        if mm_arg_id > 0 and mm_arg:
+            PLenclave_set_mem_arg(caller_enclave, mm_arg_id, 0, mm_arg_size)
+        if PLenclave_run(caller_enclave) < 0:
+            print("host: failed to run caller_enclave")
+            return 1
+        rc = 0
+    finally:
+        if shm > 0:
+            PLenclave_shmdt(shmid, shm)
+        if shmid > 0:
+            PLenclave_shmctl(shmid)
+        if mm_arg > 0:
+            PLenclave_schrodinger_dt(mm_arg_id, mm_arg)
+        if mm_arg_id > 0:
+            PLenclave_schrodinger_ctl(mm_arg_id)
+        if server_enclave.eid >= 0:
+            PLenclave_destroy(server_enclave)
+        if server1_enclave.eid >= 0:
+            PLenclave_destroy(server1_enclave)
+        for enc in (caller_enclave, server_enclave, server1_enclave):
+            PLenclave_destruct(enc)
+        for elf in (caller_elf, server_elf, server1_elf):
+            elf_args_destroy(elf)
+    return rc
+
+
+def run_one(eapp_file: str, name: str = "test-enclave") -> int:
+    """``./host NAME``: create one normal enclave, run it, print how it ended."""
+    enclave, elf, params = PLenclave(), elf_args(), enclave_args()
+    elf_args_init(elf, eapp_file)
+    if not elf_valid(elf):
+        print("error when initializing enclave elf")
+        return 1
+    if PLenclave_init(enclave) < 0:
+        return 1
+    enclave_args_init(params)
+    params.name = name
+    if PLenclave_create(enclave, elf, params) < 0:
+        print("host: failed to create enclave")
+        return 1
+    ret = PLenclave_run(enclave)
+    print("host: PLenclave run is finish ", flush=True)
+    PLenclave_destruct(enclave)
+    elf_args_destroy(elf)
+    return 0 if ret == 0 else 1

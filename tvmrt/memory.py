@@ -1,0 +1,119 @@
+"""Memory primitives: the common address arena and fixed-address mappings.
+
+Every tvmrt process (host, zygote, enclave) reserves the same ranges of virtual
+addresses (anonymous, ``PROT_NONE``, ``MAP_NORESERVE``: no memory is used).  The
+monitor hands every region an address inside an arena, unique within the
+monitor instance, and each process maps the region's segment **at that
+address** with ``MAP_FIXED`` over its own reservation.  So an address in a
+``call_enclave_arg_t`` is valid in whichever process owns the region.
+
+Arenas (following Penglai's layout):
+
+========== ====================== ===========================================
+arena      range                  holds
+========== ====================== ===========================================
+MMAP       0x20_0000_0000 +64 GiB ``eapp_mmap`` regions of enclaves
+RELAY      0x38_0000_0000 +4 GiB  host schrodinger (relay) regions
+SHM        0x39_0000_0000 +28 GiB host shared memory (``shmget``)
+========== ====================== ===========================================
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap as _mmap
+import os
+
+PAGE = _mmap.PAGESIZE
+
+ARENAS = {
+    "mmap": (0x20_0000_0000, 0x10_0000_0000),
+    "relay": (0x38_0000_0000, 0x1_0000_0000),
+    "shm": (0x39_0000_0000, 0x7_0000_0000),
+}
+
+PROT_NONE = 0
+PROT_RW = _mmap.PROT_READ | _mmap.PROT_WRITE
+_MAP_SHARED = 0x01
+_MAP_PRIVATE = 0x02
+_MAP_FIXED = 0x10
+_MAP_ANON = 0x20
+_MAP_NORESERVE = 0x4000
+_MAP_FIXED_NOREPLACE = 0x100000
+_MADV_DONTFORK = 10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.mprotect.restype = ctypes.c_int
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.madvise.restype = ctypes.c_int
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.prctl.restype = ctypes.c_int
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong)
+
+
+def _fail(what: str):
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def page_round(n: int) -> int:
+    """Round ``n`` up to a whole number of pages."""
+    return (n + PAGE - 1) & ~(PAGE - 1)
+
+
+def reserve_arenas() -> None:
+    """Reserve every arena in this process (idempotent per process).
+
+    Raises OSError if something else already lives at those addresses.
+    """
+    if _reserved.get("pid") == os.getpid() or _reserved.get("pid") is not None:
+        # A forked child inherits the reservation of its parent.
+        return
+    for name, (base, size) in ARENAS.items():
+        got = _libc.mmap(base, size, PROT_NONE,
+                         _MAP_PRIVATE | _MAP_ANON | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE, -1, 0)
+        if got == _MAP_FAILED or got != base:
+            _fail(f"reserving the {name} arena at {base:#x}")
+    _reserved["pid"] = os.getpid()
+
+
+# Process-wide fact (the arena is reserved or not), not shared mutable state.
+_reserved: dict = {}
+
+
+def map_fixed(addr: int, length: int, fd: int, offset: int = 0, prot: int = PROT_RW) -> None:
+    """Map ``length`` bytes of ``fd`` at exactly ``addr`` (over the reservation)."""
+    got = _libc.mmap(addr, length, prot, _MAP_SHARED | _MAP_FIXED, fd, offset)
+    if got == _MAP_FAILED:
+        _fail(f"mmap at {addr:#x}")
+    # A host that forks must not hand its regions to the child.
+    _libc.madvise(addr, length, _MADV_DONTFORK)
+
+
+def protect(addr: int, length: int, prot: int) -> None:
+    """mprotect: PROT_NONE revokes access, PROT_RW grants it."""
+    if _libc.mprotect(addr, length, prot) != 0:
+        _fail(f"mprotect at {addr:#x}")
+
+
+def unmap(addr: int, length: int) -> None:
+    """Drop a mapping, putting the PROT_NONE reservation back in its place."""
+    got = _libc.mmap(addr, length, PROT_NONE,
+                     _MAP_PRIVATE | _MAP_ANON | _MAP_NORESERVE | _MAP_FIXED, -1, 0)
+    if got == _MAP_FAILED:
+        _fail(f"unmap at {addr:#x}")
+
+
+def view(addr: int, length: int) -> memoryview:
+    """A writable byte memoryview over ``[addr, addr+length)`` (no checks: see callers)."""
+    return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+
+
+def set_pdeathsig(sig: int) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies."""
+    _libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG

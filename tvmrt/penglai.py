@@ -1,0 +1,326 @@
+"""Penglai's host SDK names, so the tutorial's host code ports line by line.
+
+Functions return C-style integers: 0 (or an id / address) on success and a
+negative :mod:`tvmrt.errors` code on failure (-1 and -2 keep Penglai's
+meaning; the other codes are distinct), after printing the reason to stderr as
+Penglai's library does.  ``PLenclave_shmat`` and ``PLenclave_schrodinger_at``
+return an integer address that the host reads and writes through ``ctypes``::
+
+    shmid = PLenclave_shmget(0x4000)
+    shm = PLenclave_shmat(shmid, 0)
+    ctypes.c_int.from_address(shm).value = 11111
+
+The "device" (Penglai opens ``/dev/penglai_enclave_dev``) is one connection to
+the monitor per process, opened by :func:`PLenclave_init` or
+:func:`open_device`: C's API has no context argument for ``shmget``, so this
+layer keeps that one connection as process state; the Pythonic
+:mod:`tvmrt.host` API has none.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import InvalidArgument, TvmError
+from .host import NORMAL, SERVER, Enclave, Host, resolve_eapp
+
+NORMAL_ENCLAVE = NORMAL
+SERVER_ENCLAVE = SERVER
+SHADOW_ENCLAVE = 2
+DEFAULT_STACK_SIZE = 64 * 1024
+RETURN_USER_EXIT_ENCL = 0
+
+
+class elf_args:
+    """``struct elf_args``: the eapp image (here: its Python source bytes)."""
+
+    def __init__(self):
+        self.filename = None
+        self.ptr = None
+        self.size = 0
+        self.fd = -1
+
+
+class enclave_args:
+    """``struct enclave_args``."""
+
+    def __init__(self):
+        self.name = ""
+        self.type = NORMAL_ENCLAVE
+        self.stack_size = DEFAULT_STACK_SIZE
+        self.shmid = 0
+        self.shm_offset = 0
+        self.shm_size = 0
+
+
+class penglai_enclave_user_param:
+    """``struct penglai_enclave_user_param`` (the fields a host reads or sets)."""
+
+    def __init__(self):
+        self.eid = -1
+        self.name = ""
+        self.type = NORMAL_ENCLAVE
+        self.stack_size = 0
+        self.shmid = 0
+        self.shm_offset = 0
+        self.shm_size = 0
+        self.schrodinger_id = 0
+        self.schrodinger_offset = 0
+        self.schrodinger_size = 0
+        self.rerun_reason = 0
+        self.retval = 0
+
+
+class penglai_enclave_attest_param:
+    def __init__(self):
+        self.eid = -1
+        self.nonce = 0
+        self.report = None
+
+
+class PLenclave:
+    """``struct PLenclave``."""
+
+    def __init__(self):
+        self.elffile = None
+        self.eid = -1
+        self.fd = -1
+        self.user_param = penglai_enclave_user_param()
+        self.attest_param = penglai_enclave_attest_param()
+        self._enclave: Enclave | None = None
+
+
+class _Device:
+    """The per-process connection and the id -> region tables of the driver."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.shm = {}
+        self.schrodinger = {}
+
+
+_device: _Device | None = None   # see the module docstring
+
+
+def open_device(path: str | None = None, embedded: bool | None = False) -> int:
+    """Connect this process to the monitor (``path`` or the default). 0 or a code."""
+    global _device
+    if _device is not None and not _device.host.closed:
+        return 0
+    try:
+        _device = _Device(Host.connect(path, embedded=embedded))
+    except TvmError as exc:
+        return _fail("open_device", exc)
+    return 0
+
+
+def close_device() -> None:
+    """Close the connection: the monitor destroys what this process still holds."""
+    global _device
+    if _device is not None:
+        _device.host.close()
+        _device = None
+
+
+def _dev() -> _Device:
+    if _device is None and open_device() != 0:
+        raise TvmError("no monitor: start `tvmrt monitor` or use tvmrt launch")
+    return _device
+
+
+def _fail(fn: str, exc: TvmError) -> int:
+    print(f"{fn}: {exc.reason} (error {exc.code})", file=sys.stderr, flush=True)
+    return exc.code
+
+
+# ---------------------------------------------------------------- elf / params
+def elf_args_init(elf: elf_args, filename: str) -> None:
+    elf.filename = filename
+    try:
+        elf.ptr, _ = resolve_eapp(filename)
+        elf.size = len(elf.ptr)
+        elf.fd = 0
+    except TvmError as exc:
+        _fail("elf_args_init", exc)
+        elf.ptr, elf.size, elf.fd = None, 0, -1
+
+
+def elf_valid(elf: elf_args) -> int:
+    return 1 if (elf.fd >= 0 and elf.size > 0 and elf.ptr is not None) else 0
+
+
+def elf_args_destroy(elf: elf_args) -> None:
+    elf.ptr, elf.size, elf.fd = None, 0, -1
+
+
+def enclave_args_init(args: enclave_args) -> None:
+    """Defaults as in Penglai (the name is left for the caller to set)."""
+    args.type = NORMAL_ENCLAVE
+    args.stack_size = DEFAULT_STACK_SIZE
+    args.shmid = args.shm_offset = args.shm_size = 0
+
+
+# ---------------------------------------------------------------- lifecycle
+def PLenclave_init(enclave: PLenclave) -> int:
+    if enclave is None:
+        return -1
+    enclave.__init__()
+    rc = open_device()
+    if rc == 0:
+        enclave.fd = 1
+    return rc
+
+
+def PLenclave_create(enclave: PLenclave, elffile: elf_args, args: enclave_args) -> int:
+    if enclave is None or enclave.fd < 0 or not elf_valid(elffile):
+        return _fail("PLenclave_create", InvalidArgument("bad enclave or elf arguments"))
+    dev = _dev()
+    shm = None
+    if args.shmid:
+        region = dev.shm.get(args.shmid)
+        if region is None:
+            return _fail("PLenclave_create", InvalidArgument(f"no shm id {args.shmid:#x}"))
+        shm = (region, args.shm_offset, args.shm_size)
+    try:
+        enc = dev.host.create(elffile.ptr, name=args.name, type=args.type, shm=shm)
+    except TvmError as exc:
+        return _fail("PLenclave_create", exc)
+    enclave.elffile = elffile
+    enclave._enclave = enc
+    enclave.eid = enc.eid
+    up = enclave.user_param
+    up.eid, up.name, up.type = enc.eid, args.name, args.type
+    up.stack_size = args.stack_size
+    up.shmid, up.shm_offset, up.shm_size = args.shmid, args.shm_offset, args.shm_size
+    return 0
+
+
+def PLenclave_set_mem_arg(enclave: PLenclave, mm_arg_id: int, mm_arg_offset: int,
+                          mm_arg_size: int) -> int:
+    if enclave is None:
+        return -1
+    up = enclave.user_param
+    up.schrodinger_id, up.schrodinger_offset, up.schrodinger_size = (
+        mm_arg_id, mm_arg_offset, mm_arg_size)
+    return 0
+
+
+def PLenclave_run(enclave: PLenclave) -> int:
+    """Run to the end; the exit value lands in ``enclave.user_param.retval``."""
+    if enclave is None or enclave._enclave is None:
+        return _fail("PLenclave_run", InvalidArgument("enclave was not created"))
+    dev = _dev()
+    up = enclave.user_param
+    enc = enclave._enclave
+    if up.schrodinger_id:
+        region = dev.schrodinger.get(up.schrodinger_id)
+        if region is None:
+            return _fail("PLenclave_run",
+                         InvalidArgument(f"no schrodinger id {up.schrodinger_id:#x}"))
+        enc.set_mem_arg(region, up.schrodinger_offset, up.schrodinger_size)
+    sys.stdout.flush()
+    try:
+        up.retval = enc.run()
+    except TvmError as exc:
+        return _fail("PLenclave_run", exc)
+    return RETURN_USER_EXIT_ENCL
+
+
+def PLenclave_attest(enclave: PLenclave, nonce: int) -> int:
+    if enclave is None or enclave._enclave is None:
+        return -1
+    try:
+        enclave.attest_param.report = enclave._enclave.attest(nonce)
+    except TvmError as exc:
+        return _fail("PLenclave_attest", exc)
+    enclave.attest_param.nonce = nonce
+    enclave.attest_param.eid = enclave.eid
+    return 0
+
+
+def PLenclave_destroy(enclave: PLenclave) -> int:
+    if enclave is None or enclave._enclave is None:
+        return -1
+    try:
+        enclave._enclave.destroy()
+    except TvmError as exc:
+        return _fail("PLenclave_destroy", exc)
+    return 0
+
+
+def PLenclave_destruct(enclave: PLenclave) -> None:
+    """Penglai only closes the device fd here; nothing is destroyed."""
+    if enclave is not None:
+        enclave.fd = -1
+
+
+# ---------------------------------------------------------------- shared memory
+def _region_call(fn, table, rid, action):
+    try:
+        region = _dev().__dict__[table].get(rid)
+        if region is None:
+            raise InvalidArgument(f"unknown id {rid:#x}" if isinstance(rid, int) else "bad id")
+        return action(region)
+    except TvmError as exc:
+        return _fail(fn, exc)
+
+
+def PLenclave_shmget(size: int) -> int:
+    """New shared memory; returns its id (>= 0x10000) or a negative code."""
+    try:
+        region = _dev().host.shmget(size, attach=False)
+    except TvmError as exc:
+        return _fail("PLenclave_shmget", exc)
+    _dev().shm[region.id] = region
+    return region.id
+
+
+def PLenclave_shmat(shmid: int, addr: int = 0) -> int:
+    """Map it here; returns its address (the same in every process) or a code."""
+    return _region_call("PLenclave_shmat", "shm", shmid, lambda r: r.attach())
+
+
+def PLenclave_shmdt(shmid: int, addr: int = 0) -> int:
+    return _region_call("PLenclave_shmdt", "shm", shmid, lambda r: r.detach() or 0)
+
+
+def PLenclave_shmctl(shmid: int) -> int:
+    """Revoke the id.  Unlike Penglai's library, the result is real."""
+    def ctl(r):
+        r.remove()
+        del _dev().shm[shmid]
+        return 0
+    return _region_call("PLenclave_shmctl", "shm", shmid, ctl)
+
+
+def PLenclave_schrodinger_get(size: int) -> int:
+    try:
+        region = _dev().host.schrodinger_get(size, attach=False)
+    except TvmError as exc:
+        return _fail("PLenclave_schrodinger_get", exc)
+    _dev().schrodinger[region.id] = region
+    return region.id
+
+
+def PLenclave_schrodinger_at(id: int, addr: int = 0) -> int:
+    return _region_call("PLenclave_schrodinger_at", "schrodinger", id, lambda r: r.attach())
+
+
+def PLenclave_schrodinger_dt(id: int, addr: int = 0) -> int:
+    return _region_call("PLenclave_schrodinger_dt", "schrodinger", id,
+                        lambda r: r.detach() or 0)
+
+
+def PLenclave_schrodinger_ctl(id: int) -> int:
+    def ctl(r):
+        r.remove()
+        del _dev().schrodinger[id]
+        return 0
+    return _region_call("PLenclave_schrodinger_ctl", "schrodinger", id, ctl)
+
+
+__all__ = [n for n in dir() if n.startswith(("PLenclave", "elf_", "enclave_args",
+                                              "penglai_", "NORMAL", "SERVER", "SHADOW"))]
+__all__ += ["elf_args", "enclave_args", "open_device", "close_device",
+            "RETURN_USER_EXIT_ENCL", "DEFAULT_STACK_SIZE"]
+del os

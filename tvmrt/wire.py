@@ -1,0 +1,128 @@
+"""Wire protocol: one msgpack map per SOCK_SEQPACKET message, fds via SCM_RIGHTS.
+
+Every message is a map with a short string key ``"op"``.  Decoding is strict:
+no ext types, bounded lengths, string map keys, a frame-size limit.  Schema
+checks of individual fields are done by the receiver (the monitor validates
+every field of every peer message; see :mod:`tvmrt.monitor.validate`).
+"""
+from __future__ import annotations
+
+import array
+import os
+import socket
+
+import msgpack
+
+from .errors import MonitorGone, ProtocolError
+
+#: largest frame accepted (an eapp's source travels in CREATE)
+MAX_FRAME = 2 * 1024 * 1024
+#: most fds one message may carry
+MAX_FDS = 8
+#: socket buffer asked for so that a MAX_FRAME message fits a SEQPACKET send
+SOCK_BUF = 4 * 1024 * 1024
+
+U64 = (1 << 64) - 1
+
+_ANC = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def _no_ext(code, data):
+    raise ValueError("ext types are not allowed")
+
+
+def encode(msg: dict) -> bytes:
+    """Pack one message."""
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode(data: bytes) -> dict:
+    """Unpack one message; raise :class:`ProtocolError` unless it is a map with a str op."""
+    if len(data) > MAX_FRAME:
+        raise ProtocolError("frame too large")
+    try:
+        msg = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, ext_hook=_no_ext,
+            max_str_len=MAX_FRAME, max_bin_len=MAX_FRAME, max_array_len=4096,
+            max_map_len=256, max_ext_len=0)
+    except Exception as exc:  # msgpack raises many types for bad input
+        raise ProtocolError(f"malformed frame: {exc.__class__.__name__}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ProtocolError("frame is not a map with a string 'op'")
+    return msg
+
+
+def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected AF_UNIX SOCK_SEQPACKET pair, close-on-exec, with large buffers."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        tune(s)
+    return a, b
+
+
+def tune(sock: socket.socket) -> None:
+    """Raise the send buffer so that a MAX_FRAME message can be sent."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
+    except OSError:
+        pass
+
+
+def send(sock: socket.socket, msg: dict, fds=()) -> None:
+    """Send one message (and fds).  Raises :class:`MonitorGone` if the peer is gone."""
+    data = encode(msg)
+    try:
+        if fds:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            sock.send(data)
+    except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as exc:
+        raise MonitorGone(f"peer closed the connection ({exc.__class__.__name__})") from None
+
+
+def recv(sock: socket.socket, want_fds: bool = False):
+    """Receive one message.  Returns ``(msg, fds)``; fds is a list of ints (owned by caller).
+
+    Raises :class:`MonitorGone` on EOF, :class:`ProtocolError` on a malformed frame
+    (any fds that came with it are closed first).
+    """
+    if not want_fds:
+        try:
+            data = sock.recv(MAX_FRAME + 1)
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""
+        if not data:
+            raise MonitorGone("connection closed")
+        return decode(data), []
+    try:
+        data, anc, flags, _ = sock.recvmsg(MAX_FRAME + 1, _ANC)
+    except (ConnectionResetError, BrokenPipeError):
+        data, anc = b"", []
+    fds = fds_from_ancillary(anc)
+    if not data:
+        close_all(fds)
+        raise MonitorGone("connection closed")
+    try:
+        return decode(data), fds
+    except ProtocolError:
+        close_all(fds)
+        raise
+
+
+def fds_from_ancillary(anc) -> list[int]:
+    """Extract SCM_RIGHTS fds from recvmsg ancillary data."""
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(payload[: len(payload) - (len(payload) % a.itemsize)])
+            fds.extend(a)
+    return fds
+
+
+def close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

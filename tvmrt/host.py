@@ -136,11 +136,15 @@ class _Region:
         self.host.table.remove_shared(self.address)
         self.attached = False
 
+    def revoke(self) -> None:
+        """Revoke the id (``shmctl`` / ``schrodinger_ctl``); BadState while attached."""
+        self.host._request({"op": self._ops[2], "id": self.id})
+
     def remove(self) -> None:
-        """Revoke the id (``shmctl`` / ``schrodinger_ctl``); detaches first if attached."""
+        """Detach if attached, then revoke the id."""
         if self.attached:
             self.detach()
-        self.host._request({"op": self._ops[2], "id": self.id})
+        self.revoke()
 
     def _seg(self):
         for seg, (vaddr, _) in self.host.table.mapped.items():

@@ -287,7 +287,7 @@ def PLenclave_shmdt(shmid: int, addr: int = 0) -> int:
 def PLenclave_shmctl(shmid: int) -> int:
     """Revoke the id.  Unlike Penglai's library, the result is real."""
     def ctl(r):
-        r.remove()
+        r.revoke()
         del _dev().shm[shmid]
         return 0
     return _region_call("PLenclave_shmctl", "shm", shmid, ctl)
@@ -313,7 +313,7 @@ def PLenclave_schrodinger_dt(id: int, addr: int = 0) -> int:
 
 def PLenclave_schrodinger_ctl(id: int) -> int:
     def ctl(r):
-        r.remove()
+        r.revoke()
         del _dev().schrodinger[id]
         return 0
     return _region_call("PLenclave_schrodinger_ctl", "schrodinger", id, ctl)

@@ -1,0 +1,73 @@
+"""Shared fixtures: one monitor per session, a host per test, leak checks after each."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tvmrt.embedded import EmbeddedMonitor
+from tvmrt.host import Host
+
+EAPPS = Path(__file__).parent / "eapps"
+
+
+def eapp(name: str) -> str:
+    """Path of a test eapp."""
+    return str(EAPPS / f"{name}.py")
+
+
+def shm_names():
+    return set(os.listdir("/dev/shm"))
+
+
+def wait_until(pred, timeout=10.0, every=0.01):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(every)
+    return pred()
+
+
+@pytest.fixture(scope="session")
+def monitor():
+    before = shm_names()
+    mon = EmbeddedMonitor().start()
+    proc = psutil.Process(mon.pid)
+    yield mon
+    kids = proc.children(recursive=True)
+    assert mon.stop() == 0, "the monitor did not exit 0 on SIGTERM"
+    gone, alive = psutil.wait_procs(kids, timeout=5)
+    assert not alive, f"processes outlived the monitor: {alive}"
+    assert shm_names() <= before, "segments left in /dev/shm"
+
+
+def _enclave_procs(mon):
+    """Processes below the monitor other than the zygote."""
+    kids = psutil.Process(mon.pid).children(recursive=True)
+    return [k for k in kids if k.ppid() != mon.pid]
+
+
+@pytest.fixture
+def clean(monitor):
+    """Check that a test leaves no enclave process, segment or monitor fd behind."""
+    mp = psutil.Process(monitor.pid)
+    wait_until(lambda: not _enclave_procs(monitor), 5)
+    fds = mp.num_fds()
+    shm = shm_names()
+    yield monitor
+    assert wait_until(lambda: not _enclave_procs(monitor), 10), \
+        f"enclave processes left: {_enclave_procs(monitor)}"
+    assert wait_until(lambda: mp.num_fds() == fds, 10), \
+        f"monitor fds grew from {fds} to {mp.num_fds()}"
+    assert shm_names() <= shm, "segments left in /dev/shm"
+
+
+@pytest.fixture
+def host(clean):
+    h = Host.connect(clean.path, embedded=False)
+    yield h
+    h.close()

@@ -1,0 +1,6 @@
+import os
+import signal
+
+
+def main(args):
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,132 @@
+"""Eapps that raise, exit or are killed; hosts and monitors that go away."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from conftest import eapp, shm_names, wait_until
+from tvmrt import SERVER
+from tvmrt.embedded import EmbeddedMonitor
+from tvmrt.errors import EnclaveFault, MonitorGone, NameInUse, BadState
+from tvmrt.host import Host
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_eapp_that_raises(host):
+    enc = host.create(eapp("raiser"), name="raiser")
+    with pytest.raises(EnclaveFault) as ei:
+        enc.run()
+    assert "ValueError: boom from the eapp" in ei.value.reason
+
+
+def test_eapp_that_exits(host):
+    rel = host.schrodinger_get(0x1000)
+    enc = host.create(eapp("exiter"), name="exiter")
+    enc.set_mem_arg(rel)
+    with pytest.raises(EnclaveFault) as ei:
+        enc.run()
+    assert "exited with status 7" in ei.value.reason
+    assert rel.owned                        # the region came back to the host
+
+
+def test_eapp_that_is_killed(host):
+    enc = host.create(eapp("suicide"), name="suicide")
+    with pytest.raises(EnclaveFault) as ei:
+        enc.run()
+    assert "SIGKILL" in ei.value.reason
+
+
+def test_eapp_without_main(host, tmp_path):
+    p = tmp_path / "nomain.py"
+    p.write_text("x = 1\n")
+    enc = host.create(str(p), name="nomain")
+    with pytest.raises(EnclaveFault) as ei:
+        enc.run()
+    assert "main" in ei.value.reason
+
+
+def test_run_twice_and_duplicate_server_name(host):
+    enc = host.create(eapp("shm_rw"), name="twice", shm=host.shmget(0x1000))
+    enc.run()
+    with pytest.raises(Exception):
+        enc.run()
+    host.create(eapp("echo_server"), name="dup", type=SERVER)
+    with pytest.raises(NameInUse):
+        host.create(eapp("echo_server"), name="dup", type=SERVER)
+
+
+def test_destroy_server_then_host_keeps_working(host):
+    srv = host.create(eapp("echo_server"), name="gone", type=SERVER)
+    srv.destroy()
+    with pytest.raises(Exception):
+        srv.destroy()
+    host.create(eapp("echo_server"), name="gone", type=SERVER)   # the name is free again
+
+
+HOST_DIES = textwrap.dedent("""
+    import sys, threading, os, time
+    from tvmrt.host import Host, SERVER
+    host = Host.connect(sys.argv[1], embedded=False)
+    shm = host.shmget(0x1000)
+    host.create(sys.argv[2], name="orphan-srv", type=SERVER)
+    enc = host.create(sys.argv[3], name="orphan", shm=shm)
+    threading.Thread(target=enc.run, daemon=True).start()
+    flags = shm.view.cast("i")
+    while flags[1] != 1:
+        time.sleep(0.001)
+    print("running", flush=True)
+    os._exit(0)          # die without closing anything
+""")
+
+
+def test_host_death_destroys_its_enclaves(clean):
+    r = subprocess.run([sys.executable, "-c", HOST_DIES, clean.path, eapp("echo_server"),
+                        eapp("waiter")], capture_output=True, text=True, timeout=30)
+    assert "running" in r.stdout, r.stderr
+    # the clean fixture checks that the enclaves are gone and the monitor's fds are back
+
+
+def test_monitor_death_is_reported_and_nothing_survives(tmp_path):
+    before = shm_names()
+    mon = EmbeddedMonitor().start()
+    mp = psutil.Process(mon.pid)
+    host = Host.connect(mon.path, embedded=False)
+    try:
+        host.shmget(0x1000)
+        host.create(eapp("echo_server"), name="s", type=SERVER)
+        enc = host.create(eapp("waiter"), name="w", shm=host.shmget(0x1000))
+        kids = mp.children(recursive=True)
+        assert wait_until(lambda: len(mp.children(recursive=True)) >= 3, 5)
+        kids = mp.children(recursive=True)
+        mon.proc.send_signal(signal.SIGKILL)
+        mon.proc.wait()
+        gone, alive = psutil.wait_procs(kids, timeout=5)
+        assert not alive, f"survived the monitor: {alive}"
+        with pytest.raises(MonitorGone):
+            enc.run()
+    finally:
+        host.close()
+        mon.stop()
+    assert shm_names() <= before
+
+
+def test_monitor_sigterm_exits_zero_and_cleans(tmp_path):
+    mon = EmbeddedMonitor().start()
+    mp = psutil.Process(mon.pid)
+    host = Host.connect(mon.path, embedded=False)
+    host.create(eapp("echo_server"), name="s", type=SERVER)
+    wait_until(lambda: len(mp.children(recursive=True)) >= 2, 5)
+    kids = mp.children(recursive=True)
+    assert mon.stop() == 0
+    gone, alive = psutil.wait_procs(kids, timeout=5)
+    assert not alive
+    assert not os.path.exists(os.path.join(tmp_path, "x"))
+    host.close()

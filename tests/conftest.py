@@ -47,8 +47,14 @@ def monitor():
 
 def _enclave_procs(mon):
     """Processes below the monitor other than the zygote."""
-    kids = psutil.Process(mon.pid).children(recursive=True)
-    return [k for k in kids if k.ppid() != mon.pid]
+    out = []
+    for k in psutil.Process(mon.pid).children(recursive=True):
+        try:
+            if k.ppid() != mon.pid and k.status() != psutil.STATUS_ZOMBIE:
+                out.append(k)
+        except psutil.NoSuchProcess:
+            pass                  # it ended between the two calls
+    return out
 
 
 @pytest.fixture

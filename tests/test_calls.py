@@ -95,3 +95,10 @@ def test_nested_calls_via_demo_eapps(host):
     caller.set_mem_arg(rel)
     assert caller.run() == 0
     assert rel.owned and rel.view.cast("i")[0] == 22222
+
+
+def test_eapp_mmap_and_unmap(host):
+    enc, v = _probe(host, 7)
+    assert enc.run() == 0
+    assert list(v[8:15]) == [0, BadSize.code, NotOwned.code, BadSize.code, 0, -1,
+                             NotOwned.code]

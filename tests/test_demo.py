@@ -48,11 +48,29 @@ EXPECTED_2 = [
 ]
 
 
+# Runs the command as a child of a process that is a child subreaper, so any process the
+# command leaves behind is re-parented to it and found: nothing may outlive `tvmrt launch`.
+_REAPER = """
+import ctypes, subprocess, sys, time, psutil
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)        # PR_SET_CHILD_SUBREAPER
+r = subprocess.run(sys.argv[1:])
+time.sleep(0.2)
+left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+if left:
+    print("LEFT BEHIND:", left, file=sys.stderr)
+    sys.exit(99)
+sys.exit(r.returncode)
+"""
+
+
 def _launch(*names, cwd):
     env = dict(os.environ)
     env["TVMRT_SOCKET"] = os.path.join(str(cwd), "none.sock")   # force an embedded monitor
-    return subprocess.run([sys.executable, "-m", "tvmrt", "launch", *names], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", _REAPER, sys.executable, "-m", "tvmrt",
+                        "launch", *names], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert "LEFT BEHIND" not in r.stderr, r.stderr
+    return r
 
 
 def _enclave_lines(out: str):

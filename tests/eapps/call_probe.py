@@ -63,6 +63,18 @@ def main(args):
         a = CallArg(req_arg=0)
         put(call_enclave(acquire_enclave("cycler"), a))
         put(a.resp_val - (1 << 64) if a.resp_val >= 1 << 63 else a.resp_val)
+    elif scenario == 7:          # eapp_mmap / eapp_unmap
+        put(eapp_mmap(0, 1 << 62))
+        put(last_error().code)
+        put(eapp_unmap(region + 0x1000, 0x1000))
+        put(eapp_unmap(region, 0x2000))
+        put(eapp_unmap(region, 0x1000))
+        try:
+            mem(region, 4)
+            put(1)
+        except NotOwned:
+            put(-1)
+        put(call_enclave(h, CallArg(req_vaddr=region, req_size=0x1000)))
     elif scenario == 5:          # a slow call that keeps the server busy
         shm[2] = 1
         put(call_enclave(h, CallArg(req_arg=3)))

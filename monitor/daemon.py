@@ -16,6 +16,7 @@ import socket
 import stat
 import sys
 import time
+import traceback
 
 import posix_ipc
 
@@ -209,6 +210,17 @@ class Daemon:
         try:
             fx = self.core.message(peer, msg, len(fds), time.monotonic())
             self._apply(fx)
+        except Exception:
+            # A bug must not take the monitor (and every other peer) down: cut off the
+            # peer whose message hit it, say so, keep serving.
+            print(f"tvmrt monitor: internal error on a message from peer {peer}; "
+                  f"disconnecting it", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            self._drop_sock(peer)
+            try:
+                self._apply(self.core.disconnected(peer))
+            except Exception:
+                traceback.print_exc()
         finally:
             wire.close_all(self._fds)
             self._fds = []

@@ -284,6 +284,9 @@ class Daemon:
         if sock is None:
             return
         fds = [self.segs[s].fd for s in segs if s in self.segs]
+        g = msg.get("g")
+        if g:
+            self._check_sizes(g)
         try:
             wire.send(sock, msg, fds)
         except (MonitorGone, BlockingIOError, OSError) as exc:
@@ -291,6 +294,20 @@ class Daemon:
             self._log(f"peer {peer}: send failed ({exc.__class__.__name__}); disconnecting")
             self._drop_sock(peer)
             self._apply(self.core.disconnected(peer))
+
+    def _check_sizes(self, grants):
+        """A holder of a segment fd could truncate it, so that the next owner dies of
+        SIGBUS; put the size back before the segment changes hands (one fstat each)."""
+        for seg, _vaddr, length, _has_fd in grants:
+            shm = self.segs.get(seg)
+            if shm is None:
+                continue
+            try:
+                if os.fstat(shm.fd).st_size != length:
+                    self._log(f"segment {seg} was resized by a holder; restoring it")
+                    os.ftruncate(shm.fd, length)
+            except OSError:
+                pass
 
     def _new_seg(self, seg, size) -> bool:
         try:

@@ -1,0 +1,40 @@
+"""Smoke test of ``tvmrt bench --quick --json`` (no timing assertions)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TVMRT_ROWS = ("null", "loan_4k", "loan_64m")
+FLOOR_ROWS = ("relay_floor", "copy_4k", "copy_64m")
+
+
+@pytest.mark.timeout(120)
+def test_bench_quick_json():
+    shm_before = set(os.listdir("/dev/shm"))
+    p = subprocess.run([sys.executable, "-m", "tvmrt", "bench", "--quick", "--json"],
+                       capture_output=True, text=True, timeout=110)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+
+    rows = {r["config"]: r for r in res["rows"]}
+    assert set(TVMRT_ROWS + FLOOR_ROWS) <= set(rows)
+    for r in res["rows"]:
+        assert {"config", "n", "median_us", "p99_us", "floor", "ratio"} <= set(r)
+        assert r["n"] > 0, r
+        assert r["median_us"] > 0 and r["p99_us"] >= r["median_us"], r
+    # every tvmrt row is compared with a floor of the same run
+    assert rows["null"]["floor"] == "relay_floor"
+    assert set(rows["loan_4k"]["ratios"]) == {"relay_floor", "copy_4k"}
+    assert rows["loan_64m"]["floor"] == "copy_64m"
+    for k in TVMRT_ROWS:
+        assert rows[k]["ratio"] > 0
+    for k in FLOOR_ROWS:
+        assert rows[k]["floor"] is None
+
+    assert res["placement"].startswith(("pinned to cpu", "unpinned (CPUs"))
+    assert isinstance(res["target"]["met"], bool)
+    assert set(os.listdir("/dev/shm")) <= shm_before, "the bench left segments in /dev/shm"

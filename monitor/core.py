@@ -43,7 +43,7 @@ from collections import deque
 from tvmrt import errors as E
 from tvmrt.memory import ARENAS, PAGE
 
-from .validate import (Invalid, check_u64, get_bool, get_bytes, get_int, get_name,
+from .validate import (U64, Invalid, check_u64, get_bool, get_bytes, get_int, get_name,
                        get_opt_window, get_str, get_u64)
 
 NORMAL = 0
@@ -238,6 +238,8 @@ class Core:
 
     def _grants(self, peer_id, regions):
         """Grant list for ``regions`` to ``peer_id`` and the segments whose fds must go."""
+        if not regions:
+            return [], []
         p = self.peers[peer_id]
         g, segs = [], []
         for r in regions:
@@ -438,6 +440,10 @@ class Core:
         for f in list(self.queued):
             if f.deadline is not None and f.deadline <= now and f.queued:
                 self._unqueue(f)
+                # Fix: also leave the server's queue.  A timed-out frame left there was
+                # dispatched later (its loans granted to the server although the caller had
+                # them back) and kept an idle server looking busy.
+                f.server.queue.remove(f)
                 self._fail_call(fx, f, E.Timeout(
                     f"server {f.server.name!r} stayed busy past the deadline"))
         return fx
@@ -557,6 +563,8 @@ class Core:
         Regions going to ``expected`` are returned in a list (the caller puts their grants
         in its reply); regions going to anyone else get an unsolicited ``grant`` message.
         """
+        if not loans:
+            return []
         back, other = [], {}
         for r in loans:
             if r.id not in self.regions or r.owner != holder:
@@ -875,11 +883,14 @@ def _e_acquire(core, fx, p, e, msg, now):
 
 def _e_call(core, fx, p, e, msg, now):
     a = msg.get("a")
-    if not isinstance(a, list) or len(a) != 6:
+    if type(a) is not list or len(a) != 6:
         raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
     for v in a:
-        check_u64(v, "call_enclave_arg_t field")
-    nb = get_bool(msg, "nb", False)
+        if type(v) is not int or v < 0 or v > U64:
+            check_u64(v, "call_enclave_arg_t field")
+    nb = msg.get("nb", False)
+    if nb is not False and nb is not True:
+        raise Invalid("field 'nb' must be a boolean")
     timeout = msg.get("timeout")
     if timeout is not None and (type(timeout) not in (int, float) or not 0 <= timeout < 1e9):
         raise Invalid("timeout must be a non-negative number of seconds")
@@ -900,6 +911,14 @@ def _e_call(core, fx, p, e, msg, now):
             break
         cp = core.peers.get(f_in.caller)
         cur = cp.enclave if cp is not None else None
+    # Fix: ... or the server waits, down its own (running or queued) calls, for the caller:
+    # e.g. s1 queued on busy s2, then s2 calls s1.  The chain walk above misses it, and both
+    # would wait for each other until a queue deadline.
+    cur, hops = s, 0
+    while cur.frame_out is not None and hops <= len(core.slots):
+        cur, hops = cur.frame_out.server, hops + 1
+        if cur is e:
+            raise E.CallCycle(f"server {s.name!r} waits for this caller")
     req_vaddr, req_size = a[2], a[3]
     loans = []
     if req_vaddr:
@@ -947,10 +966,11 @@ def _e_ret(core, fx, p, e, msg, now):
     if e.frame_out is not None:
         raise E.BadState("SERVER_RETURN while waiting for a nested call")
     a = msg.get("a")
-    if not isinstance(a, list) or len(a) != 6:
+    if type(a) is not list or len(a) != 6:
         raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
     for v in a:
-        check_u64(v, "call_enclave_arg_t field")
+        if type(v) is not int or v < 0 or v > U64:
+            check_u64(v, "call_enclave_arg_t field")
     resp_vaddr = a[4]
     resp = None
     bad = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -40,6 +41,38 @@ def prepare_socket_dir(path: str) -> None:
         raise TvmError(f"socket directory {d} is not a directory owned by this user")
     if st.st_mode & 0o077:
         os.chmod(d, 0o700)
+
+
+class _Epoll:
+    """The part of ``selectors.EpollSelector`` the daemon uses, without its per-event
+    overhead: ``poll`` returns the registered ``(kind, peer, fileobj)`` tuples."""
+
+    def __init__(self):
+        self.ep = select.epoll()
+        self.reg: dict[int, tuple] = {}
+
+    def register(self, fileobj, events, data):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        self.ep.register(fd, select.EPOLLIN)
+        self.reg[fd] = (data[0], data[1], fileobj)
+
+    def unregister(self, fileobj):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if self.reg.pop(fd, None) is None:
+            raise KeyError(fd)
+        self.ep.unregister(fd)
+
+    def poll(self, timeout):
+        reg = self.reg
+        out = []
+        for fd, _ in self.ep.poll(-1 if timeout is None else timeout):
+            r = reg.get(fd)
+            if r is not None:
+                out.append(r)
+        return out
+
+    def close(self):
+        self.ep.close()
 
 
 class Daemon:
@@ -105,7 +138,7 @@ class Daemon:
         except BaseException:
             self._stop_zygote()
             raise
-        sel = self.sel = selectors.DefaultSelector()
+        sel = self.sel = _Epoll()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -122,12 +155,13 @@ class Daemon:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
         try:
+            core = self.core
             while self.running:
-                timeout = self._timeout()
-                for key, _ in sel.select(timeout):
-                    kind, peer = key.data
+                timed = self.eof_deadline or core.queued
+                timeout = self._timeout() if timed else None
+                for kind, peer, fileobj in sel.poll(timeout):
                     if kind == "peer":
-                        self._on_peer(peer, key.fileobj)
+                        self._on_peer(peer, fileobj)
                     elif kind == "listen":
                         self._on_accept()
                     elif kind == "zygote":
@@ -137,7 +171,8 @@ class Daemon:
                             os.read(wake_r, 4096)
                         except BlockingIOError:
                             pass
-                self._on_time()
+                if timed or self.eof_deadline or core.queued:
+                    self._on_time()
         finally:
             self._shutdown()
             for s, h in old_handlers.items():
@@ -283,7 +318,7 @@ class Daemon:
         sock = self.socks.get(peer)
         if sock is None:
             return
-        fds = [self.segs[s].fd for s in segs if s in self.segs]
+        fds = [self.segs[s].fd for s in segs if s in self.segs] if segs else ()
         g = msg.get("g")
         if g:
             self._check_sizes(g)

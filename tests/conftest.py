@@ -37,6 +37,13 @@ def monitor():
     before = shm_names()
     mon = EmbeddedMonitor().start()
     proc = psutil.Process(mon.pid)
+    # listener, zygote channel, epoll, wake pipe, stdio; the ready pipe is closed just
+    # after "ready" is written, so wait for the count to settle
+    counts = []
+    while len(counts) < 3 or len(set(counts[-3:])) > 1:
+        counts.append(proc.num_fds())
+        time.sleep(0.02)
+    mon.idle_fds = counts[-1]
     yield mon
     kids = proc.children(recursive=True)
     assert mon.stop() == 0, "the monitor did not exit 0 on SIGTERM"
@@ -61,8 +68,9 @@ def _enclave_procs(mon):
 def clean(monitor):
     """Check that a test leaves no enclave process, segment or monitor fd behind."""
     mp = psutil.Process(monitor.pid)
-    wait_until(lambda: not _enclave_procs(monitor), 5)
-    fds = mp.num_fds()
+    # the previous test's peers may still be closing: start from an idle monitor
+    wait_until(lambda: not _enclave_procs(monitor) and mp.num_fds() == monitor.idle_fds, 10)
+    fds = monitor.idle_fds
     shm = shm_names()
     yield monitor
     assert wait_until(lambda: not _enclave_procs(monitor), 10), \

@@ -137,7 +137,11 @@ class Runtime:
             if resp and resp not in loans:
                 self.table.revoke(resp)
             vals = ret.to_list()
-            wire.send(self.sock, {"op": "ret", "a": [_u64(x) for x in vals]})
+            for x in vals:
+                if type(x) is not int or x < 0 or x > U64:
+                    vals = [_u64(x) for x in vals]
+                    break
+            wire.send(self.sock, {"op": "ret", "a": vals})
             self.caller_id = -1
 
 

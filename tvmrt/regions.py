@@ -22,9 +22,18 @@ class RegionTable:
         self.owned: dict[int, tuple[int, int]] = {}    # vaddr -> (seg, length)
         self.shared: dict[int, int] = {}               # shm windows: vaddr -> length
         self._starts: list[int] = []                   # sorted starts of owned + shared
+        self._stale = False
+        self._views: dict[int, memoryview] = {}        # vaddr -> view of the whole mapping
 
     def _index(self):
-        self._starts = sorted(list(self.owned) + list(self.shared))
+        # rebuilt lazily, by check(), and only for an address inside a range
+        self._stale = True
+
+    def _view_of(self, vaddr, length):
+        v = self._views.get(vaddr)
+        if v is None or len(v) != length:
+            v = self._views[vaddr] = memory.view(vaddr, length)
+        return v
 
     def apply(self, msg: dict, fds: list) -> list:
         """Apply the monitor's drops (``d``) and grants (``g``) carried by ``msg``.
@@ -65,6 +74,7 @@ class RegionTable:
         if m is None:
             return
         vaddr, length = m
+        self._views.pop(vaddr, None)
         if self.owned.get(vaddr, (None,))[0] == seg:
             del self.owned[vaddr]
             self._index()
@@ -94,19 +104,34 @@ class RegionTable:
 
     def remove_shared(self, vaddr: int) -> None:
         self.shared.pop(vaddr, None)
+        self._views.pop(vaddr, None)
         self._index()
 
-    def check(self, addr: int, size: int) -> None:
-        """Raise NotOwned unless ``[addr, addr+size)`` lies in one owned or shared range."""
+    def _find(self, addr: int, size: int):
+        """``(start, length)`` of the owned or shared range holding ``[addr, addr+size)``."""
+        o = self.owned.get(addr)
+        if o is not None and 0 <= size <= o[1]:
+            return addr, o[1]
+        n = self.shared.get(addr)
+        if n is not None and 0 <= size <= n:
+            return addr, n
+        if self._stale:
+            self._starts = sorted(list(self.owned) + list(self.shared))
+            self._stale = False
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0 and size >= 0:
             start = self._starts[i]
             length = self.owned[start][1] if start in self.owned else self.shared.get(start, 0)
             if addr + size <= start + length:
-                return
+                return start, length
         raise NotOwned(f"this process does not own [{addr:#x}, {addr + size:#x})")
+
+    def check(self, addr: int, size: int) -> None:
+        """Raise NotOwned unless ``[addr, addr+size)`` lies in one owned or shared range."""
+        self._find(addr, size)
 
     def view(self, addr: int, size: int) -> memoryview:
         """Checked memoryview over ``[addr, addr+size)``."""
-        self.check(addr, size)
-        return memory.view(addr, size)
+        start, length = self._find(addr, size)
+        off = addr - start
+        return self._view_of(start, length)[off:off + size]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import threading
 
 import msgpack
 
@@ -80,30 +81,46 @@ def send(sock: socket.socket, msg: dict, fds=()) -> None:
         raise MonitorGone(f"peer closed the connection ({exc.__class__.__name__})") from None
 
 
+_tls = threading.local()
+
+
+def _rxbuf() -> memoryview:
+    """This thread's receive buffer (MAX_FRAME + 1 bytes, allocated once).
+
+    ``sock.recv(MAX_FRAME + 1)`` would make glibc mmap a fresh 2 MiB block, mremap it
+    down and munmap it for every message (3 syscalls + a page fault each time).
+    """
+    mv = getattr(_tls, "mv", None)
+    if mv is None:
+        mv = _tls.mv = memoryview(bytearray(MAX_FRAME + 1))
+    return mv
+
+
 def recv(sock: socket.socket, want_fds: bool = False):
     """Receive one message.  Returns ``(msg, fds)``; fds is a list of ints (owned by caller).
 
     Raises :class:`MonitorGone` on EOF, :class:`ProtocolError` on a malformed frame
     (any fds that came with it are closed first).
     """
+    buf = _rxbuf()
     if not want_fds:
         try:
-            data = sock.recv(MAX_FRAME + 1)
+            n = sock.recv_into(buf)
         except (ConnectionResetError, BrokenPipeError):
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             raise MonitorGone("connection closed")
-        return decode(data), []
+        return decode(buf[:n]), []
     try:
-        data, anc, flags, _ = sock.recvmsg(MAX_FRAME + 1, _ANC)
+        n, anc, flags, _ = sock.recvmsg_into([buf], _ANC)
     except (ConnectionResetError, BrokenPipeError):
-        data, anc = b"", []
+        n, anc = 0, []
     fds = fds_from_ancillary(anc)
-    if not data:
+    if not n:
         close_all(fds)
         raise MonitorGone("connection closed")
     try:
-        return decode(data), fds
+        return decode(buf[:n]), fds
     except ProtocolError:
         close_all(fds)
         raise

@@ -84,6 +84,7 @@ class Daemon:
         self.verbose = verbose
         self.core = Core(secrets.token_bytes(32), limits)
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
+        self.hosts: set[int] = set()                   # peers that are hosts
         self.segs: dict[int, posix_ipc.SharedMemory] = {}
         self.eof_deadline: dict[int, float] = {}
         self.running = False
@@ -222,15 +223,15 @@ class Daemon:
         wire.tune(conn)
         conn.setblocking(False)
         peer, fx = self.core.host_connected(uid, pid)
+        self.hosts.add(peer)
         self.socks[peer] = conn
         self.sel.register(conn, selectors.EVENT_READ, ("peer", peer))
         self._apply(fx)
 
     def _on_peer(self, peer, sock):
-        host = self.core.peers.get(peer)
-        want = host is not None and host.kind == "host"
         try:
-            msg, fds = wire.recv(sock, want_fds=want)
+            # only hosts send fds (their stdio at create); enclaves' fds would be dropped
+            msg, fds = wire.recv(sock, want_fds=peer in self.hosts)
         except BlockingIOError:
             return
         except (MonitorGone, ProtocolError, OSError) as exc:
@@ -380,6 +381,7 @@ class Daemon:
 
     def _drop_sock(self, peer):
         sock = self.socks.pop(peer, None)
+        self.hosts.discard(peer)
         if sock is not None:
             try:
                 self.sel.unregister(sock)

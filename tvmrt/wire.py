@@ -25,6 +25,8 @@ SOCK_BUF = 4 * 1024 * 1024
 
 U64 = (1 << 64) - 1
 
+_tls = threading.local()   # per-thread Packer and receive buffer
+
 _ANC = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
@@ -33,8 +35,16 @@ def _no_ext(code, data):
 
 
 def encode(msg: dict) -> bytes:
-    """Pack one message."""
-    return msgpack.packb(msg, use_bin_type=True)
+    """Pack one message (with this thread's reusable Packer: half the cost of packb)."""
+    p = getattr(_tls, "packer", None)
+    if p is None:
+        p = _tls.packer = msgpack.Packer(use_bin_type=True)
+    try:
+        return p.pack(msg)
+    except BaseException:
+        # a failed pack may leave the packer's buffer dirty: start afresh next time
+        _tls.packer = None
+        raise
 
 
 def decode(data: bytes) -> dict:
@@ -81,7 +91,6 @@ def send(sock: socket.socket, msg: dict, fds=()) -> None:
         raise MonitorGone(f"peer closed the connection ({exc.__class__.__name__})") from None
 
 
-_tls = threading.local()
 
 
 def _rxbuf() -> memoryview:

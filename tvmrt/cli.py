@@ -108,8 +108,12 @@ def main(argv=None) -> int:
     b.set_defaults(fn=_bench)
 
     ns = p.parse_args(argv)
+    from tvmrt.errors import TvmError
     try:
         return ns.fn(ns)
+    except TvmError as exc:
+        print(f"tvmrt {ns.cmd}: {exc.reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

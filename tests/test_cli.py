@@ -1,0 +1,69 @@
+"""`tvmrt monitor` and `tvmrt ps` as a user runs them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from conftest import eapp, shm_names
+from tvmrt import SERVER
+from tvmrt.host import Host
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_monitor_foreground_sigint(tmp_path):
+    before = shm_names()
+    sock = str(tmp_path / "run" / "m.sock")
+    p = subprocess.Popen([sys.executable, "-m", "tvmrt", "monitor", "--socket", sock],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert f"listening on {sock}" in line
+        assert os.stat(os.path.dirname(sock)).st_mode & 0o777 == 0o700
+        with Host.connect(sock, embedded=False) as h:
+            h.create(eapp("echo_server"), name="srv", type=SERVER)
+            h.schrodinger_get(0x1000)
+            kids = psutil.Process(p.pid).children(recursive=True)
+            # a second monitor on the same socket refuses to start
+            r = subprocess.run([sys.executable, "-m", "tvmrt", "monitor", "--socket", sock],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 1 and "already listening" in r.stderr
+            p.send_signal(signal.SIGINT)
+            assert p.wait(20) == 0
+        gone, alive = psutil.wait_procs(kids, timeout=5)
+        assert not alive
+        assert not os.path.exists(sock)
+        assert shm_names() <= before
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_ps_lists_enclaves_and_regions(host):
+    host.create(eapp("echo_server"), name="listed", type=SERVER)
+    rel = host.schrodinger_get(0x2000)
+    r = subprocess.run([sys.executable, "-m", "tvmrt", "ps", "--socket", host.path, "--json"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert [e["name"] for e in info["enclaves"]] == ["listed"]
+    assert any(g["id"] == rel.id and g["size"] == 0x2000 for g in info["regions"])
+    r = subprocess.run([sys.executable, "-m", "tvmrt", "ps", "--socket", host.path],
+                       capture_output=True, text=True, timeout=30)
+    assert "listed" in r.stdout and "server" in r.stdout
+
+
+def test_ps_without_monitor_says_so(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tvmrt", "ps", "--socket",
+                        str(tmp_path / "none.sock")], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.startswith("tvmrt ps: no monitor listening on")
+    assert "Traceback" not in r.stderr

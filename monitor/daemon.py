@@ -21,7 +21,7 @@ import traceback
 
 import posix_ipc
 
-from tvmrt import wire
+from tvmrt import memory, wire
 from tvmrt.errors import MonitorGone, ProtocolError, TvmError
 from tvmrt.paths import default_socket_path
 
@@ -133,6 +133,9 @@ class Daemon:
 
     def run(self, ready_fd: int | None = None, announce: bool = True) -> int:
         """Serve until stopped; returns the exit code (0 on a clean stop)."""
+        # The monitor maps nothing, but it reserves the arenas like every tvmrt process:
+        # the zygote and every enclave inherit the reservation through fork.
+        memory.reserve_arenas()
         self._start_zygote()
         try:
             self.listener = self._listen()

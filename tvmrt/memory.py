@@ -71,8 +71,8 @@ def reserve_arenas() -> None:
 
     Raises OSError if something else already lives at those addresses.
     """
-    if _reserved.get("pid") == os.getpid() or _reserved.get("pid") is not None:
-        # A forked child inherits the reservation of its parent.
+    if _reserved.get("pid") is not None:
+        # done in this process, or in an ancestor whose mappings fork copied to us
         return
     for name, (base, size) in ARENAS.items():
         got = _libc.mmap(base, size, PROT_NONE,

@@ -77,7 +77,7 @@ class Limits:
 
 class Peer:
     __slots__ = ("id", "kind", "uid", "pid", "alive", "segs", "drops", "regions", "bytes",
-                 "enclave", "enclaves", "eof", "how")
+                 "enclave", "enclaves", "eof", "how", "sent_drops")
 
     def __init__(self, pid_, kind):
         self.id = pid_
@@ -87,6 +87,7 @@ class Peer:
         self.alive = True
         self.segs = set()        # segments this peer's process has mapped (fd already sent)
         self.drops = []          # segments it must unmap, piggybacked on the next message
+        self.sent_drops = ()     # the drops on the last message queued (see segment_failed)
         self.regions = 0         # quota accounting (regions created by this peer)
         self.bytes = 0
         self.enclave = None      # Enclave, for enclave peers
@@ -232,8 +233,10 @@ class Core:
         if p is None or not p.alive:
             return
         if p.drops:
-            msg["d"] = p.drops
+            msg["d"] = p.sent_drops = p.drops
             p.drops = []
+        else:
+            p.sent_drops = ()
         fx.append(("send", peer_id, msg, list(segs)))
 
     def _grants(self, peer_id, regions):
@@ -430,6 +433,10 @@ class Core:
         c = self.peers.get(r.creator)
         if c is not None:
             c.segs.discard(seg)
+            # Fix: the shell discards the reply queued for the creator (the last message
+            # to it), and with it the unmaps piggybacked on it; queue them again so that
+            # the error carries them, else the peer keeps freed segments mapped.
+            c.drops = [*c.sent_drops, *c.drops]
         self._free_region(fx, r)
         self._send(fx, r.creator, _err(c, E.NoMemory(why), rid))
         return r.creator, fx

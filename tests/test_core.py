@@ -1,0 +1,843 @@
+"""Unit tests of the monitor's state machine alone (tvmrt.monitor.core): no processes, no sockets.
+
+Every test drives a Core through :class:`core_driver.Driver`, which plays the shell and the
+peers and checks each effect (live segments, fds in grants, replies, open sockets); the
+invariants of :meth:`Driver.check` are verified at the end of every test.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from core_driver import Driver, snapshot
+from tvmrt import errors as E
+from tvmrt.memory import ARENAS, PAGE
+from tvmrt.monitor.core import NORMAL, SERVER, Core, Limits, measure
+
+pytestmark = pytest.mark.timeout(120)
+
+KEY = b"k" * 32
+_rids = itertools.count(1)
+
+
+@pytest.fixture
+def d():
+    drv = Driver(Core(key=KEY))
+    yield drv
+    drv.check()
+
+
+# ---------------------------------------------------------------------- helpers
+def hreq(d, host, op, **kw):
+    """A host request; returns its reply (None for a run still going)."""
+    d.message(host, {"op": op, "rid": next(_rids), **kw})
+    return d.last_reply
+
+
+def ereq(d, peer, op, **kw):
+    """An enclave request; returns its immediate reply (None if deferred)."""
+    d.message(peer, {"op": op, **kw})
+    return d.last_reply
+
+
+def ok(reply):
+    assert reply is not None and reply["op"] == "r", reply
+    return reply
+
+
+def err(reply, exc):
+    assert reply is not None and reply["op"] == "e" and reply["c"] == exc.code, reply
+    assert isinstance(reply["why"], str) and reply["why"]
+    return reply
+
+
+def effects(d, kind):
+    return [e for e in d.effects if e[0] == kind]
+
+
+def create(d, host, name="e", etype=NORMAL, **kw):
+    """Create an enclave; returns (peer, handle)."""
+    n = len(d.effects)
+    rep = ok(hreq(d, host, "create", name=name, type=etype, code=b"print(1)", **kw))
+    spawns = [e for e in d.effects[n:] if e[0] == "spawn"]
+    assert len(spawns) == 1
+    assert spawns[0][2]["handle"] == rep["handle"]
+    return spawns[0][1], rep["handle"]
+
+
+def server(d, host, name="srv"):
+    return create(d, host, name, SERVER)
+
+
+def running(d, host, name="c", **runargs):
+    """A normal enclave that has been run (its start message taken)."""
+    peer, handle = create(d, host, name)
+    assert hreq(d, host, "run", handle=handle, **runargs) is None
+    (start,) = d.take(peer)
+    assert start["op"] == "start"
+    return peer, handle
+
+
+def mmap(d, peer, size=PAGE):
+    rep = ok(ereq(d, peer, "mmap", size=size))
+    (g,) = rep["g"]
+    assert g[1] == rep["vaddr"] and g[2] == size and g[3] == 1
+    d.take(peer)
+    return rep["vaddr"]
+
+
+def seg_at(d, vaddr):
+    return d.core.by_vaddr[vaddr].seg
+
+
+def owner(d, vaddr):
+    return d.core.by_vaddr[vaddr].owner
+
+
+def call(d, caller, handle, a, **kw):
+    return ereq(d, caller, "call", handle=handle, a=a, **kw)
+
+
+def one(d, peer):
+    msgs = d.take(peer)
+    assert len(msgs) == 1, msgs
+    return msgs[0]
+
+
+def grants(msg):
+    return sorted(map(tuple, msg.get("g", [])))
+
+
+# ---------------------------------------------------------------------- host memory
+def test_shmget_attach_detach_ctl(d):
+    h = d.connect()
+    rep = ok(hreq(d, h, "shmget", size=2 * PAGE))
+    sid, vaddr = rep["id"], rep["vaddr"]
+    assert sid == 0x10000 and rep["size"] == 2 * PAGE
+    assert ARENAS["shm"][0] <= vaddr < ARENAS["shm"][0] + ARENAS["shm"][1]
+    (new,) = effects(d, "new_seg")
+    seg = new[1]
+    assert new == ("new_seg", seg, 2 * PAGE, "shm")
+
+    sends = len(d.effects)
+    rep = ok(hreq(d, h, "shmat", id=sid))
+    assert rep["vaddr"] == vaddr and rep["size"] == 2 * PAGE
+    assert rep["g"] == [[seg, vaddr, 2 * PAGE, 1]]
+    (send,) = [e for e in d.effects[sends:] if e[0] == "send"]
+    assert send[3] == [seg]                      # the fd goes with the grant
+    err(hreq(d, h, "shmat", id=sid), E.BadState)             # already attached
+    err(hreq(d, h, "shmctl", id=sid), E.BadState)            # still attached
+    ok(hreq(d, h, "shmdt", id=sid))
+    err(hreq(d, h, "shmdt", id=sid), E.BadState)             # not attached
+    ok(hreq(d, h, "shmat", id=sid))                          # again: a new fd
+    assert d.last_reply["g"][0][3] == 1
+    ok(hreq(d, h, "shmdt", id=sid))
+    assert not effects(d, "free_seg")
+    ok(hreq(d, h, "shmctl", id=sid))
+    assert effects(d, "free_seg") == [("free_seg", seg)]
+    err(hreq(d, h, "shmat", id=sid), E.UnknownId)
+    err(hreq(d, h, "shmctl", id=sid), E.UnknownId)
+    assert not d.core.regions
+
+
+def test_sget_attach_detach_ctl(d):
+    h = d.connect()
+    rep = ok(hreq(d, h, "sget", size=PAGE))
+    sid, vaddr = rep["id"], rep["vaddr"]
+    assert ARENAS["relay"][0] <= vaddr < ARENAS["relay"][0] + ARENAS["relay"][1]
+    assert effects(d, "new_seg")[0][3] == "relay"
+    assert d.core.regions[sid].owner == h
+    err(hreq(d, h, "shmat", id=sid), E.UnknownId)            # not a shm region
+    rep = ok(hreq(d, h, "sat", id=sid))
+    seg = rep["g"][0][0]
+    assert rep["g"] == [[seg, vaddr, PAGE, 1]]
+    err(hreq(d, h, "sat", id=sid), E.BadState)
+    err(hreq(d, h, "sctl", id=sid), E.BadState)
+    ok(hreq(d, h, "sdt", id=sid))
+    ok(hreq(d, h, "sctl", id=sid))
+    assert effects(d, "free_seg") == [("free_seg", seg)]
+    err(hreq(d, h, "sat", id=sid), E.UnknownId)
+    # the relay arena is reused from its start
+    assert ok(hreq(d, h, "sget", size=PAGE))["vaddr"] == vaddr
+
+
+def test_regions_of_another_host_are_not_permitted(d):
+    h1, h2 = d.connect(), d.connect()
+    sid = ok(hreq(d, h1, "shmget", size=PAGE))["id"]
+    rid_ = ok(hreq(d, h1, "sget", size=PAGE))["id"]
+    before = snapshot(d.core)
+    for op, i in (("shmat", sid), ("shmctl", sid), ("sat", rid_), ("sctl", rid_)):
+        err(hreq(d, h2, op, id=i), E.NotPermitted)
+    assert snapshot(d.core) == before
+
+
+# ---------------------------------------------------------------------- create
+def test_create_lowest_free_eid_and_generation_handles(d):
+    h = d.connect()
+    n = len(d.effects)
+    rep = ok(hreq(d, h, "create", name="first", type=NORMAL, code=b"abc", path="/x/first.py"))
+    assert rep["eid"] == 0 and rep["handle"] == 0
+    assert rep["measurement"] == measure(NORMAL, "first", b"abc")
+    (spawn,) = [e for e in d.effects[n:] if e[0] == "spawn"]
+    _, peer, spec, shm_seg = spawn
+    assert shm_seg is None
+    assert spec == {"eid": 0, "handle": 0, "name": "first", "type": NORMAL, "code": b"abc",
+                    "path": "/x/first.py"}
+    s_peer, s_handle = server(d, h, "srv")
+    assert s_handle == 1
+    assert d.core.servers["srv"].peer == s_peer
+    err(hreq(d, h, "create", name="srv", type=SERVER, code=b""), E.NameInUse)
+    # a normal enclave may share a server's name
+    p3, h3 = create(d, h, "srv")
+    assert h3 == 2
+    assert ok(ereq(d, peer, "acquire", name="srv"))["handle"] == s_handle
+
+    # destroy the server: its slot stays taken until its process is reaped
+    ok(hreq(d, h, "destroy", handle=s_handle))
+    assert ("kill", s_peer) in d.effects and ("close", s_peer) in d.effects
+    err(ereq(d, peer, "acquire", name="srv"), E.NoSuchServer)
+    err(hreq(d, h, "destroy", handle=s_handle), E.UnknownHandle)
+    assert create(d, h, "later")[1] == 3
+    d.die(s_peer)
+    # now eid 1 is the lowest free slot; its next occupant has generation 1
+    p5, h5 = server(d, h, "srv")
+    assert h5 == (1 << 32) | 1
+    assert ok(ereq(d, peer, "acquire", name="srv"))["handle"] == h5
+    # the stale handle does not reach the new server
+    err(hreq(d, h, "attest", handle=s_handle, nonce=1), E.UnknownHandle)
+    rep = ok(hreq(d, h, "attest", handle=h5, nonce=7))["report"]
+    assert rep["name"] == "srv" and rep["nonce"] == 7 and len(rep["sig"]) == 64
+
+
+def test_create_with_shm_window(d):
+    h = d.connect()
+    rep = ok(hreq(d, h, "shmget", size=4 * PAGE))
+    sid, vaddr = rep["id"], rep["vaddr"]
+    seg = effects(d, "new_seg")[0][1]
+    err(hreq(d, h, "create", name="w", type=NORMAL, code=b"", shm=[sid, 1, PAGE]), E.Unaligned)
+    err(hreq(d, h, "create", name="w", type=NORMAL, code=b"", shm=[sid, 0, 0]), E.BadSize)
+    err(hreq(d, h, "create", name="w", type=NORMAL, code=b"", shm=[sid, 2 * PAGE, 3 * PAGE]),
+        E.BadSize)
+    err(hreq(d, h, "create", name="w", type=NORMAL, code=b"", shm=[sid + 99, 0, PAGE]),
+        E.UnknownId)
+    n = len(d.effects)
+    peer, handle = create(d, h, "w", shm=[sid, PAGE, 2 * PAGE])
+    (spawn,) = [e for e in d.effects[n:] if e[0] == "spawn"]
+    assert spawn[3] == seg and spawn[2]["shm"] == [vaddr + PAGE, 2 * PAGE, PAGE]
+    assert hreq(d, h, "run", handle=handle) is None
+    start = one(d, peer)
+    assert start == {"op": "start", "args": [vaddr + PAGE, 2 * PAGE, 0, 0, 0], "g": []}
+    # shmctl revokes the id at once; the memory stays while the enclave maps it
+    ok(hreq(d, h, "shmctl", id=sid))
+    assert effects(d, "free_seg") == [("free_seg", seg)]
+    assert sid in d.core.regions and d.core.regions[sid].revoked
+    assert ereq(d, peer, "exit", v=0) is None
+    assert one(d, h)["retval"] == 0
+    d.die(peer, how="exited 0")
+    assert sid not in d.core.regions
+    assert effects(d, "free_seg") == [("free_seg", seg)]     # not a second time
+
+
+# ---------------------------------------------------------------------- run / exit
+def test_run_with_schrodinger_window_and_exit(d):
+    h = d.connect()
+    rep = ok(hreq(d, h, "sget", size=2 * PAGE))
+    sid, vaddr = rep["id"], rep["vaddr"]
+    seg = ok(hreq(d, h, "sat", id=sid))["g"][0][0]
+    peer, handle = create(d, h, "runner")
+    err(hreq(d, h, "run", handle=handle, mem=[sid, PAGE, 2 * PAGE]), E.BadSize)
+    err(hreq(d, h, "run", handle=handle, mem=[sid, 1, PAGE]), E.Unaligned)
+    err(hreq(d, h, "run", handle=handle, mem=[sid, 0, 0]), E.BadSize)
+    rid = next(_rids)
+    d.message(h, {"op": "run", "rid": rid, "handle": handle, "mem": [sid, PAGE, PAGE]})
+    assert d.last_reply is None
+    start = one(d, peer)
+    assert start == {"op": "start", "args": [0, 0, 0, vaddr + PAGE, PAGE],
+                     "g": [[seg, vaddr, 2 * PAGE, 1]]}
+    assert d.core.regions[sid].owner == peer and d.core.regions[sid].stack == [h]
+    # the host cannot touch, free or lend it while the enclave runs
+    err(hreq(d, h, "sctl", id=sid), E.RegionLoaned)
+    other, oh = create(d, h, "other")
+    err(hreq(d, h, "run", handle=oh, mem=[sid, 0, PAGE]), E.RegionLoaned)
+    err(hreq(d, h, "run", handle=handle), E.BadState)        # already running
+    d.take(h)
+    n = len(d.effects)
+    assert ereq(d, peer, "exit", v=7) is None
+    reply = one(d, h)
+    # the region comes back without an fd: the host still maps it
+    assert reply == {"op": "r", "rid": rid, "retval": 7, "g": [[seg, vaddr, 2 * PAGE, 0]]}
+    assert ("kill", peer) in d.effects[n:]
+    assert d.core.regions[sid].owner == h and d.core.regions[sid].stack == []
+    err(hreq(d, h, "run", handle=handle), E.UnknownHandle)   # finished
+    d.die(peer, how="exited 0")
+    assert d.core.slots[0] is None
+    ok(hreq(d, h, "sdt", id=sid))
+    ok(hreq(d, h, "sctl", id=sid))
+
+
+def test_run_server_is_refused(d):
+    h = d.connect()
+    _, sh = server(d, h)
+    err(hreq(d, h, "run", handle=sh), E.BadState)
+
+
+def test_normal_enclave_fault_reports_to_host(d):
+    h = d.connect()
+    sid = ok(hreq(d, h, "sget", size=PAGE))["id"]
+    peer, handle = create(d, h)
+    rid = next(_rids)
+    d.message(h, {"op": "run", "rid": rid, "handle": handle, "mem": [sid, 0, PAGE]})
+    d.take(h)
+    ereq(d, peer, "fault", why="ZeroDivisionError")
+    reply = err(one(d, h), E.EnclaveFault)
+    assert reply["rid"] == rid and "ZeroDivisionError" in reply["why"]
+    # the host never attached it: the region comes back with an fd
+    assert reply["g"][0][3] == 1
+    assert d.core.regions[sid].owner == h
+
+
+# ---------------------------------------------------------------------- calls
+def _world(d, nservers=1):
+    h = d.connect()
+    servers = [server(d, h, f"s{i + 1}") for i in range(nservers)]
+    c, _ = running(d, h, "c")
+    return h, c, servers
+
+
+def test_call_and_return_moves_regions(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c, PAGE)
+    seg = seg_at(d, v)
+    assert ok(ereq(d, c, "acquire", name="s1"))["handle"] == sh
+    assert call(d, c, sh, [5, 0, v, PAGE, 0, 0]) is None
+    msg = one(d, s)
+    assert msg == {"op": "call", "a": [5, v, PAGE], "c": d.core.peers[c].enclave.eid,
+                   "g": [[seg, v, PAGE, 1]]}
+    assert owner(d, v) == s and d.core.by_vaddr[v].stack == [c]
+    err(ereq(d, c, "unmap", vaddr=v, size=PAGE), E.NotOwned)     # it is on loan
+    r = mmap(d, s, 2 * PAGE)
+    rseg = seg_at(d, r)
+    assert ereq(d, s, "ret", a=[5, 99, v, PAGE, r, 2 * PAGE]) is None
+    assert d.take(s) == []
+    reply = one(d, c)
+    assert reply["op"] == "r" and reply["a"] == [5, 99, v, PAGE, r, 2 * PAGE]
+    assert grants(reply) == sorted([(seg, v, PAGE, 0), (rseg, r, 2 * PAGE, 1)])
+    assert owner(d, v) == c and owner(d, r) == c
+    # the response region is the caller's now: it may unmap it
+    ok(ereq(d, c, "unmap", vaddr=r, size=2 * PAGE))
+    assert ("free_seg", rseg) in d.effects
+    # a call with registers only
+    assert call(d, c, sh, [1, 0, 0, 0, 0, 0]) is None
+    assert one(d, s) == {"op": "call", "a": [1, 0, 0], "c": 0 + d.core.peers[c].enclave.eid,
+                         "g": [], "d": [rseg]}
+    ereq(d, s, "ret", a=[1, 2, 0, 0, 0, 0])
+    assert one(d, c) == {"op": "r", "a": [1, 2, 0, 0, 0, 0], "g": []}
+
+
+def test_server_returns_the_loan_as_response(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c, PAGE)
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    d.take(s)
+    ereq(d, s, "ret", a=[0, 1, 0, 0, v, PAGE])
+    reply = one(d, c)
+    assert reply["a"][4:] == [v, PAGE] and grants(reply) == [(seg_at(d, v), v, PAGE, 0)]
+    assert owner(d, v) == c
+
+
+def test_nested_calls_pass_the_loan_on(d):
+    h, c, [(s1, h1), (s2, h2)] = _world(d, 2)
+    v = mmap(d, c, PAGE)
+    seg = seg_at(d, v)
+    call(d, c, h1, [1, 0, v, PAGE, 0, 0])
+    assert one(d, s1)["g"] == [[seg, v, PAGE, 1]]
+    assert call(d, s1, h2, [2, 0, v, PAGE, 0, 0]) is None
+    msg = one(d, s2)
+    assert msg["a"] == [2, v, PAGE] and msg["g"] == [[seg, v, PAGE, 1]]
+    assert msg["c"] == d.core.peers[s1].enclave.eid
+    assert owner(d, v) == s2 and d.core.by_vaddr[v].stack == [c, s1]
+    ereq(d, s2, "ret", a=[2, 20, v, PAGE, 0, 0])
+    back = one(d, s1)
+    assert back["a"][1] == 20 and back["g"] == [[seg, v, PAGE, 0]]
+    assert owner(d, v) == s1 and d.core.by_vaddr[v].stack == [c]
+    assert d.take(c) == []
+    ereq(d, s1, "ret", a=[1, 10, v, PAGE, 0, 0])
+    back = one(d, c)
+    assert back["a"][1] == 10 and back["g"] == [[seg, v, PAGE, 0]]
+    assert owner(d, v) == c and d.core.by_vaddr[v].stack == []
+
+
+def test_call_cycle(d):
+    h, c, [(s1, h1), (s2, h2)] = _world(d, 2)
+    call(d, c, h1, [0] * 6)
+    call(d, s1, h2, [0] * 6)
+    d.take(s1), d.take(s2)
+    before = snapshot(d.core)
+    err(call(d, s2, h1, [0] * 6), E.CallCycle)       # s1 waits on s2
+    err(call(d, s2, h2, [0] * 6), E.CallCycle)       # itself
+    assert snapshot(d.core) == before
+    ereq(d, s2, "ret", a=[0] * 6)
+    ereq(d, s1, "ret", a=[0] * 6)
+    assert one(d, c)["op"] == "r"
+
+
+def test_call_cycle_through_a_queued_call(d):
+    """s1 is queued on s2 (busy with c2); s2 calling s1 would deadlock: refused at once."""
+    h = d.connect()
+    (s1, h1), (s2, h2) = server(d, h, "s1"), server(d, h, "s2")
+    c1, _ = running(d, h, "c1")
+    c2, _ = running(d, h, "c2")
+    call(d, c1, h1, [0] * 6)
+    call(d, c2, h2, [0] * 6)
+    d.take(s1), d.take(s2)
+    assert call(d, s1, h2, [0] * 6) is None          # queued behind c2
+    assert d.core.peers[s1].enclave.frame_out.queued
+    before = snapshot(d.core)
+    err(call(d, s2, h1, [0] * 6), E.CallCycle)
+    assert snapshot(d.core) == before
+    ereq(d, s2, "ret", a=[0] * 6)                    # c2 answered, s1's call dispatched
+    assert one(d, c2)["op"] == "r"
+    assert one(d, s2)["op"] == "call"
+    ereq(d, s2, "ret", a=[0] * 6)
+    assert one(d, s1)["op"] == "r"
+    ereq(d, s1, "ret", a=[0] * 6)
+    assert one(d, c1)["op"] == "r"
+
+
+def test_busy_server_queues_fifo_nb_and_timeout(d):
+    h = d.connect()
+    s, sh = server(d, h)
+    cs = [running(d, h, f"c{i}")[0] for i in range(5)]
+    vs = [mmap(d, c, PAGE) for c in cs]
+    call(d, cs[0], sh, [0, 0, vs[0], PAGE, 0, 0])
+    assert one(d, s)["a"][0] == 0
+    for i in (1, 2, 3):
+        assert call(d, cs[i], sh, [i, 0, vs[i], PAGE, 0, 0], timeout=10 if i != 2 else 1) is None
+        r = d.core.by_vaddr[vs[i]]
+        assert r.owner is None and r.stack == [cs[i]]          # in escrow
+    # non-blocking: refused at once, its region granted back
+    before = snapshot(d.core)
+    reply = err(call(d, cs[4], sh, [4, 0, vs[4], PAGE, 0, 0], nb=True), E.ServerBusy)
+    assert reply["g"] == [[seg_at(d, vs[4]), vs[4], PAGE, 0]]
+    assert snapshot(d.core) == before
+    # c2's deadline passes while it waits
+    assert d.core.next_deadline() == 1.0
+    d.tick(0.5)
+    assert d.take(cs[2]) == []
+    d.tick(1.0)
+    reply = err(one(d, cs[2]), E.Timeout)
+    assert reply["g"] == [[seg_at(d, vs[2]), vs[2], PAGE, 0]]
+    assert owner(d, vs[2]) == cs[2]
+    # FIFO: c1 then c3; the timed-out call never reaches the server
+    ereq(d, s, "ret", a=[0] * 6)
+    assert one(d, cs[0])["op"] == "r"
+    assert one(d, s)["a"] == [1, vs[1], PAGE]
+    ereq(d, s, "ret", a=[1] + [0] * 5)
+    assert one(d, cs[1])["op"] == "r"
+    assert one(d, s)["a"] == [3, vs[3], PAGE]
+    ereq(d, s, "ret", a=[3] + [0] * 5)
+    assert one(d, cs[3])["op"] == "r"
+    assert d.take(s) == [] and d.core.peers[s].enclave.state == "idle"
+    assert d.take(cs[2]) == []
+    # and c2 can call again
+    call(d, cs[2], sh, [2, 0, vs[2], PAGE, 0, 0])
+    assert one(d, s)["a"] == [2, vs[2], PAGE]
+
+
+def test_server_fault_during_call(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c, PAGE)
+    c2, _ = running(d, h, "c2")
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    call(d, c2, sh, [7, 0, 0, 0, 0, 0])              # queued
+    d.take(s)
+    assert ereq(d, s, "fault", why="KeyError: 'x'") is None
+    reply = err(one(d, c), E.EnclaveFault)
+    assert "KeyError" in reply["why"] and reply["g"] == [[seg_at(d, v), v, PAGE, 0]]
+    # the server survives and serves the next call
+    assert d.core.servers["s1"].peer == s
+    assert one(d, s)["a"] == [7, 0, 0]
+    ereq(d, s, "ret", a=[7, 8, 0, 0, 0, 0])
+    assert one(d, c2)["a"][1] == 8
+
+
+def test_server_dies_mid_call(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c, PAGE)
+    c2, _ = running(d, h, "c2")
+    v2 = mmap(d, c2, PAGE)
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    call(d, c2, sh, [0, 0, v2, PAGE, 0, 0])          # queued
+    d.take(s)
+    own = mmap(d, s, PAGE)
+    own_seg = seg_at(d, own)
+    d.disconnected(s)
+    assert ("kill", s) in d.effects
+    assert d.take(c) == []                  # the core waits for the zygote's report
+    d.exited(s)
+    reply = err(one(d, c), E.PeerDied)
+    assert reply["g"] == [[seg_at(d, v), v, PAGE, 0]]
+    reply = err(one(d, c2), E.PeerDied)                      # the queued caller too
+    assert reply["g"] == [[seg_at(d, v2), v2, PAGE, 0]]
+    assert ("free_seg", own_seg) in d.effects                # the server's own region
+    assert owner(d, v) == c and owner(d, v2) == c2
+    err(ereq(d, c, "acquire", name="s1"), E.NoSuchServer)
+    err(call(d, c, sh, [0] * 6), E.UnknownHandle)
+    assert d.core.slots[d.core.peers[c].enclave.eid] is not None
+    assert s not in d.core.peers
+
+
+def test_server_exit_report_before_eof(d):
+    """The zygote's report may come first; the core waits for EOF before settling."""
+    h, c, [(s, sh)] = _world(d)
+    call(d, c, sh, [0] * 6)
+    d.take(s)
+    d.exited(s, "killed by signal 11")
+    assert d.take(c) == []
+    d.disconnected(s)
+    reply = err(one(d, c), E.PeerDied)
+    assert "signal 11" in reply["why"]
+
+
+def test_caller_dies_mid_call(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c, PAGE)
+    vseg = seg_at(d, v)
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    d.take(s)
+    d.die(c)
+    assert ("free_seg", vseg) not in d.effects               # still on loan to the server
+    r = mmap(d, s, PAGE)
+    rseg = seg_at(d, r)
+    n = len(d.effects)
+    assert ereq(d, s, "ret", a=[0, 0, v, PAGE, r, PAGE]) is None
+    fx = d.effects[n:]
+    assert ("free_seg", rseg) in fx and ("free_seg", vseg) in fx
+    assert not [e for e in fx if e[0] == "send"]
+    assert not d.core.regions
+    # and the server serves on
+    c2, _ = running(d, h, "c2")
+    call(d, c2, sh, [0] * 6)
+    assert one(d, s)["op"] == "call"
+
+
+def test_caller_dies_while_queued(d):
+    h, c, [(s, sh)] = _world(d)
+    c2, _ = running(d, h, "c2")
+    v2 = mmap(d, c2, PAGE)
+    call(d, c, sh, [0] * 6)
+    call(d, c2, sh, [0, 0, v2, PAGE, 0, 0])
+    d.take(s)
+    seg2 = seg_at(d, v2)
+    d.die(c2)
+    assert ("free_seg", seg2) in d.effects
+    assert v2 not in d.core.by_vaddr and not d.core.queued
+    ereq(d, s, "ret", a=[0] * 6)
+    assert one(d, c)["op"] == "r"
+    assert d.take(s) == []                                   # nothing dispatched
+
+
+def test_host_disconnect_kills_enclaves_and_frees_regions(d):
+    h = d.connect()
+    other = d.connect()
+    sid = ok(hreq(d, h, "shmget", size=PAGE))["id"]
+    ok(hreq(d, h, "shmat", id=sid))
+    rid_ = ok(hreq(d, h, "sget", size=2 * PAGE))["id"]
+    ok(hreq(d, h, "sat", id=rid_))
+    s, sh = server(d, h, "hs")
+    c, _ = running(d, h, "c", mem=[rid_, 0, 2 * PAGE])
+    c2, _ = running(d, h, "c2")
+    v = mmap(d, c2, PAGE)
+    call(d, c2, sh, [0, 0, v, PAGE, 0, 0])
+    d.take(s)
+    mmap(d, s, PAGE)
+    # a server of another host keeps a call from this host's enclave
+    s9, h9 = server(d, other, "os")
+    call(d, c, h9, [0, 0, d.core.regions[rid_].vaddr, 2 * PAGE, 0, 0])
+    d.take(s9)
+    d.disconnected(h)
+    for e in (s, c, c2):
+        assert ("kill", e) in d.effects
+    assert "hs" not in d.core.servers and "os" in d.core.servers
+    # the schrodinger region is still with the other host's server
+    assert d.core.regions[rid_].owner == s9
+    for e in (s, c, c2):
+        d.die(e)
+    ereq(d, s9, "ret", a=[0] * 6)
+    assert d.take(s9) == []
+    assert not d.core.regions                               # the loan had nowhere to go
+    news = [e[1] for e in effects(d, "new_seg")]
+    frees = [e[1] for e in effects(d, "free_seg")]
+    assert sorted(news) == sorted(frees)                    # each exactly once
+    d.finish()
+
+
+def test_shutdown_frees_everything(d):
+    h = d.connect()
+    ok(hreq(d, h, "shmget", size=PAGE))
+    s, sh = server(d, h)
+    c, _ = running(d, h)
+    v = mmap(d, c, PAGE)
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    d.shutdown()
+    assert not d.core.regions
+    assert sorted(e[1] for e in effects(d, "new_seg")) == sorted(
+        e[1] for e in effects(d, "free_seg"))
+    for e in (s, c):
+        assert ("kill", e) in d.effects
+
+
+# ---------------------------------------------------------------------- bad arguments
+def _unchanged(d, peer, msg, exc):
+    before = snapshot(d.core)
+    reply = ereq(d, peer, msg.pop("op"), **msg) if peer not in d.hosts else \
+        hreq(d, peer, msg.pop("op"), **msg)
+    err(reply, exc)
+    assert snapshot(d.core) == before, msg
+
+
+def test_bad_arguments_have_distinct_codes_and_change_nothing(d):
+    h = d.connect()
+    h2 = d.connect()
+    s, sh = server(d, h, "s1")
+    c, ch = running(d, h, "c")
+    other, _ = running(d, h, "o")
+    v = mmap(d, c, 2 * PAGE)
+    ov = mmap(d, other, PAGE)
+    sid = ok(hreq(d, h, "sget", size=PAGE))["id"]
+    shm = ok(hreq(d, h, "shmget", size=PAGE))["id"]
+    nid = ok(hreq(d, h, "create", name="n", type=NORMAL, code=b""))["handle"]
+    cases = [
+        # not owned
+        (c, {"op": "call", "handle": sh, "a": [0, 0, ov, PAGE, 0, 0]}, E.NotOwned),
+        (c, {"op": "call", "handle": sh, "a": [0, 0, ARENAS["mmap"][0] + (1 << 30), PAGE,
+                                               0, 0]}, E.NotOwned),
+        (c, {"op": "unmap", "vaddr": ov, "size": PAGE}, E.NotOwned),
+        # unaligned
+        (c, {"op": "call", "handle": sh, "a": [0, 0, v + 8, PAGE, 0, 0]}, E.Unaligned),
+        (h, {"op": "run", "handle": nid, "mem": [sid, 8, PAGE]}, E.Unaligned),
+        # sizes: zero, huge, not a page multiple, partial
+        (c, {"op": "mmap", "size": 0}, E.BadSize),
+        (c, {"op": "mmap", "size": 1 << 60}, E.BadSize),
+        (c, {"op": "mmap", "size": PAGE + 1}, E.BadSize),
+        (h, {"op": "shmget", "size": 0}, E.BadSize),
+        (h, {"op": "sget", "size": (1 << 64) - 1}, E.BadSize),
+        (c, {"op": "call", "handle": sh, "a": [0, 0, v, 0, 0, 0]}, E.BadSize),
+        (c, {"op": "call", "handle": sh, "a": [0, 0, v, PAGE, 0, 0]}, E.BadSize),
+        (c, {"op": "call", "handle": sh, "a": [0, 0, v, 3 * PAGE, 0, 0]}, E.BadSize),
+        (c, {"op": "unmap", "vaddr": v, "size": PAGE}, E.BadSize),
+        (h, {"op": "run", "handle": nid, "mem": [sid, 0, 2 * PAGE]}, E.BadSize),
+        # unknown handles
+        (c, {"op": "call", "handle": 12345, "a": [0] * 6}, E.UnknownHandle),
+        (c, {"op": "call", "handle": (1 << 32) | sh, "a": [0] * 6}, E.UnknownHandle),
+        (c, {"op": "call", "handle": ch, "a": [0] * 6}, E.UnknownHandle),    # not a server
+        (c, {"op": "call", "handle": -1, "a": [0] * 6}, E.UnknownHandle),
+        (h, {"op": "run", "handle": 77}, E.UnknownHandle),
+        (h, {"op": "destroy", "handle": 1 << 40}, E.UnknownHandle),
+        # unknown names and ids
+        (c, {"op": "acquire", "name": "nope"}, E.NoSuchServer),
+        (c, {"op": "report", "nonce": 1, "name": "nope"}, E.NoSuchServer),
+        (h, {"op": "shmat", "id": 5}, E.UnknownId),
+        (h, {"op": "sat", "id": shm}, E.UnknownId),
+        # another host's enclave
+        (h2, {"op": "destroy", "handle": nid}, E.NotPermitted),
+        (h2, {"op": "run", "handle": nid}, E.NotPermitted),
+        # wrong state
+        (h, {"op": "run", "handle": ch}, E.BadState),
+        (s, {"op": "ret", "a": [0] * 6}, E.BadState),
+        (c, {"op": "ret", "a": [0] * 6}, E.BadState),
+        (s, {"op": "exit", "v": 0}, E.BadState),
+        # wrong types, missing fields
+        (h, {"op": "shmget", "size": "4096"}, E.InvalidArgument),
+        (h, {"op": "shmget"}, E.InvalidArgument),
+        (h, {"op": "sget", "size": -PAGE}, E.InvalidArgument),
+        (h, {"op": "sget", "size": 4096.0}, E.InvalidArgument),
+        (h, {"op": "shmat", "id": None}, E.InvalidArgument),
+        (h, {"op": "shmat", "id": True}, E.InvalidArgument),
+        (h, {"op": "create", "type": NORMAL, "code": b""}, E.InvalidArgument),
+        (h, {"op": "create", "name": "x" * 16, "type": NORMAL, "code": b""},
+         E.InvalidArgument),
+        (h, {"op": "create", "name": "", "type": NORMAL, "code": b""}, E.InvalidArgument),
+        (h, {"op": "create", "name": "x", "type": 2, "code": b""}, E.InvalidArgument),
+        (h, {"op": "create", "name": "x", "type": NORMAL, "code": "src"}, E.InvalidArgument),
+        (h, {"op": "create", "name": "x", "type": NORMAL, "code": b"", "shm": [1, 2]},
+         E.InvalidArgument),
+        (h, {"op": "create", "name": "x", "type": NORMAL, "code": b"", "path": 5},
+         E.InvalidArgument),
+        (h, {"op": "run", "handle": "0"}, E.InvalidArgument),
+        (h, {"op": "run", "handle": nid, "mem": {"id": sid}}, E.InvalidArgument),
+        (h, {"op": "attest", "handle": nid}, E.InvalidArgument),
+        (c, {"op": "mmap"}, E.InvalidArgument),
+        (c, {"op": "mmap", "size": [PAGE]}, E.InvalidArgument),
+        (c, {"op": "unmap", "vaddr": v}, E.InvalidArgument),
+        (c, {"op": "acquire", "name": 5}, E.InvalidArgument),
+        (c, {"op": "call", "handle": sh, "a": [0] * 5}, E.InvalidArgument),
+        (c, {"op": "call", "handle": sh, "a": [0, 0, 0, 0, 0, -1]}, E.InvalidArgument),
+        (c, {"op": "call", "handle": sh, "a": [0, 0, 0, 0, 0, 1 << 64]}, E.InvalidArgument),
+        (c, {"op": "call", "handle": sh, "a": "000000"}, E.InvalidArgument),
+        (c, {"op": "call", "handle": sh, "a": [0] * 6, "nb": 1}, E.InvalidArgument),
+        (c, {"op": "call", "handle": sh, "a": [0] * 6, "timeout": -1}, E.InvalidArgument),
+        (c, {"op": "call", "handle": sh, "a": [0] * 6, "timeout": "1"}, E.InvalidArgument),
+        (c, {"op": "call", "handle": sh, "a": [0] * 6, "timeout": float("nan")},
+         E.InvalidArgument),
+        (c, {"op": "call", "a": [0] * 6}, E.InvalidArgument),
+        (c, {"op": "exit", "v": "0"}, E.InvalidArgument),
+        (c, {"op": "fault", "why": 3}, E.InvalidArgument),
+        (c, {"op": "report", "nonce": -1}, E.InvalidArgument),
+        # unknown ops
+        (h, {"op": "frobnicate"}, E.ProtocolError),
+        (h, {"op": "mmap", "size": PAGE}, E.ProtocolError),     # an enclave op
+        (c, {"op": "frobnicate"}, E.ProtocolError),
+        (c, {"op": "shmget", "size": PAGE}, E.ProtocolError),   # a host op
+    ]
+    for peer, msg, exc in cases:
+        _unchanged(d, peer, dict(msg), exc)
+    # codes are distinct
+    codes = {exc.code for _, _, exc in cases}
+    assert len(codes) == len({exc for _, _, exc in cases})
+    # a host error carries the request's rid; one with a bad rid still gets an answer
+    d.message(h, {"op": "frobnicate", "rid": "x"})
+    assert d.last_reply["c"] == E.ProtocolError.code and "rid" not in d.last_reply
+
+
+def test_stale_handle_after_slot_reuse(d):
+    h = d.connect()
+    c, _ = running(d, h, "c")
+    s, sh = server(d, h, "s")
+    assert sh == 1
+    ok(hreq(d, h, "destroy", handle=sh))
+    d.die(s)
+    s2, sh2 = server(d, h, "s")
+    assert sh2 == (1 << 32) | 1                       # same slot, next generation
+    before = snapshot(d.core)
+    err(call(d, c, sh, [0] * 6), E.UnknownHandle)
+    err(hreq(d, h, "destroy", handle=sh), E.UnknownHandle)
+    assert snapshot(d.core) == before
+    call(d, c, sh2, [0] * 6)
+    assert one(d, s2)["op"] == "call"
+
+
+def test_bad_return_gives_the_loan_back(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c, PAGE)
+    mine = mmap(d, c, PAGE)                            # the caller's, not the server's
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    d.take(s)
+    assert ereq(d, s, "ret", a=[0, 1, 0, 0, mine, PAGE])["c"] == E.BadReturn.code
+    reply = err(one(d, c), E.BadReturn)
+    assert reply["g"] == [[seg_at(d, v), v, PAGE, 0]]
+    assert owner(d, v) == c and owner(d, mine) == c
+    assert d.core.peers[s].enclave.state == "idle"
+    # an address nobody owns, and the server serves on
+    call(d, c, sh, [0] * 6)
+    d.take(s)
+    err(ereq(d, s, "ret", a=[0, 0, 0, 0, 0x1234000, PAGE]), E.BadReturn)
+    err(one(d, c), E.BadReturn)
+
+
+def test_unmap(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c, 3 * PAGE)
+    seg = seg_at(d, v)
+    assert ok(ereq(d, c, "unmap", vaddr=v, size=3 * PAGE))["d"] == [seg]
+    assert ("free_seg", seg) in d.effects
+    err(ereq(d, c, "unmap", vaddr=v, size=3 * PAGE), E.NotOwned)
+    # the address is reused for a new segment
+    v2 = ok(ereq(d, c, "mmap", size=PAGE))
+    assert v2["vaddr"] == v and v2["g"][0][0] != seg and v2["g"][0][3] == 1
+    # a region the server mapped and the caller frees: the server's unmap rides on its next
+    # message, before a grant that may reuse the address
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    d.take(s)
+    ereq(d, s, "ret", a=[0] * 6)
+    d.take(c)
+    vseg = seg_at(d, v)
+    ok(ereq(d, c, "unmap", vaddr=v, size=PAGE))
+    v3 = mmap(d, c, PAGE)
+    assert v3 == v
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    msg = one(d, s)
+    assert msg["d"] == [vseg] and msg["g"] == [[seg_at(d, v), v, PAGE, 1]]
+
+
+def test_quota(d):
+    d.core.limits = Limits(max_regions=2, max_bytes=3 * PAGE)
+    h, c, _ = _world(d)
+    mmap(d, c, PAGE)
+    mmap(d, c, PAGE)
+    before = snapshot(d.core)
+    err(ereq(d, c, "mmap", size=PAGE), E.QuotaExceeded)
+    assert snapshot(d.core) == before
+
+
+def test_segment_failure_undoes_the_region(d):
+    h, c, _ = _world(d)
+    before = snapshot(d.core)
+    d.fail_next_seg = True
+    err(ereq(d, c, "mmap", size=PAGE), E.NoMemory)
+    after = snapshot(d.core)
+    assert after["regions"] == before["regions"] and after["arenas"] == before["arenas"]
+    d.fail_next_seg = True
+    err(hreq(d, h, "shmget", size=PAGE), E.NoMemory)
+    assert not d.core.regions
+    mmap(d, c, PAGE)
+
+
+def test_spawn_failure_reaps_the_enclave(d):
+    h = d.connect()
+    d.fail_next_spawn = True
+    peer, handle = create(d, h, "bad")
+    assert peer not in d.core.peers
+    err(hreq(d, h, "run", handle=handle), E.UnknownHandle)
+    assert create(d, h, "good")[1] == (1 << 32)        # slot 0, next generation
+
+
+def test_messages_from_gone_peers_are_ignored(d):
+    h, c, [(s, sh)] = _world(d)
+    ereq(d, c, "exit", v=0)
+    d.take(h)
+    assert d.core.message(c, {"op": "mmap", "size": PAGE}) == []
+    d.disconnected(h)
+    assert d.core.message(h, {"op": "ps", "rid": 1}) == []
+    assert d.core.disconnected(h) == []
+    assert d.core.exited(12345, "?") == [] and d.core.disconnected(12345) == []
+
+
+def test_segment_failure_keeps_pending_unmaps(d):
+    """The shell discards the reply queued before a segment failed; the unmaps that rode
+    on it must reach the peer with the error instead (else it keeps a freed segment)."""
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c, PAGE)
+    vseg = seg_at(d, v)
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    d.take(s)
+    ereq(d, s, "ret", a=[0] * 6)
+    d.take(c)
+    ok(ereq(d, c, "unmap", vaddr=v, size=PAGE))          # the server still maps it
+    assert d.core.peers[s].drops == [vseg]
+    d.fail_next_seg = True
+    reply = err(ereq(d, s, "mmap", size=PAGE), E.NoMemory)
+    assert reply.get("d") == [vseg]
+    assert vseg not in d.mapped[s]
+
+
+def test_loan_returns_to_the_nearest_live_lender(d):
+    """c -> s1 -> s2 with c's region passed on; s1 dies: c gets PeerDied at once, and the
+    region when s2 returns, in an unsolicited grant, at the same address."""
+    h, c, [(s1, h1), (s2, h2)] = _world(d, 2)
+    v = mmap(d, c, PAGE)
+    seg = seg_at(d, v)
+    call(d, c, h1, [0, 0, v, PAGE, 0, 0])
+    d.take(s1)
+    call(d, s1, h2, [0, 0, v, PAGE, 0, 0])
+    d.take(s2)
+    d.die(s1)
+    reply = err(one(d, c), E.PeerDied)
+    assert reply["g"] == []                                   # s2 still has it
+    assert owner(d, v) == s2 and d.core.by_vaddr[v].stack == [c, s1]
+    ereq(d, s2, "ret", a=[0] * 6)
+    assert d.take(s2) == []
+    assert one(d, c) == {"op": "grant", "g": [[seg, v, PAGE, 0]]}
+    assert owner(d, v) == c and d.core.by_vaddr[v].stack == []
+    ok(ereq(d, c, "unmap", vaddr=v, size=PAGE))

@@ -1,0 +1,449 @@
+"""Model-based test of the monitor's state machine (tvmrt.monitor.core), no processes.
+
+A hypothesis ``RuleBasedStateMachine`` drives one Core, through :class:`core_driver.Driver`,
+with a few hosts and enclaves: shared memory and schrodinger regions, create / run / exit /
+destroy, mmap / unmap, calls (nested, queued, non-blocking, timed out, cyclic), returns
+(good and bad), faults, deaths (EOF and the zygote's report, in either order), host
+disconnects, failed segments and spawns, and garbage messages of random shapes.
+
+Checked at every effect (by the driver): segments freed at most once and only when live,
+sends only to peers the core has not closed, grants with an fd exactly when the peer does not
+map the segment yet, every request answered exactly once.  Checked after every step
+(:meth:`Driver.check`): every live relay region has one live owner -- the peer it was last
+granted to -- or is in escrow for a queued call; live regions never overlap and lie in their
+arenas; quotas add up; frames, queues and server registrations agree; no cycle of waiting
+calls; enclaves wait exactly when the core holds their call, hosts exactly for the runs the
+core has going.  At the end every host disconnects and every exit is reported: every segment
+ever created has been freed and no enclave, region or peer remains.  The core never raises.
+
+The arenas are made small (16 pages each) so that addresses are reused and exhausted.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
+                                 rule, run_state_machine_as_test)
+
+from core_driver import Driver
+from tvmrt.memory import ARENAS, PAGE
+from tvmrt.monitor import core as C
+
+ARENA_PAGES = 16
+NAMES = ["a", "b", "c"]
+FIELDS = ["rid", "size", "id", "name", "type", "code", "path", "shm", "handle", "mem", "nonce",
+          "vaddr", "a", "nb", "timeout", "v", "why"]
+OPS = sorted(C._HOST_OPS) + sorted(C._ENCLAVE_OPS) + ["r", "e", "grant", "start", "", "OP"]
+
+# what msgpack can decode: nil, bool, ints of 64 bits, floats, str, bin, arrays, maps
+scalars = (st.none() | st.booleans() | st.integers(-3, 70000)
+           | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats() | st.text(max_size=20)
+           | st.binary(max_size=20))
+values = st.recursive(
+    scalars,
+    lambda ch: st.lists(ch, max_size=7) | st.dictionaries(st.text(max_size=4), ch, max_size=3),
+    max_leaves=10)
+garbage = st.builds(
+    lambda op, fields: {**fields, "op": op},
+    st.sampled_from(OPS) | st.text(max_size=8),
+    st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), values, max_size=6))
+
+
+def small_core():
+    core = C.Core(key=b"m" * 32, limits=C.Limits(
+        max_regions=6, max_bytes=10 * PAGE, max_region=4 * PAGE, queue_timeout=5.0,
+        max_enclaves=6))
+    for name, (base, _size) in ARENAS.items():
+        core.arenas[name] = C.VaAllocator(base, ARENA_PAGES * PAGE)
+    return core
+
+
+class CoreMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.d = Driver(small_core())
+        self.rids = itertools.count(1 << 20)
+        self.handles: set[int] = set()        # every handle ever returned (stale ones too)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def core(self):
+        return self.d.core
+
+    def hosts(self):
+        return sorted(h for h in self.d.hosts if h in self.d.open)
+
+    def enclaves(self, pred=None):
+        """Enclave peers whose process runs and whose socket is open (they can send)."""
+        out = []
+        for p in sorted(self.d.enclaves):
+            if p in self.d.procs and p in self.d.open:
+                q = self.core.peers.get(p)
+                e = q.enclave if q is not None else None
+                if pred is None or (e is not None and q.alive and pred(e)):
+                    out.append(p)
+        return out
+
+    def enc(self, peer):
+        q = self.core.peers.get(peer)
+        return q.enclave if q is not None else None
+
+    @staticmethod
+    def pick(data, items):
+        items = sorted(set(items))
+        return data.draw(st.sampled_from(items)) if items else None
+
+    def prefer(self, data, good, rest):
+        """Mostly one of ``good``; sometimes anything of ``rest``."""
+        if good and data.draw(st.integers(0, 5)):
+            return self.pick(data, good)
+        return self.pick(data, list(good) + list(rest))
+
+    def hsend(self, host, op, **kw):
+        self.d.message(host, {"op": op, "rid": next(self.rids), **kw})
+        rep = self.d.last_reply
+        if rep is not None and rep.get("op") == "r" and "handle" in rep:
+            self.handles.add(rep["handle"])
+        return rep
+
+    def esend(self, peer, op, **kw):
+        self.d.message(peer, {"op": op, **kw})
+        rep = self.d.last_reply
+        if rep is not None and rep.get("op") == "r" and "handle" in rep:
+            self.handles.add(rep["handle"])
+        return rep
+
+    def regions(self, pred=lambda r: True):
+        return [r for r in self.core.regions.values() if pred(r)]
+
+    # ------------------------------------------------------------------ a world to start from
+    @initialize(data=st.data(), nhosts=st.integers(1, 2), servers=st.integers(1, 3),
+                normals=st.integers(1, 4))
+    def world(self, data, nhosts, servers, normals):
+        """Hosts, registered servers and running normal enclaves (some with a schrodinger
+        window, some with shared memory): random rules alone rarely get this far."""
+        hosts = [self.d.connect() for _ in range(nhosts)]
+        for name in NAMES[:servers]:
+            self.hsend(self.pick(data, hosts), "create", name=name, type=C.SERVER, code=b"s")
+        for _ in range(normals):
+            self.create_and_run(data, self.pick(data, hosts), data.draw(st.integers(0, 2)))
+
+    def create_and_run(self, data, h, memory):
+        kw, runkw = {}, {}
+        if memory == 1:
+            rep = self.hsend(h, "sget", size=data.draw(st.integers(1, 2)) * PAGE)
+            if rep["op"] == "r":
+                runkw["mem"] = [rep["id"], 0, rep["size"]]
+        elif memory == 2:
+            rep = self.hsend(h, "shmget", size=PAGE)
+            if rep["op"] == "r":
+                kw["shm"] = [rep["id"], 0, PAGE]
+        rep = self.hsend(h, "create", name="n", type=C.NORMAL, code=b"n", **kw)
+        if rep["op"] == "r":
+            self.hsend(h, "run", handle=rep["handle"], **runkw)
+
+    @precondition(lambda self: self.hosts())
+    @rule(data=st.data(), memory=st.integers(0, 2))
+    def new_running_enclave(self, data, memory):
+        self.create_and_run(data, self.pick(data, self.hosts()), memory)
+
+    # ------------------------------------------------------------------ hosts
+    @precondition(lambda self: len(self.hosts()) < 3)
+    @rule()
+    def connect(self):
+        self.d.connect()
+
+    @precondition(lambda self: self.hosts())
+    @rule(data=st.data())
+    def host_disconnects(self, data):
+        self.d.disconnected(self.pick(data, self.hosts()))
+
+    @precondition(lambda self: self.hosts())
+    @rule(data=st.data(), pages=st.integers(0, 5), op=st.sampled_from(["shmget", "sget"]))
+    def host_gets_memory(self, data, pages, op):
+        self.hsend(self.pick(data, self.hosts()), op, size=pages * PAGE)
+
+    @precondition(lambda self: self.hosts())
+    @rule(data=st.data(), op=st.sampled_from(["shmat", "shmdt", "shmctl", "sat", "sdt", "sctl"]))
+    def host_region_op(self, data, op):
+        h = self.pick(data, self.hosts())
+        kind = "shm" if op.startswith("shm") else "relay"
+        mine = [r.id for r in self.regions(lambda r: r.creator == h and r.kind == kind)]
+        rid_ = self.prefer(data, mine, [r.id for r in self.regions()] + [C.FIRST_ID + 99])
+        self.hsend(h, op, id=rid_)
+
+    @precondition(lambda self: self.hosts())
+    @rule(data=st.data(), server=st.booleans(), name=st.sampled_from(NAMES),
+          window=st.booleans(), fail=st.integers(0, 7))
+    def create(self, data, server, name, window, fail):
+        h = self.pick(data, self.hosts())
+        kw = {}
+        if window:
+            shm = [r.id for r in self.regions(lambda r: r.kind == "shm" and r.creator == h)]
+            if shm:
+                kw["shm"] = [self.pick(data, shm), data.draw(st.integers(0, 2)) * PAGE,
+                             data.draw(st.integers(0, 2)) * PAGE]
+        self.d.fail_next_spawn = fail == 0
+        self.hsend(h, "create", name=name, type=C.SERVER if server else C.NORMAL,
+                   code=name.encode(), **kw)
+        self.d.fail_next_spawn = False
+
+    def _own_handles(self, h, pred):
+        return [e.handle for e in self.core.slots
+                if e is not None and e.host == h and pred(e)]
+
+    @precondition(lambda self: self.hosts())
+    @rule(data=st.data(), window=st.booleans())
+    def run(self, data, window):
+        h = self.pick(data, self.hosts())
+        good = self._own_handles(h, lambda e: e.type == C.NORMAL and e.state == C.CREATED)
+        handle = self.prefer(data, good, list(self.handles) + [7])
+        kw = {}
+        if window:
+            relay = [r.id for r in self.regions(lambda r: r.kind == "relay" and r.creator == h)]
+            if relay:
+                kw["mem"] = [self.pick(data, relay), data.draw(st.integers(0, 2)) * PAGE,
+                             data.draw(st.integers(0, 2)) * PAGE]
+        self.hsend(h, "run", handle=handle, **kw)
+
+    @precondition(lambda self: self.hosts())
+    @rule(data=st.data())
+    def destroy(self, data):
+        h = self.pick(data, self.hosts())
+        handle = self.prefer(data, self._own_handles(h, lambda e: e.state != C.DONE),
+                             list(self.handles))
+        if handle is not None:
+            self.hsend(h, "destroy", handle=handle)
+
+    # ------------------------------------------------------------------ enclaves
+    @precondition(lambda self: self.enclaves())
+    @rule(data=st.data(), pages=st.integers(0, 3))
+    def mmap(self, data, pages):
+        self.esend(self.pick(data, self.enclaves()), "mmap", size=pages * PAGE)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(data=st.data(), wrong_size=st.integers(0, 5))
+    def unmap(self, data, wrong_size):
+        p = self.pick(data, self.enclaves())
+        mine = [r.vaddr for r in self.regions(lambda r: r.owner == p)]
+        vaddr = self.prefer(data, mine, [r.vaddr for r in self.regions()] + [ARENAS["mmap"][0]])
+        r = self.core.by_vaddr.get(vaddr)
+        size = r.length if r is not None and wrong_size else PAGE
+        self.esend(p, "unmap", vaddr=vaddr, size=size)
+
+    @precondition(lambda self: self.hosts() or self.enclaves())
+    @rule(data=st.data(), op=st.sampled_from(["acquire", "report", "attest", "ps"]),
+          name=st.sampled_from(NAMES + ["zz", None]))
+    def query(self, data, op, name):
+        """Requests that change nothing: acquire, report (enclaves), attest, ps (hosts)."""
+        if op in ("acquire", "report"):
+            if not self.enclaves():
+                return
+            p = self.pick(data, self.enclaves())
+            kw = {} if name is None else {"name": name}
+            self.esend(p, op, nonce=3, **kw) if op == "report" else \
+                self.esend(p, op, name=name or "a")
+        elif self.hosts():
+            h = self.pick(data, self.hosts())
+            self.hsend(h, op, handle=self.pick(data, list(self.handles) + [0]), nonce=5)
+
+    def _call(self, data, callers, servers, nb, timeout, req_arg, with_region, size_ok):
+        p = self.prefer(data, callers, self.enclaves())
+        if p is None:
+            return
+        handle = self.prefer(data, servers(p), list(self.handles) + [12345])
+        vaddr = size = 0
+        if with_region:
+            mine = [r.vaddr for r in self.regions(lambda r: r.owner == p)]
+            if not mine and with_region == 1:
+                # the usual pattern: map a request region, then call with it
+                rep = self.esend(p, "mmap", size=data.draw(st.integers(1, 2)) * PAGE)
+                if rep is not None and rep["op"] == "r":
+                    mine = [rep["vaddr"]]
+            if with_region == 3 or not mine:
+                vaddr = self.pick(data, [r.vaddr for r in self.regions()]
+                                  + [ARENAS["mmap"][0] + PAGE])
+            else:
+                vaddr = self.pick(data, mine)
+            r = self.core.by_vaddr.get(vaddr)
+            size = r.length if r is not None and size_ok else PAGE
+        msg = {"handle": handle, "a": [req_arg, 0, vaddr, size, 0, 0], "nb": nb}
+        if timeout is not None:
+            msg["timeout"] = timeout
+        self.esend(p, "call", **msg)
+
+    CALL_ARGS = dict(data=st.data(), nb=st.integers(0, 3).map(lambda n: n == 0),
+                     timeout=st.sampled_from([None, 0, 1, 3, 100]), req_arg=st.integers(0, 9),
+                     with_region=st.integers(0, 3), size_ok=st.integers(0, 5))
+
+    def _servers(self, p):
+        return [e.handle for e in self.core.servers.values()]
+
+    def _other_servers(self, p):
+        return [e.handle for e in self.core.servers.values() if e.peer != p]
+
+    @precondition(lambda self: self.enclaves())
+    @rule(**CALL_ARGS)
+    def call(self, **kw):
+        """Any enclave calls (often a running one, often a registered server)."""
+        self._call(callers=self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
+                                         and e.frame_out is None),
+                   servers=self._servers, **kw)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(**CALL_ARGS)
+    def call_from_normal(self, **kw):
+        self._call(callers=self.enclaves(lambda e: e.state == C.RUNNING and e.frame_out is None),
+                   servers=self._servers, **kw)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(**CALL_ARGS)
+    def nested_call(self, **kw):
+        """A server inside a call (put there first, by a call with a region from a running
+        enclave, if need be) calls another server, often passing its loan on."""
+        data = kw["data"]
+        serving = self.enclaves(lambda e: e.state == C.SERVING and e.frame_out is None)
+        if not serving and len(self.core.servers) >= 2:
+            callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
+                                    and e.frame_out is None)
+            idle = [e.peer for e in self.core.servers.values() if e.state == C.IDLE]
+            first = self.pick(data, callers)
+            s = self.pick(data, [p for p in idle if p != first])
+            if first is not None and s is not None:
+                self._call(data=data, callers=[first], servers=lambda p: [self.enc(s).handle],
+                           nb=False, timeout=None, req_arg=1, with_region=1, size_ok=1)
+                serving = [s] if self.enc(s).state == C.SERVING else []
+        self._call(callers=serving, servers=self._other_servers, **kw)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(**CALL_ARGS)
+    def call_busy_server(self, **kw):
+        """Call a server that is inside a call (making it busy first, with a call from
+        another enclave, if need be): the call queues, or is refused with nb."""
+        data = kw["data"]
+        callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
+                                and e.frame_out is None)
+        idle = [e for e in self.core.servers.values() if e.state == C.IDLE]
+        if len(callers) >= 2 and idle and not [
+                e for e in self.core.servers.values() if e.state == C.SERVING]:
+            s = self.pick(data, [e.peer for e in idle])
+            first = self.pick(data, [p for p in callers if p != s])
+            if first is not None:
+                self.esend(first, "call", handle=self.enc(s).handle, a=[9, 0, 0, 0, 0, 0])
+                callers = [p for p in callers if p != first]
+        self._call(callers=callers,
+                   servers=lambda p: [e.handle for e in self.core.servers.values()
+                                      if e.state == C.SERVING and e.peer != p], **kw)
+
+    def _ret(self, data, resp_val, with_resp):
+        p = self.prefer(data, self.enclaves(
+            lambda e: e.state == C.SERVING and e.frame_out is None), self.enclaves())
+        vaddr = size = 0
+        if with_resp:
+            mine = [r.vaddr for r in self.regions(lambda r: r.owner == p)]
+            vaddr = self.prefer(data, mine, [r.vaddr for r in self.regions()] + [PAGE])
+            r = self.core.by_vaddr.get(vaddr)
+            size = r.length if r is not None else PAGE
+        self.esend(p, "ret", a=[0, resp_val, 0, 0, vaddr, size])
+
+    @precondition(lambda self: self.enclaves())
+    @rule(data=st.data(), resp_val=st.integers(0, 9), with_resp=st.integers(0, 2))
+    def ret(self, data, resp_val, with_resp):
+        self._ret(data, resp_val, with_resp)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(data=st.data(), resp_val=st.integers(0, 9))
+    def ret_with_region(self, data, resp_val):
+        self._ret(data, resp_val, 1)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(data=st.data(), v=st.integers(0, 3))
+    def exit(self, data, v):
+        p = self.prefer(data, self.enclaves(
+            lambda e: e.state == C.RUNNING and e.frame_out is None), self.enclaves())
+        self.esend(p, "exit", v=v)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(data=st.data())
+    def fault(self, data):
+        p = self.prefer(data, self.enclaves(lambda e: e.state == C.SERVING), self.enclaves())
+        self.esend(p, "fault", why="boom")
+
+    # ------------------------------------------------------------------ deaths, time, shell
+    def _mortal(self):
+        return [p for p in self.d.enclaves if p in self.d.procs or p in self.d.open]
+
+    @precondition(lambda self: self._mortal())
+    @rule(data=st.data(), how=st.sampled_from(["both", "both, exit first", "eof", "exit"]))
+    def die(self, data, how):
+        """An enclave process dies: EOF and the zygote's report, in either order, or one of
+        them now and the other in a later step."""
+        p = self.pick(data, self._mortal())
+        if how.startswith("both"):
+            self.d.die(p, eof_first=how == "both")
+        elif how == "eof" and p in self.d.open:
+            self.d.disconnected(p)
+        elif p in self.d.procs:
+            self.d.exited(p, "exited 1")
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 2.0, 10.0]))
+    def tick(self, dt):
+        self.d.tick(dt)
+
+    @precondition(lambda self: self.core.queued)
+    @rule(late=st.booleans())
+    def deadline_passes(self, late):
+        """Time runs to the next deadline of a queued call (or just before it)."""
+        self.d.tick(max(0.0, self.core.next_deadline() - self.d.now + (1e-6 if late else -0.25)))
+
+    @rule(n=st.integers(0, 7))
+    def next_segment_fails(self, n):
+        self.d.fail_next_seg = n == 0
+
+    @precondition(lambda self: self.hosts() or self.enclaves())
+    @rule(data=st.data(), msg=garbage)
+    def garbage(self, data, msg):
+        self.d.message(self.pick(data, self.hosts() + self.enclaves()), msg)
+
+    # ------------------------------------------------------------------ checks
+    @invariant()
+    def consistent(self):
+        self.d.check()
+
+    def teardown(self):
+        self.d.fail_next_seg = False
+        self.d.finish()
+
+
+class ShutdownMachine(CoreMachine):
+    """The same, ended by the monitor shutting down instead of the hosts leaving."""
+
+    def teardown(self):
+        self.d.fail_next_seg = False
+        self.d.shutdown()
+        assert not self.core.regions and not self.d.live
+        assert set(self.d.created) == self.d.freed
+        # the shell stops here (it drops every socket): every enclave must be finished
+        assert not self.core.servers and not self.core.queued
+        assert all(e is None or e.state == C.DONE for e in self.core.slots)
+        assert not [p for p in self.core.peers.values() if p.alive]
+        for p in sorted(self.d.enclaves):
+            if p in self.d.procs and p in self.core.peers:
+                assert ("kill", p) in self.d.effects
+
+
+_settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+@pytest.mark.timeout(120)
+def test_core_model():
+    run_state_machine_as_test(CoreMachine, settings=_settings)
+
+
+@pytest.mark.timeout(120)
+def test_core_model_shutdown():
+    run_state_machine_as_test(ShutdownMachine, settings=settings(_settings, max_examples=60))

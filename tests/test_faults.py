@@ -130,3 +130,14 @@ def test_monitor_sigterm_exits_zero_and_cleans(tmp_path):
     assert not alive
     assert not os.path.exists(os.path.join(tmp_path, "x"))
     host.close()
+
+
+def test_one_process_cannot_mix_two_monitors(host):
+    other = EmbeddedMonitor().start()
+    try:
+        with pytest.raises(BadState):
+            Host.connect(other.path, embedded=False)
+        second = Host.connect(host.path, embedded=False)    # the same monitor is fine
+        second.close()
+    finally:
+        other.stop()

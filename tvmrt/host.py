@@ -267,6 +267,11 @@ class Host:
 
     def __init__(self, sock: socket.socket, path: str, embedded=None):
         memory.reserve_arenas()
+        try:
+            memory.claim_arena(os.path.realpath(path))
+        except BaseException:
+            sock.close()
+            raise
         self.path = path
         self.table = RegionTable()
         self.conn = Connection(sock, self.table)
@@ -350,6 +355,7 @@ class Host:
             return
         self.closed = True
         self.conn.close()
+        memory.release_arena()
         for seg in list(self.table.mapped):
             self.table.drop(seg)
         self.table.shared.clear()

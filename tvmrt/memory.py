@@ -82,8 +82,26 @@ def reserve_arenas() -> None:
     _reserved["pid"] = os.getpid()
 
 
-# Process-wide fact (the arena is reserved or not), not shared mutable state.
+# Process-wide facts: the arena is reserved or not, and which monitor hands out its
+# addresses (two monitors would give the same addresses to different regions).
 _reserved: dict = {}
+_claim = {"monitor": None, "users": 0}
+
+
+def claim_arena(monitor: str) -> None:
+    """Note that this process maps regions of ``monitor``; BadState if another monitor
+    already has live connections in this process."""
+    from .errors import BadState
+    if _claim["users"] and _claim["monitor"] != monitor:
+        raise BadState(f"this process is connected to the monitor at {_claim['monitor']}; "
+                       f"regions of two monitors would collide in its address arena")
+    _claim["monitor"] = monitor
+    _claim["users"] += 1
+
+
+def release_arena() -> None:
+    """Undo one :func:`claim_arena`."""
+    _claim["users"] = max(0, _claim["users"] - 1)
 
 
 def map_fixed(addr: int, length: int, fd: int, offset: int = 0, prot: int = PROT_RW) -> None:

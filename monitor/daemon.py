@@ -91,6 +91,8 @@ class Daemon:
         self.zpid = None
         self.zsock = None
         self._fds = []         # fds that came with the message being handled
+        self._rx = bytearray(wire.MAX_FRAME + 1)      # receive buffer (no malloc per read)
+        self._rxv = memoryview(self._rx)
         self._rid = None
 
     # ------------------------------------------------------------------ set-up
@@ -231,10 +233,47 @@ class Daemon:
         self.sel.register(conn, selectors.EVENT_READ, ("peer", peer))
         self._apply(fx)
 
-    def _on_peer(self, peer, sock):
+    def _on_enclave(self, peer, sock):
+        """The call path: an enclave's message (never with fds), lean on purpose."""
         try:
-            # only hosts send fds (their stdio at create); enclaves' fds would be dropped
-            msg, fds = wire.recv(sock, want_fds=peer in self.hosts)
+            n = sock.recv_into(self._rx)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0
+        try:
+            if not n:
+                raise MonitorGone("connection closed")
+            msg = wire.decode(self._rxv[:n])
+        except (MonitorGone, ProtocolError) as exc:
+            if isinstance(exc, ProtocolError):
+                self._log(f"peer {peer}: {exc}; disconnecting it")
+            self._drop_sock(peer)
+            self._apply(self.core.disconnected(peer))
+            return
+        self._rid = None
+        try:
+            self._apply(self.core.message(peer, msg, 0, time.monotonic()))
+        except Exception:
+            self._internal_error(peer)
+
+    def _internal_error(self, peer):
+        # A bug must not take the monitor (and every other peer) down: cut off the peer
+        # whose message hit it, say so, keep serving.
+        print(f"tvmrt monitor: internal error on a message from peer {peer}; "
+              f"disconnecting it", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        self._drop_sock(peer)
+        try:
+            self._apply(self.core.disconnected(peer))
+        except Exception:
+            traceback.print_exc()
+
+    def _on_peer(self, peer, sock):
+        if peer not in self.hosts:
+            return self._on_enclave(peer, sock)
+        try:
+            msg, fds = wire.recv(sock, want_fds=True)
         except BlockingIOError:
             return
         except (MonitorGone, ProtocolError, OSError) as exc:
@@ -250,16 +289,7 @@ class Daemon:
             fx = self.core.message(peer, msg, len(fds), time.monotonic())
             self._apply(fx)
         except Exception:
-            # A bug must not take the monitor (and every other peer) down: cut off the
-            # peer whose message hit it, say so, keep serving.
-            print(f"tvmrt monitor: internal error on a message from peer {peer}; "
-                  f"disconnecting it", file=sys.stderr, flush=True)
-            traceback.print_exc()
-            self._drop_sock(peer)
-            try:
-                self._apply(self.core.disconnected(peer))
-            except Exception:
-                traceback.print_exc()
+            self._internal_error(peer)
         finally:
             wire.close_all(self._fds)
             self._fds = []

@@ -164,10 +164,7 @@ def call_enclave(handle: int, arg: CallArg, nonblocking: bool = False,
         msg["nb"] = True
     if timeout is not None:
         msg["timeout"] = timeout
-    try:
-        m = rt.request(msg)
-    except BaseException:
-        raise
+    m = rt.request(msg)
     if m["op"] == "r":
         arg.set_from(m["a"])
         return 0

@@ -54,17 +54,13 @@ class Runtime:
     # -- talking to the monitor ------------------------------------------------
     def wait(self) -> dict:
         """Next message that is not an unsolicited grant (those are applied)."""
+        recv, apply, sock = wire.recv, self.table.apply, self.sock
         while True:
-            msg, fds = wire.recv(self.sock, want_fds=True)
-            try:
-                self.table.apply(msg, fds)
-            finally:
-                pass
-            if msg["op"] == "grant":
-                continue
-            if msg["op"] == "e" and "rid" not in msg and msg.get("notice"):
-                continue
-            return msg
+            msg, fds = recv(sock, True)
+            if fds or "g" in msg or "d" in msg:
+                apply(msg, fds)
+            if msg["op"] != "grant":
+                return msg
 
     def request(self, msg: dict) -> dict:
         wire.send(self.sock, msg)

@@ -30,10 +30,6 @@ _tls = threading.local()   # per-thread Packer and receive buffer
 _ANC = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
-def _no_ext(code, data):
-    raise ValueError("ext types are not allowed")
-
-
 def encode(msg: dict) -> bytes:
     """Pack one message (with this thread's reusable Packer: half the cost of packb)."""
     p = getattr(_tls, "packer", None)
@@ -52,10 +48,9 @@ def decode(data: bytes) -> dict:
     if len(data) > MAX_FRAME:
         raise ProtocolError("frame too large")
     try:
-        msg = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, ext_hook=_no_ext,
-            max_str_len=MAX_FRAME, max_bin_len=MAX_FRAME, max_array_len=4096,
-            max_map_len=256, max_ext_len=0)
+        # msgpack >= 1.0 defaults: raw=False, strict_map_key=True, and string/bin/array
+        # lengths bounded by the frame's own size; ext types (incl. timestamps) refused.
+        msg = msgpack.unpackb(data, max_ext_len=0, max_array_len=4096, max_map_len=256)
     except Exception as exc:  # msgpack raises many types for bad input
         raise ProtocolError(f"malformed frame: {exc.__class__.__name__}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):

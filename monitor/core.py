@@ -43,7 +43,7 @@ from collections import deque
 from tvmrt import errors as E
 from tvmrt.memory import ARENAS, PAGE
 
-from .validate import (U64, Invalid, check_u64, get_bool, get_bytes, get_int, get_name,
+from .validate import (U64, Invalid, check_u64, get_bytes, get_int, get_name,
                        get_opt_window, get_str, get_u64)
 
 NORMAL = 0

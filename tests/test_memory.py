@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 from conftest import eapp
 from tvmrt import penglai
-from tvmrt.errors import EnclaveFault, NotOwned, RegionLoaned, BadState
+from tvmrt.errors import NotOwned, RegionLoaned, BadState
 from tvmrt.memory import ARENAS
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import eapp
 from tvmrt import wire
-from tvmrt.errors import EnclaveFault, InvalidArgument, ProtocolError, TvmError
+from tvmrt.errors import EnclaveFault, InvalidArgument, ProtocolError
 from tvmrt.host import Host
 
 pytestmark = pytest.mark.timeout(120)

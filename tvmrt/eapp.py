@@ -27,7 +27,7 @@ import re
 
 from . import eapp_runtime as _rtmod
 from .callarg import CallArg, call_enclave_arg_t
-from .errors import InvalidArgument, NotOwned, TvmError, error_for
+from .errors import InvalidArgument, TvmError, error_for
 from .memory import PAGE, page_round
 
 __all__ = [

@@ -185,7 +185,7 @@ class VaAllocator:
             del free[i]
 
 
-def _err(peer, exc, rid=None):
+def _err(exc, rid=None):
     msg = {"op": "e", "c": exc.code, "why": exc.reason}
     if rid is not None:
         msg["rid"] = rid
@@ -351,25 +351,25 @@ class Core:
             if not isinstance(rid, int):
                 rid = None
             if handler is None:
-                self._send(fx, peer_id, _err(p, E.ProtocolError(f"unknown op {op!r}"), rid))
+                self._send(fx, peer_id, _err(E.ProtocolError(f"unknown op {op!r}"), rid))
                 return fx
             try:
                 handler(self, fx, p, msg, rid, nfds, now)
             except Invalid as exc:
-                self._send(fx, peer_id, _err(p, E.InvalidArgument(str(exc)), rid))
+                self._send(fx, peer_id, _err(E.InvalidArgument(str(exc)), rid))
             except E.TvmError as exc:
-                self._send(fx, peer_id, _err(p, exc, rid))
+                self._send(fx, peer_id, _err(exc, rid))
             return fx
         handler = _ENCLAVE_OPS.get(op)
         if handler is None:
-            self._send(fx, peer_id, _err(p, E.ProtocolError(f"unknown op {op!r}")))
+            self._send(fx, peer_id, _err(E.ProtocolError(f"unknown op {op!r}")))
             return fx
         try:
             handler(self, fx, p, p.enclave, msg, now)
         except Invalid as exc:
-            self._send(fx, peer_id, _err(p, E.InvalidArgument(str(exc))))
+            self._send(fx, peer_id, _err(E.InvalidArgument(str(exc))))
         except E.TvmError as exc:
-            self._send(fx, peer_id, _err(p, exc))
+            self._send(fx, peer_id, _err(exc))
         return fx
 
     def disconnected(self, peer_id):
@@ -438,7 +438,7 @@ class Core:
             # the error carries them, else the peer keeps freed segments mapped.
             c.drops = [*c.sent_drops, *c.drops]
         self._free_region(fx, r)
-        self._send(fx, r.creator, _err(c, E.NoMemory(why), rid))
+        self._send(fx, r.creator, _err(E.NoMemory(why), rid))
         return r.creator, fx
 
     def tick(self, now):
@@ -626,7 +626,7 @@ class Core:
         if c is not None and c.alive:
             c.enclave.frame_out = None
             g, segs = self._grants(f.caller, back)
-            msg = _err(c, exc)
+            msg = _err(exc)
             msg["g"] = g
             self._send(fx, f.caller, msg, segs)
 
@@ -646,7 +646,7 @@ class Core:
         c.enclave.frame_out = None
         g, segs = self._grants(f.caller, back)
         if exc is not None:
-            msg = _err(c, exc)
+            msg = _err(exc)
             msg["g"] = g
         else:
             a = list(f.arg)
@@ -666,7 +666,7 @@ class Core:
             return
         g, segs = self._grants(f.caller, back)
         if exc is not None:
-            msg = _err(h, exc, f.rid)
+            msg = _err(exc, f.rid)
             msg["g"] = g
         else:
             msg = {"op": "r", "rid": f.rid, "retval": retval, "g": g}
@@ -954,7 +954,7 @@ def _e_call(core, fx, p, e, msg, now):
             r.stack.pop()
             r.owner = p.id
         g, segs = core._grants(p.id, loans)
-        m = _err(p, E.ServerBusy(f"server {s.name!r} is busy"))
+        m = _err(E.ServerBusy(f"server {s.name!r} is busy"))
         m["g"] = g
         core._send(fx, p.id, m, segs)
         return
@@ -992,7 +992,7 @@ def _e_ret(core, fx, p, e, msg, now):
     e.state = IDLE
     if bad is not None:
         core._finish_call(fx, f, None, None, bad)
-        core._send(fx, p.id, _err(p, bad))
+        core._send(fx, p.id, _err(bad))
     else:
         core._finish_call(fx, f, resp, a[1])
     core._next_call(fx, e)

@@ -30,7 +30,12 @@ class EmbeddedMonitor:
         self.dir = tempfile.mkdtemp(prefix="tvmrt-")
         self.path = os.path.join(self.dir, "monitor.sock")
         r, w = os.pipe()
-        cmd = [sys.executable, "-m", "tvmrt", "monitor", "--socket", self.path,
+        # Run the very tvmrt this process imported, whatever the child's cwd or sys.path
+        # would otherwise pick (e.g. a source checkout beside an installed copy).
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        boot = (f"import sys; sys.path.insert(0, {root!r}); "
+                f"from tvmrt.cli import main; sys.exit(main())")
+        cmd = [sys.executable, "-c", boot, "monitor", "--socket", self.path,
                "--ready-fd", str(w), "--quiet"]
         if self.verbose:
             cmd.append("--verbose")

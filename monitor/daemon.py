@@ -246,16 +246,20 @@ class Daemon:
                 raise MonitorGone("connection closed")
             msg = wire.decode(self._rxv[:n])
         except (MonitorGone, ProtocolError) as exc:
-            if isinstance(exc, ProtocolError):
-                self._log(f"peer {peer}: {exc}; disconnecting it")
-            self._drop_sock(peer)
-            self._apply(self.core.disconnected(peer))
+            self._cut_off(peer, exc)
             return
         self._rid = None
         try:
             self._apply(self.core.message(peer, msg, 0, time.monotonic()))
         except Exception:
             self._internal_error(peer)
+
+    def _cut_off(self, peer, exc):
+        """The peer's socket hit EOF, an error or a malformed frame: disconnect it."""
+        if isinstance(exc, ProtocolError):
+            self._log(f"peer {peer}: {exc}; disconnecting it")
+        self._drop_sock(peer)
+        self._apply(self.core.disconnected(peer))
 
     def _internal_error(self, peer):
         # A bug must not take the monitor (and every other peer) down: cut off the peer
@@ -277,10 +281,7 @@ class Daemon:
         except BlockingIOError:
             return
         except (MonitorGone, ProtocolError, OSError) as exc:
-            if isinstance(exc, ProtocolError):
-                self._log(f"peer {peer}: {exc}; disconnecting it")
-            self._drop_sock(peer)
-            self._apply(self.core.disconnected(peer))
+            self._cut_off(peer, exc)
             return
         self._fds = fds
         rid = msg.get("rid")

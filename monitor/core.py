@@ -14,7 +14,7 @@ Events (methods):
     disconnected(peer) -> effects                   EOF / bad frame on a peer's socket
     spawned(peer, pid) / spawn_failed(peer, why)    zygote reports
     exited(peer, how) -> effects                    zygote reaped an enclave
-    segment_failed(seg, why) -> effects             the shell could not create a segment
+    segment_failed(seg, why, rid, rest) -> effects  the shell could not create a segment
     tick(now) -> effects                            a deadline may have passed
     shutdown() -> effects                           destroy everything
 
@@ -77,7 +77,7 @@ class Limits:
 
 class Peer:
     __slots__ = ("id", "kind", "uid", "pid", "alive", "segs", "drops", "regions", "bytes",
-                 "enclave", "enclaves", "eof", "how", "sent_drops")
+                 "enclave", "enclaves", "eof", "how")
 
     def __init__(self, pid_, kind):
         self.id = pid_
@@ -87,7 +87,6 @@ class Peer:
         self.alive = True
         self.segs = set()        # segments this peer's process has mapped (fd already sent)
         self.drops = []          # segments it must unmap, piggybacked on the next message
-        self.sent_drops = ()     # the drops on the last message queued (see segment_failed)
         self.regions = 0         # quota accounting (regions created by this peer)
         self.bytes = 0
         self.enclave = None      # Enclave, for enclave peers
@@ -122,15 +121,16 @@ class Enclave:
 
 
 class Region:
-    __slots__ = ("id", "seg", "vaddr", "length", "kind", "creator", "owner", "stack",
-                 "mappers", "revoked")
+    __slots__ = ("id", "seg", "vaddr", "length", "kind", "arena", "creator", "owner",
+                 "stack", "mappers", "revoked")
 
-    def __init__(self, rid, seg, vaddr, length, kind, creator):
+    def __init__(self, rid, seg, vaddr, length, kind, arena, creator):
         self.id = rid
         self.seg = seg
         self.vaddr = vaddr
         self.length = length
         self.kind = kind          # "shm" or "relay"
+        self.arena = arena        # the arena its address came from
         self.creator = creator
         self.owner = creator if kind == "relay" else None
         self.stack = []           # lenders, innermost last
@@ -233,10 +233,8 @@ class Core:
         if p is None or not p.alive:
             return
         if p.drops:
-            msg["d"] = p.sent_drops = p.drops
+            msg["d"] = p.drops
             p.drops = []
-        else:
-            p.sent_drops = ()
         fx.append(("send", peer_id, msg, list(segs)))
 
     def _grants(self, peer_id, regions):
@@ -270,7 +268,7 @@ class Core:
         vaddr = self.arenas[arena].alloc(size)
         if vaddr is None:
             raise E.NoMemory(f"no room for {size:#x} bytes in the {arena} arena")
-        r = Region(self._next_id, self._next_seg, vaddr, size, kind, creator.id)
+        r = Region(self._next_id, self._next_seg, vaddr, size, kind, arena, creator.id)
         self._next_id += 1
         self._next_seg += 1
         self.regions[r.id] = r
@@ -286,9 +284,7 @@ class Core:
             return
         self.by_vaddr.pop(r.vaddr, None)
         self.seg_region.pop(r.seg, None)
-        arena = "relay" if ARENAS["relay"][0] <= r.vaddr < ARENAS["shm"][0] else (
-            "shm" if r.vaddr >= ARENAS["shm"][0] else "mmap")
-        self.arenas[arena].release(r.vaddr, r.length)
+        self.arenas[r.arena].release(r.vaddr, r.length)
         c = self.peers.get(r.creator)
         if c is not None:
             c.regions -= 1
@@ -418,28 +414,34 @@ class Core:
         self._maybe_reap(fx, p)
         return fx
 
-    def segment_failed(self, seg, why, rid=None):
-        """The shell could not create segment ``seg``.
+    def segment_failed(self, seg, why, rid, rest):
+        """The shell could not create segment ``seg``; ``rest`` are the effects of the same
+        batch it has not performed yet.
 
-        Returns ``(creator_peer, effects)``: the region is undone and its creator gets a
-        NoMemory error (the shell drops the success reply queued before).
+        Returns the effects to perform instead: the success reply queued for the region's
+        creator is replaced by a NoMemory error that still carries the unmaps that rode on
+        the reply, and the region is undone.
         """
         r = self.seg_region.get(seg)
-        fx: list = []
         if r is None:
-            return None, fx
+            return rest
+        creator = r.creator
+        kept, drops = [], []
+        for e in rest:
+            if e[0] == "send" and e[1] == creator and e[2].get("op") == "r":
+                drops.extend(e[2].get("d", ()))
+            else:
+                kept.append(e)
         r.revoked = True          # no fd exists, so no free_seg
         r.mappers.clear()
-        c = self.peers.get(r.creator)
+        c = self.peers.get(creator)
         if c is not None:
             c.segs.discard(seg)
-            # Fix: the shell discards the reply queued for the creator (the last message
-            # to it), and with it the unmaps piggybacked on it; queue them again so that
-            # the error carries them, else the peer keeps freed segments mapped.
-            c.drops = [*c.sent_drops, *c.drops]
+            c.drops = drops + c.drops
+        fx: list = []
         self._free_region(fx, r)
-        self._send(fx, r.creator, _err(E.NoMemory(why), rid))
-        return r.creator, fx
+        self._send(fx, creator, _err(E.NoMemory(why), rid))
+        return kept + fx
 
     def tick(self, now):
         """Expire queued calls whose deadline passed."""

@@ -1,6 +1,6 @@
 """The monitor daemon: a thin I/O shell around :class:`tvmrt.monitor.core.Core`.
 
-One thread, one ``selectors`` loop.  The shell owns every socket and segment fd;
+One thread, one ``epoll`` loop.  The shell owns every socket and segment fd;
 it turns socket traffic into core events and performs the effects the core
 returns (send with fds, spawn through the zygote, kill, create/close segments).
 Peer sockets are non-blocking: a peer that stops reading is cut off rather than
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import select
-import selectors
 import signal
 import socket
 import stat
@@ -44,14 +43,14 @@ def prepare_socket_dir(path: str) -> None:
 
 
 class _Epoll:
-    """The part of ``selectors.EpollSelector`` the daemon uses, without its per-event
+    """Read-readiness on a plain ``select.epoll``, without ``selectors``' per-event
     overhead: ``poll`` returns the registered ``(kind, peer, fileobj)`` tuples."""
 
     def __init__(self):
         self.ep = select.epoll()
         self.reg: dict[int, tuple] = {}
 
-    def register(self, fileobj, events, data):
+    def register(self, fileobj, data):
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         self.ep.register(fd, select.EPOLLIN)
         self.reg[fd] = (data[0], data[1], fileobj)
@@ -91,8 +90,6 @@ class Daemon:
         self.zpid = None
         self.zsock = None
         self._fds = []         # fds that came with the message being handled
-        self._rx = bytearray(wire.MAX_FRAME + 1)      # receive buffer (no malloc per read)
-        self._rxv = memoryview(self._rx)
         self._rid = None
 
     # ------------------------------------------------------------------ set-up
@@ -151,9 +148,9 @@ class Daemon:
         old_wakeup = signal.set_wakeup_fd(wake_w)
         stop_sigs = (signal.SIGINT, signal.SIGTERM)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in stop_sigs}
-        sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
-        sel.register(self.zsock, selectors.EVENT_READ, ("zygote", None))
-        sel.register(wake_r, selectors.EVENT_READ, ("wake", None))
+        sel.register(self.listener, ("listen", None))
+        sel.register(self.zsock, ("zygote", None))
+        sel.register(wake_r, ("wake", None))
         self.running = True
         if announce:
             print(f"tvmrt monitor {os.getpid()} listening on {self.path}", flush=True)
@@ -230,29 +227,8 @@ class Daemon:
         peer, fx = self.core.host_connected(uid, pid)
         self.hosts.add(peer)
         self.socks[peer] = conn
-        self.sel.register(conn, selectors.EVENT_READ, ("peer", peer))
+        self.sel.register(conn, ("peer", peer))
         self._apply(fx)
-
-    def _on_enclave(self, peer, sock):
-        """The call path: an enclave's message (never with fds), lean on purpose."""
-        try:
-            n = sock.recv_into(self._rx)
-        except BlockingIOError:
-            return
-        except OSError:
-            n = 0
-        try:
-            if not n:
-                raise MonitorGone("connection closed")
-            msg = wire.decode(self._rxv[:n])
-        except (MonitorGone, ProtocolError) as exc:
-            self._cut_off(peer, exc)
-            return
-        self._rid = None
-        try:
-            self._apply(self.core.message(peer, msg, 0, time.monotonic()))
-        except Exception:
-            self._internal_error(peer)
 
     def _cut_off(self, peer, exc):
         """The peer's socket hit EOF, an error or a malformed frame: disconnect it."""
@@ -274,10 +250,9 @@ class Daemon:
             traceback.print_exc()
 
     def _on_peer(self, peer, sock):
-        if peer not in self.hosts:
-            return self._on_enclave(peer, sock)
         try:
-            msg, fds = wire.recv(sock, want_fds=True)
+            # only hosts send fds (their stdio at create); an enclave's would be dropped
+            msg, fds = wire.recv(sock, want_fds=peer in self.hosts)
         except BlockingIOError:
             return
         except (MonitorGone, ProtocolError, OSError) as exc:
@@ -287,13 +262,13 @@ class Daemon:
         rid = msg.get("rid")
         self._rid = rid if isinstance(rid, int) else None
         try:
-            fx = self.core.message(peer, msg, len(fds), time.monotonic())
-            self._apply(fx)
+            self._apply(self.core.message(peer, msg, len(fds), time.monotonic()))
         except Exception:
             self._internal_error(peer)
         finally:
-            wire.close_all(self._fds)
-            self._fds = []
+            if fds:
+                wire.close_all(fds)
+                self._fds = []
 
     def _on_zygote(self):
         try:
@@ -328,12 +303,9 @@ class Daemon:
                 self._send(eff[1], eff[2], eff[3])
             elif kind == "new_seg":
                 if not self._new_seg(eff[1], eff[2]):
-                    # The request that asked for it cannot be fulfilled: the core undoes
-                    # the region and answers with an error instead of the queued reply.
-                    creator, fx2 = self.core.segment_failed(eff[1], "cannot create shared "
-                                                            "memory", self._rid)
-                    fx = [e for e in fx[i:] if not (e[0] == "send" and e[1] == creator
-                                                     and e[2].get("op") == "r")] + fx2
+                    # the core answers with an error instead of the reply it queued
+                    fx = self.core.segment_failed(eff[1], "cannot create shared memory",
+                                                  self._rid, fx[i:])
                     i = 0
             elif kind == "free_seg":
                 shm = self.segs.pop(eff[1], None)
@@ -396,7 +368,7 @@ class Daemon:
         mine, theirs = wire.seqpacket_pair()
         mine.setblocking(False)
         self.socks[peer] = mine
-        self.sel.register(mine, selectors.EVENT_READ, ("peer", peer))
+        self.sel.register(mine, ("peer", peer))
         stdio = self._fds[:2] if len(self._fds) >= 2 else [1, 2]
         fds = [theirs.fileno()] + list(stdio)
         if shm_seg is not None and shm_seg in self.segs:

@@ -205,9 +205,7 @@ class Driver:
                     self.fail_next_seg = False
                     self.failed.add(seg)
                     rid = src.get("rid") if src is not None else None
-                    creator, fx2 = self.core.segment_failed(seg, "cannot create", rid)
-                    fx = [e for e in fx[i:] if not (e[0] == "send" and e[1] == creator
-                                                     and e[2].get("op") == "r")] + fx2
+                    fx = self.core.segment_failed(seg, "cannot create", rid, fx[i:])
                     i = 0
                     continue
                 self.created.append(seg)

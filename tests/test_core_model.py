@@ -180,16 +180,20 @@ class CoreMachine(RuleBasedStateMachine):
           window=st.booleans(), fail=st.integers(0, 7))
     def create(self, data, server, name, window, fail):
         h = self.pick(data, self.hosts())
-        kw = {}
-        if window:
-            shm = [r.id for r in self.regions(lambda r: r.kind == "shm" and r.creator == h)]
-            if shm:
-                kw["shm"] = [self.pick(data, shm), data.draw(st.integers(0, 2)) * PAGE,
-                             data.draw(st.integers(0, 2)) * PAGE]
+        kw = self._window(data, h, "shm") if window else {}
         self.d.fail_next_spawn = fail == 0
         self.hsend(h, "create", name=name, type=C.SERVER if server else C.NORMAL,
                    code=name.encode(), **kw)
         self.d.fail_next_spawn = False
+
+    def _window(self, data, h, kind):
+        """``{"shm"|"mem": [id, offset, size]}`` over one of host h's regions, or {}."""
+        ids = [r.id for r in self.regions(lambda r: r.kind == kind and r.creator == h)]
+        if not ids:
+            return {}
+        return {"shm" if kind == "shm" else "mem": [
+            self.pick(data, ids), data.draw(st.integers(0, 2)) * PAGE,
+            data.draw(st.integers(0, 2)) * PAGE]}
 
     def _own_handles(self, h, pred):
         return [e.handle for e in self.core.slots
@@ -201,12 +205,7 @@ class CoreMachine(RuleBasedStateMachine):
         h = self.pick(data, self.hosts())
         good = self._own_handles(h, lambda e: e.type == C.NORMAL and e.state == C.CREATED)
         handle = self.prefer(data, good, list(self.handles) + [7])
-        kw = {}
-        if window:
-            relay = [r.id for r in self.regions(lambda r: r.kind == "relay" and r.creator == h)]
-            if relay:
-                kw["mem"] = [self.pick(data, relay), data.draw(st.integers(0, 2)) * PAGE,
-                             data.draw(st.integers(0, 2)) * PAGE]
+        kw = self._window(data, h, "relay") if window else {}
         self.hsend(h, "run", handle=handle, **kw)
 
     @precondition(lambda self: self.hosts())

@@ -54,11 +54,9 @@ class Runtime:
     # -- talking to the monitor ------------------------------------------------
     def wait(self) -> dict:
         """Next message that is not an unsolicited grant (those are applied)."""
-        recv, apply, sock = wire.recv, self.table.apply, self.sock
         while True:
-            msg, fds = recv(sock, True)
-            if fds or "g" in msg or "d" in msg:
-                apply(msg, fds)
+            msg, fds = wire.recv(self.sock, want_fds=True)
+            self.table.apply(msg, fds)
             if msg["op"] != "grant":
                 return msg
 

@@ -82,11 +82,7 @@ class Connection:
                     self._cv.wait()
             try:
                 msg, fds = wire.recv(self.sock, want_fds=True)
-                try:
-                    self.table.apply(msg, fds)
-                except Exception:
-                    wire.close_all(fds)
-                    raise
+                self.table.apply(msg, fds)
             except MonitorGone as exc:
                 with self._cv:
                     self.gone = MonitorGone("the monitor closed the connection")

@@ -257,7 +257,7 @@ def PLenclave_destruct(enclave: PLenclave) -> None:
 # ---------------------------------------------------------------- shared memory
 def _region_call(fn, table, rid, action):
     try:
-        region = _dev().__dict__[table].get(rid)
+        region = getattr(_dev(), table).get(rid)
         if region is None:
             raise InvalidArgument(f"unknown id {rid:#x}" if isinstance(rid, int) else "bad id")
         return action(region)

@@ -38,35 +38,42 @@ class RegionTable:
     def apply(self, msg: dict, fds: list) -> list:
         """Apply the monitor's drops (``d``) and grants (``g``) carried by ``msg``.
 
-        Consumes one fd per grant that has one.  Returns the granted ``(vaddr, length)``.
+        Takes ownership of ``fds``: one is mapped per grant that has one, the rest
+        are closed, also on error.
+        Returns the granted ``(vaddr, length)``.
         """
-        drops = msg.get("d")
-        if drops:
-            for seg in drops:
-                self.drop(seg)
-        g = msg.get("g")
-        out = []
-        if g:
-            fi = 0
-            for seg, vaddr, length, has_fd in g:
-                if has_fd:
-                    if fi >= len(fds):
-                        raise ProtocolError("grant without its fd")
-                    fd = fds[fi]
-                    fi += 1
-                    try:
-                        memory.map_fixed(vaddr, length, fd)
-                    finally:
-                        os.close(fd)
-                    self.mapped[seg] = (vaddr, length)
-                else:
-                    if self.mapped.get(seg) != (vaddr, length):
-                        raise ProtocolError(f"grant of segment {seg} that is not mapped here")
-                    memory.protect(vaddr, length, memory.PROT_RW)
-                self.owned[vaddr] = (seg, length)
-                out.append((vaddr, length))
-            self._index()
-        return out
+        fi = 0
+        try:
+            drops = msg.get("d")
+            if drops:
+                for seg in drops:
+                    self.drop(seg)
+            g = msg.get("g")
+            out = []
+            if g:
+                for seg, vaddr, length, has_fd in g:
+                    if has_fd:
+                        if fi >= len(fds):
+                            raise ProtocolError("grant without its fd")
+                        fd = fds[fi]
+                        fi += 1
+                        try:
+                            memory.map_fixed(vaddr, length, fd)
+                        finally:
+                            os.close(fd)
+                        self.mapped[seg] = (vaddr, length)
+                    else:
+                        if self.mapped.get(seg) != (vaddr, length):
+                            raise ProtocolError(f"grant of segment {seg} that is not "
+                                                f"mapped here")
+                        memory.protect(vaddr, length, memory.PROT_RW)
+                    self.owned[vaddr] = (seg, length)
+                    out.append((vaddr, length))
+                self._index()
+            return out
+        finally:
+            for fd in fds[fi:]:          # fds no grant used (none, from an honest monitor)
+                os.close(fd)
 
     def drop(self, seg: int) -> None:
         """Unmap segment ``seg`` (it was freed; keeping it would pin its memory)."""

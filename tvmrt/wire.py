@@ -86,8 +86,6 @@ def send(sock: socket.socket, msg: dict, fds=()) -> None:
         raise MonitorGone(f"peer closed the connection ({exc.__class__.__name__})") from None
 
 
-
-
 def _rxbuf() -> memoryview:
     """This thread's receive buffer (MAX_FRAME + 1 bytes, allocated once).
 

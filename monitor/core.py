@@ -41,7 +41,7 @@ import hmac
 from collections import deque
 
 from tvmrt import errors as E
-from tvmrt.memory import ARENAS, PAGE
+from tvmrt._layout import ARENAS, PAGE
 
 from .validate import (U64, Invalid, check_u64, get_bytes, get_int, get_name,
                        get_opt_window, get_str, get_u64)

@@ -20,9 +20,9 @@ import traceback
 
 import posix_ipc
 
-from tvmrt import memory, wire
+from tvmrt import _memory as memory, _wire as wire
 from tvmrt.errors import MonitorGone, ProtocolError, TvmError
-from tvmrt.paths import default_socket_path
+from tvmrt._paths import default_socket_path
 
 from . import zygote
 from .core import Core, Limits

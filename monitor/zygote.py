@@ -25,7 +25,7 @@ import socket
 import sys
 import traceback
 
-from tvmrt import memory, wire
+from tvmrt import _memory as memory, _wire as wire
 
 
 def describe_status(status: int) -> str:
@@ -158,7 +158,7 @@ def _child(zygote_pid, zsock, wake, spec, fds):
         for fd in (out_fd, err_fd):
             if fd > 2:
                 os.close(fd)
-        from tvmrt import eapp_runtime
+        from tvmrt import _runtime as eapp_runtime
         code = eapp_runtime.run(enc_fd, spec, shm_fd)
     except BaseException:
         try:

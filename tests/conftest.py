@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tvmrt.embedded import EmbeddedMonitor
+from tvmrt._embedded import EmbeddedMonitor
 from tvmrt.host import Host
 
 EAPPS = Path(__file__).parent / "eapps"

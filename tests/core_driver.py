@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from tvmrt.memory import PAGE
+from tvmrt._layout import PAGE
 from tvmrt.monitor import core as C
 
 REPLY_OPS = ("r", "e")

@@ -12,7 +12,7 @@ import pytest
 
 from core_driver import Driver, snapshot
 from tvmrt import errors as E
-from tvmrt.memory import ARENAS, PAGE
+from tvmrt._layout import ARENAS, PAGE
 from tvmrt.monitor.core import NORMAL, SERVER, Core, Limits, measure
 
 pytestmark = pytest.mark.timeout(120)

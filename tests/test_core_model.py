@@ -29,7 +29,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  rule, run_state_machine_as_test)
 
 from core_driver import Driver
-from tvmrt.memory import ARENAS, PAGE
+from tvmrt._layout import ARENAS, PAGE
 from tvmrt.monitor import core as C
 
 ARENA_PAGES = 16

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import eapp, shm_names, wait_until
 from tvmrt import SERVER
-from tvmrt.embedded import EmbeddedMonitor
+from tvmrt._embedded import EmbeddedMonitor
 from tvmrt.errors import EnclaveFault, MonitorGone, NameInUse, BadState
 from tvmrt.host import Host
 

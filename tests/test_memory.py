@@ -12,7 +12,7 @@ import pytest
 from conftest import eapp
 from tvmrt import penglai
 from tvmrt.errors import NotOwned, RegionLoaned, BadState
-from tvmrt.memory import ARENAS
+from tvmrt._memory import ARENAS
 
 pytestmark = pytest.mark.timeout(60)
 

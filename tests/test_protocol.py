@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import eapp
-from tvmrt import wire
+from tvmrt import _wire as wire
 from tvmrt.errors import EnclaveFault, InvalidArgument, ProtocolError
 from tvmrt.host import Host
 

@@ -6,19 +6,7 @@ Public surface:
     tvmrt.penglai   Penglai's host SDK names with C-style returns
     tvmrt.errors    the error hierarchy (TvmError and distinct codes)
 """
-import os as _os
-
-# In a source checkout (not installed) the monitor and the bundled eapps live next to this
-# package, in monitor/ and eapps/ (the layout of the design card); installed, they are
-# tvmrt/monitor and tvmrt/eapps.  Let the checkout resolve them the same way.
-_here = _os.path.dirname(_os.path.abspath(__file__))
-_root = _os.path.dirname(_here)
-if not _os.path.isdir(_os.path.join(_here, "monitor")) and _os.path.isfile(
-        _os.path.join(_root, "monitor", "core.py")):
-    __path__.append(_root)
-del _here, _root
-
-from .callarg import CallArg, call_enclave_arg_t
+from ._callarg import CallArg, call_enclave_arg_t
 from .errors import (ALL_CODES, BadReturn, BadSize, BadState, CallCycle, EnclaveFault,
                      InvalidArgument, MonitorGone, NameInUse, NoMemory, NoSuchServer,
                      NotOwned, NotPermitted, PeerDied, ProtocolError, QuotaExceeded,

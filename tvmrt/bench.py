@@ -44,7 +44,7 @@ import time
 
 import msgpack
 
-from .memory import PAGE, page_round, set_pdeathsig
+from ._memory import PAGE, page_round, set_pdeathsig
 
 KiB, MiB = 1024, 1024 * 1024
 SMALL, BIG = 4 * KiB, 64 * MiB

@@ -18,11 +18,11 @@ def _monitor(ns) -> int:
 
 
 def _launch(ns) -> int:
-    from tvmrt import demo, penglai
-    from tvmrt.embedded import EmbeddedMonitor
+    from tvmrt import _demo as demo, penglai
+    from tvmrt._embedded import EmbeddedMonitor
     from tvmrt.errors import MonitorGone
     from tvmrt.host import _dial
-    from tvmrt.paths import default_socket_path
+    from tvmrt._paths import default_socket_path
 
     names = ns.eapps
     embedded = None

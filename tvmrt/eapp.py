@@ -25,10 +25,10 @@ from __future__ import annotations
 import os
 import re
 
-from . import eapp_runtime as _rtmod
-from .callarg import CallArg, call_enclave_arg_t
+from . import _runtime as _rtmod
+from ._callarg import CallArg, call_enclave_arg_t
 from .errors import InvalidArgument, TvmError, error_for
-from .memory import PAGE, page_round
+from ._memory import PAGE, page_round
 
 __all__ = [
     "CallArg", "call_enclave_arg_t", "eapp_print", "eapp_mmap", "eapp_unmap",

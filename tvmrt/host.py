@@ -24,10 +24,10 @@ import socket
 import threading
 from pathlib import Path
 
-from . import memory, wire
+from . import _memory as memory, _wire as wire
 from .errors import BadState, InvalidArgument, MonitorGone, NotOwned, TvmError, error_for
-from .paths import default_socket_path
-from .regions import RegionTable
+from ._paths import default_socket_path
+from ._regions import RegionTable
 
 NORMAL = 0
 SERVER = 1
@@ -282,7 +282,7 @@ class Host:
         ``embedded=None`` starts a private monitor when none answers, ``True`` always
         starts one, ``False`` never does (raises MonitorGone instead).
         """
-        from .embedded import EmbeddedMonitor
+        from ._embedded import EmbeddedMonitor
         target = path or default_socket_path()
         if embedded is not True:
             try:

@@ -1,5 +1,5 @@
 """Sends the monitor a frame that is not msgpack at all."""
-from tvmrt import eapp_runtime
+from tvmrt import _runtime as eapp_runtime
 
 
 def main(args):

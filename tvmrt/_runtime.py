@@ -13,10 +13,10 @@ import socket
 import sys
 import traceback
 
-from . import memory, wire
-from .callarg import CallArg
+from . import _memory as memory, _wire as wire
+from ._callarg import CallArg
 from .errors import MonitorGone, TvmError
-from .regions import RegionTable
+from ._regions import RegionTable
 
 NORMAL, SERVER = 0, 1
 U64 = (1 << 64) - 1

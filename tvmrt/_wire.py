@@ -14,7 +14,7 @@ import threading
 
 import msgpack
 
-from .errors import MonitorGone, ProtocolError
+from .errors import MonitorGone, RemoteProtocolError as ProtocolError
 
 #: largest frame accepted (an eapp's source travels in CREATE)
 MAX_FRAME = 2 * 1024 * 1024

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import os
 
-from . import memory
+from . import _memory as memory
 from .errors import NotOwned, ProtocolError
 
 

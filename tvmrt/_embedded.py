@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from .errors import MonitorGone
-from .memory import set_pdeathsig
+from ._memory import set_pdeathsig
 
 
 class EmbeddedMonitor:

@@ -82,7 +82,7 @@ def _enclave_lines(out: str):
 
 def _match(got, expected):
     assert len(got) == len(expected), "\n".join(got)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         if e == SIG:
             assert g.startswith("0x") and len(g) == 10 and int(g, 16) >= 0, g
         else:

@@ -15,6 +15,11 @@ import psutil
 from tvmrt.bench import Tvm
 
 
+def us(x):
+    """Nanoseconds for n calls -> microseconds per call."""
+    return x / n / 1000
+
+
 def runtime_ns(pid):
     with open(f"/proc/{pid}/schedstat") as f:
         return int(f.read().split()[0])
@@ -36,7 +41,6 @@ try:
         wall = time.perf_counter_ns() - t0
         cpu = {k: runtime_ns(p.pid) - b[k] for k, p in (("monitor", mon), ("server", srv))}
         cpu["caller"] = tvm.caller_cpu_ns
-        us = lambda x: x / n / 1000
         parts = "  ".join(f"{k} {us(v):5.1f}" for k, v in cpu.items())
         print(f"{config}: median {statistics.median(s[20:]) / 1000:5.1f} µs/call; CPU µs/call: "
               f"{parts}  sum {us(sum(cpu.values())):5.1f}  (wall/call {us(wall):5.1f})",

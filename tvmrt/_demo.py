@@ -7,13 +7,32 @@ from __future__ import annotations
 
 import ctypes
 
-from .penglai import (NORMAL_ENCLAVE, SERVER_ENCLAVE, PLenclave, PLenclave_attest,
-                      PLenclave_create, PLenclave_destroy, PLenclave_destruct, PLenclave_init,
-                      PLenclave_run, PLenclave_schrodinger_at, PLenclave_schrodinger_ctl,
-                      PLenclave_schrodinger_dt, PLenclave_schrodinger_get,
-                      PLenclave_set_mem_arg, PLenclave_shmat, PLenclave_shmctl,
-                      PLenclave_shmdt, PLenclave_shmget, elf_args, elf_args_destroy,
-                      elf_args_init, elf_valid, enclave_args, enclave_args_init)
+from .penglai import (
+    NORMAL_ENCLAVE,
+    SERVER_ENCLAVE,
+    PLenclave,
+    PLenclave_attest,
+    PLenclave_create,
+    PLenclave_destroy,
+    PLenclave_destruct,
+    PLenclave_init,
+    PLenclave_run,
+    PLenclave_schrodinger_at,
+    PLenclave_schrodinger_ctl,
+    PLenclave_schrodinger_dt,
+    PLenclave_schrodinger_get,
+    PLenclave_set_mem_arg,
+    PLenclave_shmat,
+    PLenclave_shmctl,
+    PLenclave_shmdt,
+    PLenclave_shmget,
+    elf_args,
+    elf_args_destroy,
+    elf_args_init,
+    elf_valid,
+    enclave_args,
+    enclave_args_init,
+)
 
 
 def print_signature(sig: bytes) -> None:

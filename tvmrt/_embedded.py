@@ -9,8 +9,8 @@ import subprocess
 import sys
 import tempfile
 
-from .errors import MonitorGone
 from ._memory import set_pdeathsig
+from .errors import MonitorGone
 
 
 class EmbeddedMonitor:
@@ -26,7 +26,7 @@ class EmbeddedMonitor:
         self.proc = None
         self.verbose = verbose
 
-    def start(self, timeout: float = 20.0) -> "EmbeddedMonitor":
+    def start(self, timeout: float = 20.0) -> EmbeddedMonitor:
         self.dir = tempfile.mkdtemp(prefix="tvmrt-")
         self.path = os.path.join(self.dir, "monitor.sock")
         r, w = os.pipe()

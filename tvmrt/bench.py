@@ -197,7 +197,7 @@ class Floors:
         self.copy: dict[int, socket.socket] = {}
         self.bufs: dict[int, tuple[memoryview, memoryview]] = {}
 
-    def start(self) -> "Floors":
+    def start(self) -> Floors:
         cli, rel_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.relay = cli
         rel_s, srv = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -317,7 +317,7 @@ class Tvm:
         self.blocks = 0
         self.caller_cpu_ns = 0          # CPU time of the last block's caller loop
 
-    def start(self) -> "Tvm":
+    def start(self) -> Tvm:
         from .host import SERVER, Host
         self.host = Host.connect(embedded=True)
         self.shm = self.host.shmget(page_round(HDR.size + 8 * self.max_n))
@@ -423,7 +423,7 @@ def measure(c: dict, progress=None) -> dict:
         xs.sort()
         stats[k] = (len(xs), statistics.median(xs) / 1000, percentile(xs, 99) / 1000)
     rows = []
-    for k, (label, size) in CONFIGS.items():
+    for k, (label, _size) in CONFIGS.items():
         n, med, p99 = stats[k]
         row = {"config": k, "label": label, "n": n, "median_us": round(med, 3),
                "p99_us": round(p99, 3), "floor": None, "ratio": None}

@@ -7,8 +7,8 @@ import sys
 
 
 def _monitor(ns) -> int:
-    from tvmrt.monitor.daemon import Daemon
     from tvmrt.errors import TvmError
+    from tvmrt.monitor.daemon import Daemon
     try:
         return Daemon(ns.socket, verbose=ns.verbose).run(ready_fd=ns.ready_fd,
                                                            announce=not ns.quiet)
@@ -20,9 +20,9 @@ def _monitor(ns) -> int:
 def _launch(ns) -> int:
     from tvmrt import _demo as demo, penglai
     from tvmrt._embedded import EmbeddedMonitor
+    from tvmrt._paths import default_socket_path
     from tvmrt.errors import MonitorGone
     from tvmrt.host import _dial
-    from tvmrt._paths import default_socket_path
 
     names = ns.eapps
     embedded = None

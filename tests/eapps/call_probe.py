@@ -2,6 +2,7 @@
 import ctypes
 import threading
 import time
+
 from tvmrt.eapp import *
 from tvmrt.errors import NotOwned
 

@@ -4,11 +4,12 @@ req_arg 4 -> returns a resp region of its own (16 KiB of 5s);
 req_arg 5 -> returns a resp_vaddr it does not own."""
 import os
 import time
+
 from tvmrt.eapp import *
 
 
 def main(args):
-    a0, vaddr, size = args[10], args[11], args[12]
+    a0, vaddr = args[10], args[11]
     if a0 == 1:
         raise RuntimeError("server refuses req_arg 1")
     if a0 == 2:

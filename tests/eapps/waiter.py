@@ -1,5 +1,6 @@
 """Says it runs (shm int 1 = 1), then waits until the host sets shm int 0 to 1."""
 import time
+
 from tvmrt.eapp import *
 
 

@@ -7,15 +7,7 @@ monitor instance, and each process maps the region's segment **at that
 address** with ``MAP_FIXED`` over its own reservation.  So an address in a
 ``call_enclave_arg_t`` is valid in whichever process owns the region.
 
-Arenas (following Penglai's layout):
-
-========== ====================== ===========================================
-arena      range                  holds
-========== ====================== ===========================================
-MMAP       0x20_0000_0000 +64 GiB ``eapp_mmap`` regions of enclaves
-RELAY      0x38_0000_0000 +4 GiB  host schrodinger (relay) regions
-SHM        0x39_0000_0000 +28 GiB host shared memory (``shmget``)
-========== ====================== ===========================================
+The arenas themselves are listed in :mod:`tvmrt._layout`.
 """
 from __future__ import annotations
 
@@ -24,13 +16,7 @@ import ctypes.util
 import mmap as _mmap
 import os
 
-PAGE = _mmap.PAGESIZE
-
-ARENAS = {
-    "mmap": (0x20_0000_0000, 0x10_0000_0000),
-    "relay": (0x38_0000_0000, 0x1_0000_0000),
-    "shm": (0x39_0000_0000, 0x7_0000_0000),
-}
+from ._layout import ARENAS, PAGE, page_round  # noqa: F401  (re-exported)
 
 PROT_NONE = 0
 PROT_RW = _mmap.PROT_READ | _mmap.PROT_WRITE
@@ -59,11 +45,6 @@ _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 def _fail(what: str):
     err = ctypes.get_errno()
     raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def page_round(n: int) -> int:
-    """Round ``n`` up to a whole number of pages."""
-    return (n + PAGE - 1) & ~(PAGE - 1)
 
 
 def reserve_arenas() -> None:
@@ -127,9 +108,62 @@ def unmap(addr: int, length: int) -> None:
         _fail(f"unmap at {addr:#x}")
 
 
+_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
+_from_memory.restype = ctypes.py_object
+_from_memory.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_PyBUF_WRITE = 0x200
+
+
 def view(addr: int, length: int) -> memoryview:
-    """A writable byte memoryview over ``[addr, addr+length)`` (no checks: see callers)."""
-    return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+    """A writable byte memoryview over ``[addr, addr+length)`` (no checks: see callers).
+
+    Every view sliced or cast from it shares its managed buffer, so that
+    :func:`kill_view` makes all of them unusable at once.
+    """
+    return _from_memory(addr, length, _PyBUF_WRITE)
+
+
+# CPython keeps, for every memoryview, a pointer to the managed buffer all views cut
+# from the same export share (PyMemoryViewObject.mbuf, right after the variable-size
+# object header), and the managed buffer has a flags word after its object header.
+# Setting its RELEASED flag makes every view sharing it raise ValueError ("operation
+# forbidden on released memoryview object") on any use, instead of touching memory
+# that is no longer ours (a SIGSEGV that would kill the interpreter).  The layout is
+# checked once at import; where it does not hold, views are simply not invalidated.
+_MBUF_OFF = ctypes.sizeof(ctypes.c_ssize_t) * 3          # ob_refcnt, ob_type, ob_size
+_FLAGS_OFF = ctypes.sizeof(ctypes.c_ssize_t) * 2         # ob_refcnt, ob_type
+_MBUF_RELEASED = 0x1
+
+
+def _flags_of(mv: memoryview) -> ctypes.c_int:
+    mbuf = ctypes.c_void_p.from_address(id(mv) + _MBUF_OFF).value
+    return ctypes.c_int.from_address(mbuf + _FLAGS_OFF)
+
+
+def kill_view(mv: memoryview) -> None:
+    """Make ``mv`` and every view cut from it raise ValueError on use (see above)."""
+    if _KILL_WORKS:
+        _flags_of(mv).value |= _MBUF_RELEASED
+
+
+def _probe_kill() -> bool:
+    buf = ctypes.create_string_buffer(64)
+    root = _from_memory(ctypes.addressof(buf), 64, _PyBUF_WRITE)
+    child = root[8:16].cast("i")
+    try:
+        if _flags_of(root).value != 0 or _flags_of(child).value != 0:
+            return False
+        _flags_of(root).value |= _MBUF_RELEASED
+        try:
+            child[0]
+        except ValueError:
+            return True
+        return False
+    except Exception:
+        return False
+
+
+_KILL_WORKS = _probe_kill()
 
 
 def set_pdeathsig(sig: int) -> None:

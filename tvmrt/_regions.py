@@ -1,144 +1,311 @@
 """A process's own view of the regions it maps and owns (host and enclave runtimes).
 
 The monitor decides ownership; this table applies its decisions to the process's
-address space (grant = map or ``mprotect`` read-write, revoke = ``mprotect``
-``PROT_NONE``, drop = unmap) and answers "may I touch this?" before any access,
-so that the runtime raises :class:`~tvmrt.errors.NotOwned` instead of faulting.
+address space and is the **only** code that changes protections:
+
+* :meth:`RegionTable.apply` performs the monitor's grants (map, or ``mprotect``
+  read-write) and drops (unmap), whoever the message carrying them was for;
+* :meth:`RegionTable.lend` is the loan transaction: it validates everything first
+  (integer ranges, alignment, sizes, ownership), then revokes (``PROT_NONE``) and
+  returns a :class:`Loan`; the request is then sent, and either the monitor's grants
+  bring the region back (commit) or, if the request never left this process,
+  :meth:`Loan.rollback` restores it.
+
+Views handed out (:meth:`RegionTable.view`) share one managed buffer per region;
+when the region leaves this process every one of them is made unusable (it raises
+``ValueError`` instead of crashing the interpreter with SIGSEGV).  A lookup that
+misses asks the channel to apply what is already waiting in the socket first
+(``refresh``), so a region that has just come back is usable at once.
 """
 from __future__ import annotations
 
 import bisect
 import os
+import threading
+from collections.abc import Callable
 
 from . import _memory as memory
-from .errors import NotOwned, ProtocolError
+from ._layout import PAGE, U64
+from .errors import BadSize, InvalidArgument, NotOwned, RemoteProtocolError, Unaligned
+
+
+class Loan:
+    """A region revoked for a request that has not been answered yet."""
+
+    __slots__ = ("table", "vaddr", "seg", "length", "settled")
+
+    def __init__(self, table: RegionTable, vaddr: int, seg: int, length: int):
+        self.table = table
+        self.vaddr = vaddr
+        self.seg = seg
+        self.length = length
+        self.settled = False
+
+    def rollback(self) -> None:
+        """The request never reached the monitor: the region is ours again."""
+        if not self.settled:
+            self.settled = True
+            self.table._restore(self)
+
+
+def check_u64(value, what: str) -> int:
+    """``value`` if it is an int in 0..2**64-1, else :class:`InvalidArgument`."""
+    if type(value) is not int or value < 0 or value > U64:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U64:
+            return int(value)
+        raise InvalidArgument(f"{what} must be an unsigned 64-bit integer, not {value!r:.40}")
+    return value
 
 
 class RegionTable:
-    """Mappings (segment -> address) and owned ranges of this process."""
+    """Mappings (segment -> address) and owned / shared ranges of this process.
 
-    def __init__(self):
+    Thread-safe: the thread reading the channel applies grants while others look up
+    views or lend regions.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
         self.mapped: dict[int, tuple[int, int]] = {}   # seg -> (vaddr, length)
-        self.owned: dict[int, tuple[int, int]] = {}    # vaddr -> (seg, length)
+        self.owned: dict[int, tuple[int, int]] = {}    # relay: vaddr -> (seg, length)
         self.shared: dict[int, int] = {}               # shm windows: vaddr -> length
+        self.lent: dict[int, tuple[int, int]] = {}     # revoked by lend: vaddr -> (seg, len)
         self._starts: list[int] = []                   # sorted starts of owned + shared
         self._stale = False
-        self._views: dict[int, memoryview] = {}        # vaddr -> view of the whole mapping
+        self._roots: dict[int, memoryview] = {}        # vaddr -> root view handed out
+        #: called (without the lock) when a lookup misses: apply what is waiting
+        self.refresh: Callable[[], None] | None = None
 
-    def _index(self):
-        # rebuilt lazily, by check(), and only for an address inside a range
-        self._stale = True
-
-    def _view_of(self, vaddr, length):
-        v = self._views.get(vaddr)
-        if v is None or len(v) != length:
-            v = self._views[vaddr] = memory.view(vaddr, length)
-        return v
-
-    def apply(self, msg: dict, fds: list) -> list:
-        """Apply the monitor's drops (``d``) and grants (``g``) carried by ``msg``.
+    # ------------------------------------------------------------------ monitor's word
+    def apply(self, msg: dict, fds: list) -> None:
+        """Apply the drops (``d``) and grants (``g``) carried by ``msg``.
 
         Takes ownership of ``fds``: one is mapped per grant that has one, the rest
-        are closed, also on error.
-        Returns the granted ``(vaddr, length)``.
+        are closed, also on error.  Raises :class:`RemoteProtocolError` for a grant
+        that makes no sense here (a bug or a hostile monitor).
         """
+        drops = msg.get("d")
+        grants = msg.get("g")
+        if not drops and not grants:
+            if fds:
+                memory_close(fds)
+            return
         fi = 0
         try:
-            drops = msg.get("d")
-            if drops:
-                for seg in drops:
-                    self.drop(seg)
-            g = msg.get("g")
-            out = []
-            if g:
-                for seg, vaddr, length, has_fd in g:
-                    if has_fd:
-                        if fi >= len(fds):
-                            raise ProtocolError("grant without its fd")
-                        fd = fds[fi]
-                        fi += 1
-                        try:
-                            memory.map_fixed(vaddr, length, fd)
-                        finally:
-                            os.close(fd)
-                        self.mapped[seg] = (vaddr, length)
-                    else:
-                        if self.mapped.get(seg) != (vaddr, length):
-                            raise ProtocolError(f"grant of segment {seg} that is not "
-                                                f"mapped here")
-                        memory.protect(vaddr, length, memory.PROT_RW)
-                    self.owned[vaddr] = (seg, length)
-                    out.append((vaddr, length))
-                self._index()
-            return out
+            with self._lock:
+                if drops:
+                    for seg in drops:
+                        self._drop(seg)
+                if grants:
+                    for g in grants:
+                        seg, vaddr, length, has_fd = g[0], g[1], g[2], g[3]
+                        kind = g[4] if len(g) > 4 else "relay"
+                        if has_fd:
+                            if fi >= len(fds):
+                                raise RemoteProtocolError("grant without its fd")
+                            fd = fds[fi]
+                            fi += 1
+                            try:
+                                old = self.mapped.get(seg)
+                                if old is not None and old != (vaddr, length):
+                                    self._drop(seg)
+                                memory.map_fixed(vaddr, length, fd)
+                            finally:
+                                os.close(fd)
+                            self.mapped[seg] = (vaddr, length)
+                        else:
+                            if self.mapped.get(seg) != (vaddr, length):
+                                raise RemoteProtocolError(
+                                    f"grant of segment {seg} that is not mapped here")
+                            memory.protect(vaddr, length, memory.PROT_RW)
+                        self.lent.pop(vaddr, None)
+                        if kind == "shm":
+                            self.shared[vaddr] = length
+                        else:
+                            self.owned[vaddr] = (seg, length)
+                    self._stale = True
         finally:
-            for fd in fds[fi:]:          # fds no grant used (none, from an honest monitor)
-                os.close(fd)
+            if fi < len(fds):
+                memory_close(fds[fi:])      # fds no grant used (none, from an honest monitor)
 
-    def drop(self, seg: int) -> None:
-        """Unmap segment ``seg`` (it was freed; keeping it would pin its memory)."""
+    def _drop(self, seg: int) -> None:
         m = self.mapped.pop(seg, None)
         if m is None:
             return
         vaddr, length = m
-        self._views.pop(vaddr, None)
+        self._kill(vaddr)
         if self.owned.get(vaddr, (None,))[0] == seg:
             del self.owned[vaddr]
-            self._index()
+        if self.lent.get(vaddr, (None,))[0] == seg:
+            del self.lent[vaddr]
+        self.shared.pop(vaddr, None)
+        self._stale = True
         memory.unmap(vaddr, length)
 
-    def revoke(self, vaddr: int) -> tuple[int, int] | None:
-        """Give up access to the owned region starting at ``vaddr`` (PROT_NONE).
+    def drop(self, seg: int) -> None:
+        """Unmap segment ``seg`` here (freed or detached); views of it die."""
+        with self._lock:
+            self._drop(seg)
 
-        Returns ``(seg, length)``, or None if this process does not own such a region.
+    def drop_all(self) -> None:
+        """Unmap everything (the connection is closing)."""
+        with self._lock:
+            for seg in list(self.mapped):
+                self._drop(seg)
+            self.shared.clear()
+            self.lent.clear()
+
+    def add_shared(self, vaddr: int, length: int, seg: int = -1) -> None:
+        """Note a shared window mapped outside :meth:`apply` (an enclave's at start)."""
+        with self._lock:
+            self.shared[vaddr] = length
+            if seg != -1:
+                self.mapped[seg] = (vaddr, length)
+            self._stale = True
+
+    def seg_at(self, vaddr: int) -> int | None:
+        """The segment mapped at ``vaddr`` here, or None."""
+        with self._lock:
+            for seg, (v, _) in self.mapped.items():
+                if v == vaddr:
+                    return seg
+        return None
+
+    # ------------------------------------------------------------------ the loan
+    def lend(self, vaddr, size) -> Loan:
+        """Validate and revoke the owned region ``[vaddr, vaddr+size)`` for a request.
+
+        Raises, with nothing changed: :class:`InvalidArgument` (not a u64),
+        :class:`Unaligned`, :class:`BadSize` (zero, not whole pages, not the whole
+        region), :class:`NotOwned`.  Returns the :class:`Loan`.
         """
-        o = self.owned.pop(vaddr, None)
-        if o is None:
-            return None
-        memory.protect(vaddr, o[1], memory.PROT_NONE)
-        self._index()
-        return o
+        vaddr = check_u64(vaddr, "req_vaddr")
+        size = check_u64(size, "req_size")
+        if vaddr % PAGE:
+            raise Unaligned(f"req_vaddr {vaddr:#x} is not page aligned")
+        if size == 0 or size % PAGE:
+            raise BadSize(f"req_size {size:#x} must be a non-zero page multiple")
+        for attempt in (0, 1):
+            with self._lock:
+                o = self.owned.get(vaddr)
+                if o is not None:
+                    seg, length = o
+                    if size != length:
+                        raise BadSize(f"req_size {size:#x} must cover the whole region "
+                                      f"({length:#x})")
+                    memory.protect(vaddr, length, memory.PROT_NONE)
+                    del self.owned[vaddr]
+                    self.lent[vaddr] = o
+                    self._kill(vaddr)
+                    self._stale = True
+                    return Loan(self, vaddr, seg, length)
+            if attempt == 0 and self.refresh is not None:
+                self.refresh()
+        raise NotOwned(f"this process does not own a region at {vaddr:#x}")
 
-    def restore(self, vaddr: int, seg_len: tuple[int, int]) -> None:
-        """Undo :meth:`revoke` (the monitor refused the transfer)."""
-        memory.protect(vaddr, seg_len[1], memory.PROT_RW)
-        self.owned[vaddr] = seg_len
-        self._index()
+    def _restore(self, loan: Loan) -> None:
+        with self._lock:
+            if self.lent.get(loan.vaddr) != (loan.seg, loan.length):
+                return                    # the monitor has spoken since: its word holds
+            memory.protect(loan.vaddr, loan.length, memory.PROT_RW)
+            del self.lent[loan.vaddr]
+            self.owned[loan.vaddr] = (loan.seg, loan.length)
+            self._stale = True
 
-    def add_shared(self, vaddr: int, length: int) -> None:
-        self.shared[vaddr] = length
-        self._index()
+    def revoke_owned(self, vaddr: int) -> bool:
+        """Give up the owned region at ``vaddr`` because this process hands it to the
+        monitor in a message that is not a request (a server's return, an exit).
+        Returns False if it was not owned."""
+        with self._lock:
+            o = self.owned.pop(vaddr, None)
+            if o is None:
+                return False
+            memory.protect(vaddr, o[1], memory.PROT_NONE)
+            self._kill(vaddr)
+            self._stale = True
+            return True
 
-    def remove_shared(self, vaddr: int) -> None:
-        self.shared.pop(vaddr, None)
-        self._views.pop(vaddr, None)
-        self._index()
+    # ------------------------------------------------------------------ lookups
+    def owns(self, vaddr: int) -> bool:
+        """True when the relay region starting at ``vaddr`` is this process's now."""
+        if vaddr in self.owned:
+            return True
+        if self.refresh is not None:
+            self.refresh()
+        return vaddr in self.owned
 
     def _find(self, addr: int, size: int):
-        """``(start, length)`` of the owned or shared range holding ``[addr, addr+size)``."""
+        """``(start, length)`` of the owned or shared range holding ``[addr, addr+size)``,
+        or None."""
         o = self.owned.get(addr)
         if o is not None and 0 <= size <= o[1]:
             return addr, o[1]
         n = self.shared.get(addr)
         if n is not None and 0 <= size <= n:
             return addr, n
+        if type(addr) is not int or type(size) is not int or size < 0:
+            return None
         if self._stale:
             self._starts = sorted(list(self.owned) + list(self.shared))
             self._stale = False
         i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0 and size >= 0:
+        if i >= 0:
             start = self._starts[i]
-            length = self.owned[start][1] if start in self.owned else self.shared.get(start, 0)
+            o = self.owned.get(start)
+            length = o[1] if o is not None else self.shared.get(start, 0)
             if addr + size <= start + length:
                 return start, length
-        raise NotOwned(f"this process does not own [{addr:#x}, {addr + size:#x})")
+        return None
+
+    def _lookup(self, addr: int, size: int):
+        with self._lock:
+            f = self._find(addr, size)
+        if f is None and self.refresh is not None:
+            self.refresh()
+            with self._lock:
+                f = self._find(addr, size)
+        if f is None:
+            try:
+                end = f"{addr + size:#x}"
+            except TypeError:
+                raise InvalidArgument(f"bad address/size {addr!r}, {size!r}") from None
+            raise NotOwned(f"this process does not own [{addr:#x}, {end})")
+        return f
 
     def check(self, addr: int, size: int) -> None:
         """Raise NotOwned unless ``[addr, addr+size)`` lies in one owned or shared range."""
-        self._find(addr, size)
+        self._lookup(addr, size)
 
     def view(self, addr: int, size: int) -> memoryview:
-        """Checked memoryview over ``[addr, addr+size)``."""
-        start, length = self._find(addr, size)
-        off = addr - start
-        return self._view_of(start, length)[off:off + size]
+        """Checked memoryview over ``[addr, addr+size)``.
+
+        The view (and any view sliced or cast from it) raises ``ValueError`` once the
+        region has left this process.  Raises :class:`NotOwned` if it is not here now.
+        """
+        for attempt in (0, 1):
+            with self._lock:
+                f = self._find(addr, size)
+                if f is not None:
+                    start, length = f
+                    root = self._roots.get(start)
+                    if root is None or len(root) != length:
+                        root = self._roots[start] = memory.view(start, length)
+                    off = addr - start
+                    return root[off:off + size]
+            if attempt == 0 and self.refresh is not None:
+                self.refresh()
+        self._lookup(addr, size)            # raises the precise error
+        raise NotOwned(f"this process does not own {addr:#x}")
+
+    def _kill(self, vaddr: int) -> None:
+        root = self._roots.pop(vaddr, None)
+        if root is not None:
+            memory.kill_view(root)
+
+
+def memory_close(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

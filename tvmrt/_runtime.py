@@ -1,10 +1,11 @@
 """The runtime inside an enclave process (started by the zygote).
 
-It owns the enclave's socket to the monitor and its :class:`RegionTable`, runs
-the eapp's ``main(args)`` once (normal enclave, Penglai's ``EAPP_RETURN``) or
-once per call (server enclave, ``SERVER_RETURN``), and turns every way an eapp
-can end -- return, raise, ``sys.exit``, being killed -- into something the
-monitor reports to whoever waits.
+It owns the enclave's channel to the monitor and its :class:`RegionTable`, runs
+the eapp's module code (requests work there too: the channel is up before it),
+says ``ready``, then runs ``main(args)`` once (normal enclave, Penglai's
+``EAPP_RETURN``) or once per call (server enclave, ``SERVER_RETURN``), and turns
+every way an eapp can end -- return, a bad return value, raise, ``sys.exit``,
+being killed -- into something the monitor reports to whoever waits.
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import socket
 import sys
 import traceback
 
-from . import _memory as memory, _wire as wire
-from ._callarg import CallArg
-from .errors import MonitorGone, TvmError
+from . import _memory as memory
+from ._callarg import FIELDS, CallArg
+from ._channel import Channel
+from ._layout import U64
 from ._regions import RegionTable
+from .errors import BadExitValue, BadReturn, ChannelError, EnclaveFault, TvmError
 
 NORMAL, SERVER = 0, 1
-U64 = (1 << 64) - 1
+I64_MIN = -(1 << 63)
 
 
 class EappReturn(BaseException):
@@ -37,38 +40,30 @@ class ServerReturn(BaseException):
 
 
 class Runtime:
-    """State of this enclave process: identity, socket, regions, current call."""
+    """State of this enclave process: identity, channel, regions, current call."""
 
     def __init__(self, sock: socket.socket, spec: dict):
-        self.sock = sock
         self.spec = spec
         self.eid = spec["eid"]
         self.handle = spec.get("handle", self.eid)
         self.name = spec["name"]
         self.type = spec["type"]
         self.table = RegionTable()
+        self.chan = Channel(sock, self.table, name="monitor")
         self.caller_id = -1
         self.shm = (0, 0)
         self.last_error: TvmError | None = None
 
-    # -- talking to the monitor ------------------------------------------------
-    def wait(self) -> dict:
-        """Next message that is not an unsolicited grant (those are applied)."""
-        while True:
-            msg, fds = wire.recv(self.sock, want_fds=True)
-            self.table.apply(msg, fds)
-            if msg["op"] != "grant":
-                return msg
-
-    def request(self, msg: dict) -> dict:
-        wire.send(self.sock, msg)
-        return self.wait()
+    def request(self, msg: dict, timeout: float | None = None, loan=None) -> dict:
+        """One request to the monitor; raises the TvmError it answered."""
+        return self.chan.request(msg, timeout=timeout, loan=loan)
 
     # -- the eapp's main -------------------------------------------------------
     def run_normal(self, entry) -> int:
-        m = self.wait()
-        if m["op"] != "start":
-            raise MonitorGone(f"expected start, got {m['op']!r}")
+        while True:
+            m = self.chan.next_event()
+            if m.get("op") == "start":
+                break
         args = [0] * 32
         args[10:15] = m["args"]
         try:
@@ -79,24 +74,32 @@ class Runtime:
             return _exit_code(exc)
         except BaseException as exc:
             traceback.print_exc()
-            wire.send(self.sock, {"op": "fault", "why": _why(exc)})
+            self.chan.notify({"op": "fault", "why": _why(exc)})
             return 1
-        wire.send(self.sock, {"op": "exit", "v": _u64(v)})
+        try:
+            value = exit_value(v)
+        except BadExitValue as exc:
+            print(f"tvmrt: enclave {self.name!r}: {exc.reason}", file=sys.stderr, flush=True)
+            self.chan.notify({"op": "fault", "why": exc.reason, "c": exc.code})
+            return 1
+        self.chan.notify({"op": "exit", "v": value})
         return 0
 
     def run_server(self, entry) -> int:
+        table = self.table
         while True:
             try:
-                m = self.wait()
-            except MonitorGone:
+                m = self.chan.next_event()
+            except ChannelError:
                 return 0
-            if m["op"] == "e":
+            op = m.get("op")
+            if op == "e":
                 # the monitor refused our last SERVER_RETURN (e.g. a response region we
                 # do not own); the caller was told, we say it on stderr
                 print(f"tvmrt: server {self.name!r}: {m.get('why')}", file=sys.stderr,
                       flush=True)
                 continue
-            if m["op"] != "call":
+            if op != "call":
                 continue
             loans = [g[1] for g in m.get("g", ())]
             a0, a1, a2 = m["a"]
@@ -112,38 +115,61 @@ class Runtime:
                 return _exit_code(exc)
             except BaseException as exc:
                 traceback.print_exc()
-                for v in loans:
-                    self.table.revoke(v)
-                wire.send(self.sock, {"op": "fault", "why": _why(exc)})
+                self._give_up(loans)
+                self.chan.notify({"op": "fault", "why": _why(exc)})
                 self.caller_id = -1
                 continue
             if ret is None:
                 ret = CallArg()
-            if not isinstance(ret, CallArg):
-                for v in loans:
-                    self.table.revoke(v)
-                wire.send(self.sock, {"op": "fault", "why": f"server returned "
-                                      f"{type(ret).__name__}, not call_enclave_arg_t"})
+            try:
+                vals = return_fields(ret)
+            except BadReturn as exc:
+                print(f"tvmrt: server {self.name!r}: {exc.reason}", file=sys.stderr,
+                      flush=True)
+                self._give_up(loans)
+                self.chan.notify({"op": "fault", "why": exc.reason, "c": exc.code})
+                self.caller_id = -1
                 continue
-            for v in loans:
-                self.table.revoke(v)
-            resp = ret.resp_vaddr
+            self._give_up(loans)
+            resp = vals[4]
             if resp and resp not in loans:
-                self.table.revoke(resp)
-            vals = ret.to_list()
-            for x in vals:
-                if type(x) is not int or x < 0 or x > U64:
-                    vals = [_u64(x) for x in vals]
-                    break
-            wire.send(self.sock, {"op": "ret", "a": vals})
+                table.revoke_owned(resp)
+            self.chan.notify({"op": "ret", "a": vals})
             self.caller_id = -1
 
+    def _give_up(self, loans) -> None:
+        for v in loans:
+            self.table.revoke_owned(v)
 
-def _u64(v) -> int:
-    try:
-        return int(v or 0) & U64
-    except (TypeError, ValueError):
+
+def exit_value(v) -> int:
+    """The u64 exit value for what ``main`` returned, or :class:`BadExitValue`.
+
+    ``None`` is 0 (a ``main`` without ``return``); a negative int in the signed 64-bit
+    range wraps like C's ``unsigned long``; anything else is an error that says so.
+    """
+    if v is None:
         return 0
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadExitValue(f"main returned {v!r:.60} ({type(v).__name__}), "
+                           f"not an integer exit value")
+    if v < I64_MIN or v > U64:
+        raise BadExitValue(f"main returned {v:#x}, outside the 64-bit exit value range")
+    return int(v) & U64
+
+
+def return_fields(ret) -> list[int]:
+    """The six u64 fields of a server's return value, or :class:`BadReturn`."""
+    if not isinstance(ret, CallArg):
+        raise BadReturn(f"server returned {type(ret).__name__}, not call_enclave_arg_t")
+    vals = ret.to_list()
+    for i, x in enumerate(vals):
+        if type(x) is not int or x < 0 or x > U64:
+            if isinstance(x, bool) or not isinstance(x, int) or x < I64_MIN or x > U64:
+                raise BadReturn(f"server returned {FIELDS[i]} = {x!r:.40}, "
+                                f"not an unsigned 64-bit integer")
+            vals[i] = int(x) & U64
+    return vals
 
 
 def _why(exc: BaseException) -> str:
@@ -160,7 +186,8 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
-#: the runtime of this process (set once by :func:`run`; one enclave per process)
+#: the runtime of this process: one enclave per process, and Penglai's eapp API has
+#: no context argument, so the eapp functions find it here (set once by :func:`run`)
 current: Runtime | None = None
 
 
@@ -170,7 +197,7 @@ def run(fd: int, spec: dict, shm_fd: int | None) -> int:
     sock = socket.socket(fileno=fd)
     rt = current = Runtime(sock, spec)
     try:
-        sys.stdout.reconfigure(line_buffering=True)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     except Exception:
         pass
     shm = spec.get("shm")
@@ -187,19 +214,21 @@ def run(fd: int, spec: dict, shm_fd: int | None) -> int:
         exec(code, ns)
         entry = ns.get("main")
         if not callable(entry):
-            raise TypeError(f"eapp {path} defines no main(args)")
+            raise EnclaveFault(f"eapp {path} defines no main(args)")
     except SystemExit as exc:
         return _exit_code(exc)
     except BaseException as exc:
         traceback.print_exc()
+        why = exc.reason if isinstance(exc, EnclaveFault) else _why(exc)
         try:
-            wire.send(sock, {"op": "fault", "why": _why(exc)})
+            rt.chan.notify({"op": "fault", "why": why})
         except TvmError:
             pass
         return 1
     try:
+        rt.chan.notify({"op": "ready"})
         if rt.type == SERVER:
             return rt.run_server(entry)
         return rt.run_normal(entry)
-    except MonitorGone:
+    except ChannelError:
         return 0

@@ -14,7 +14,8 @@ import threading
 
 import msgpack
 
-from .errors import MonitorGone, RemoteProtocolError as ProtocolError
+from .errors import InvalidArgument, MonitorGone
+from .errors import RemoteProtocolError as ProtocolError
 
 #: largest frame accepted (an eapp's source travels in CREATE)
 MAX_FRAME = 2 * 1024 * 1024
@@ -37,6 +38,11 @@ def encode(msg: dict) -> bytes:
         p = _tls.packer = msgpack.Packer(use_bin_type=True)
     try:
         return p.pack(msg)
+    except (OverflowError, TypeError, ValueError) as exc:
+        # a value msgpack cannot carry (an int beyond 64 bits, an object): the caller's
+        # argument, refused before anything was sent
+        _tls.packer = None
+        raise InvalidArgument(f"cannot send {msg.get('op')!r}: {exc}") from None
     except BaseException:
         # a failed pack may leave the packer's buffer dirty: start afresh next time
         _tls.packer = None
@@ -98,26 +104,34 @@ def _rxbuf() -> memoryview:
     return mv
 
 
-def recv(sock: socket.socket, want_fds: bool = False):
+def recv(sock: socket.socket, want_fds: bool = False, nonblock: bool = False):
     """Receive one message.  Returns ``(msg, fds)``; fds is a list of ints (owned by caller).
 
-    Raises :class:`MonitorGone` on EOF, :class:`ProtocolError` on a malformed frame
-    (any fds that came with it are closed first).
+    Raises :class:`MonitorGone` on EOF, :class:`RemoteProtocolError` on a malformed
+    frame (any fds that came with it are closed first), ``BlockingIOError`` when
+    nothing is waiting on a non-blocking socket or with ``nonblock``.
+
+    A peer that closed while *it* had unread data makes the kernel report
+    ``ECONNRESET`` once, before the frames the peer sent are delivered: those are its
+    last words (a final ``exit`` or ``fault``), so keep reading until real EOF.
     """
     buf = _rxbuf()
-    if not want_fds:
+    flags = socket.MSG_DONTWAIT if nonblock else 0
+    for _ in range(_RESET_RETRIES):
         try:
-            n = sock.recv_into(buf)
-        except (ConnectionResetError, BrokenPipeError):
-            n = 0
-        if not n:
-            raise MonitorGone("connection closed")
-        return decode(buf[:n]), []
-    try:
-        n, anc, flags, _ = sock.recvmsg_into([buf], _ANC)
-    except (ConnectionResetError, BrokenPipeError):
-        n, anc = 0, []
-    fds = fds_from_ancillary(anc)
+            if not want_fds:
+                n = sock.recv_into(buf, 0, flags)
+                anc = ()
+            else:
+                n, anc, _flags, _ = sock.recvmsg_into([buf], _ANC, flags)
+        except ConnectionResetError:
+            continue            # reported once; the queued frames follow
+        except BrokenPipeError:
+            n, anc = 0, ()
+        break
+    else:
+        n, anc = 0, ()
+    fds = fds_from_ancillary(anc) if anc else []
     if not n:
         close_all(fds)
         raise MonitorGone("connection closed")
@@ -126,6 +140,10 @@ def recv(sock: socket.socket, want_fds: bool = False):
     except ProtocolError:
         close_all(fds)
         raise
+
+
+#: ECONNRESET is reported once per reset; a few retries cover any kernel's variant
+_RESET_RETRIES = 4
 
 
 def fds_from_ancillary(anc) -> list[int]:

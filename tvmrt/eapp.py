@@ -26,9 +26,10 @@ import os
 import re
 
 from . import _runtime as _rtmod
-from ._callarg import CallArg, call_enclave_arg_t
-from .errors import InvalidArgument, TvmError, error_for
-from ._memory import PAGE, page_round
+from ._callarg import FIELDS, CallArg, call_enclave_arg_t
+from ._layout import PAGE, U64, page_round
+from ._regions import check_u64
+from .errors import BadSize, BadState, InvalidArgument, TvmError, UnknownHandle, error_for
 
 __all__ = [
     "CallArg", "call_enclave_arg_t", "eapp_print", "eapp_mmap", "eapp_unmap",
@@ -40,14 +41,8 @@ __all__ = [
 def _rt():
     rt = _rtmod.current
     if rt is None:
-        raise TvmError("tvmrt.eapp is only usable inside an enclave (run it with tvmrt)")
+        raise BadState("tvmrt.eapp is only usable inside an enclave (run it with tvmrt)")
     return rt
-
-
-def _fail(rt, msg) -> int:
-    exc = error_for(msg.get("c", -1), msg.get("why", ""))
-    rt.last_error = exc
-    return exc.code
 
 
 def last_error() -> TvmError | None:
@@ -103,33 +98,53 @@ def eapp_print(fmt: str, *args) -> int:
 
 
 # ---------------------------------------------------------------- memory
+def _ask(rt, msg: dict, timeout=None, loan=None):
+    """One request; the reply, or the TvmError (also kept for :func:`last_error`)."""
+    try:
+        return rt.request(msg, timeout=timeout, loan=loan)
+    except TvmError as exc:
+        rt.last_error = exc
+        return exc
+
+
+def _refuse(rt, exc: TvmError) -> TvmError:
+    rt.last_error = exc
+    return exc
+
+
 def eapp_mmap(vaddr: int, size: int) -> int:
     """Allocate a relay region of ``size`` bytes (rounded up to pages); returns its address.
 
     ``vaddr`` is a hint and is ignored (the monitor places every region).  Returns 0
-    on failure (see :func:`last_error`).  The memory is zeroed.
+    on failure (see :func:`last_error`: InvalidArgument, BadSize, QuotaExceeded,
+    NoMemory).  The memory is zeroed.
     """
     rt = _rt()
-    if not isinstance(size, int) or size <= 0:
-        rt.last_error = InvalidArgument(f"bad size {size!r}")
+    if type(size) is not int or size <= 0 or size > U64:
+        _refuse(rt, BadSize(f"eapp_mmap size must be 1 .. 2**64-1, not {size!r:.40}"))
         return 0
-    m = rt.request({"op": "mmap", "size": page_round(size)})
-    if m["op"] != "r":
-        _fail(rt, m)
-        return 0
-    return m["vaddr"]
+    m = _ask(rt, {"op": "mmap", "size": page_round(size)})
+    return 0 if isinstance(m, TvmError) else m["vaddr"]
 
 
 def eapp_unmap(vaddr: int, size: int) -> int:
     """Free a region this enclave owns (not one on loan to it).  0 or a negative code."""
     rt = _rt()
-    m = rt.request({"op": "unmap", "vaddr": vaddr, "size": page_round(size)})
-    return 0 if m["op"] == "r" else _fail(rt, m)
+    try:
+        vaddr = check_u64(vaddr, "vaddr")
+        size = check_u64(size, "size")
+    except TvmError as exc:
+        return _refuse(rt, exc).code
+    m = _ask(rt, {"op": "unmap", "vaddr": vaddr, "size": min(page_round(size), U64)})
+    return m.code if isinstance(m, TvmError) else 0
 
 
 def mem(addr: int, size: int) -> memoryview:
     """A writable byte view of ``[addr, addr+size)``; raises NotOwned unless this
-    enclave owns that range (a relay region) or maps it (its shared memory)."""
+    enclave owns that range (a relay region) or maps it (its shared memory).
+
+    The view raises ``ValueError`` once the region has left this enclave (loaned,
+    returned, freed): a stale view never touches memory that is not ours."""
     return _rt().table.view(addr, size)
 
 
@@ -142,8 +157,10 @@ def ints(addr: int, count: int) -> memoryview:
 def acquire_enclave(name: str) -> int:
     """Handle of the live server enclave ``name``, or a negative code (-14 no such)."""
     rt = _rt()
-    m = rt.request({"op": "acquire", "name": name})
-    return m["handle"] if m["op"] == "r" else _fail(rt, m)
+    if not isinstance(name, str):
+        return _refuse(rt, InvalidArgument(f"server name must be a str, not {name!r:.40}")).code
+    m = _ask(rt, {"op": "acquire", "name": name})
+    return m.code if isinstance(m, TvmError) else m["handle"]
 
 
 def call_enclave(handle: int, arg: CallArg, nonblocking: bool = False,
@@ -151,27 +168,42 @@ def call_enclave(handle: int, arg: CallArg, nonblocking: bool = False,
     """Synchronous call of server ``handle`` with ``arg`` (updated in place).
 
     If ``arg.req_vaddr`` is set, that whole region (``req_size`` bytes) is loaned to the
-    server for the call and is back at the same address when this returns, whatever
-    happens.  The server's response region, if any, is this enclave's afterwards at
-    ``arg.resp_vaddr`` (``resp_size`` bytes).  A busy server is waited for (FIFO, up
-    to ``timeout`` seconds) unless ``nonblocking``, which returns -2 at once.
-    Returns 0 or a negative error code.
+    server for the call and comes back to the same address when the server returns or
+    dies, whatever happens to the call.  The server's response region, if any, is this
+    enclave's afterwards at ``arg.resp_vaddr`` (``resp_size`` bytes).  A busy server is
+    waited for (FIFO) unless ``nonblocking``, which returns -2 at once.  ``timeout``
+    (seconds) bounds the whole call, queueing and the server's run: past it this
+    returns the Timeout code; the loan comes back when the server is done, and its
+    late answer is discarded.  Several threads may call at once.
+    Returns 0 or a negative error code (the exception is in :func:`last_error`).
     """
     rt = _rt()
-    revoked = rt.table.revoke(arg.req_vaddr) if arg.req_vaddr else None
-    msg = {"op": "call", "handle": handle, "a": arg.to_list()}
-    if nonblocking:
-        msg["nb"] = True
-    if timeout is not None:
-        msg["timeout"] = timeout
-    m = rt.request(msg)
-    if m["op"] == "r":
-        arg.set_from(m["a"])
-        return 0
-    if revoked is not None and "g" not in m and arg.req_vaddr not in rt.table.owned:
-        # refused before anything moved: the region never left us
-        rt.table.restore(arg.req_vaddr, revoked)
-    return _fail(rt, m)
+    try:
+        if not isinstance(arg, CallArg):
+            raise InvalidArgument(f"call_enclave takes a call_enclave_arg_t, not "
+                                  f"{type(arg).__name__}")
+        fields = [check_u64(v, f) for v, f in zip(arg.to_list(), FIELDS, strict=True)]
+        if isinstance(handle, bool) or not isinstance(handle, int):
+            raise InvalidArgument(f"handle must be an int, not {handle!r:.40}")
+        if not -(1 << 63) <= handle <= U64:
+            raise UnknownHandle(f"no enclave answers to handle {handle:#x}")
+        msg = {"op": "call", "handle": handle, "a": fields}
+        if nonblocking:
+            msg["nb"] = True
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                    or not 0 <= timeout < 1e9:
+                raise InvalidArgument(f"timeout must be a number of seconds, not "
+                                      f"{timeout!r:.40}")
+            msg["timeout"] = float(timeout)
+        loan = rt.table.lend(fields[2], fields[3]) if fields[2] else None
+    except TvmError as exc:
+        return _refuse(rt, exc).code
+    m = _ask(rt, msg, timeout=timeout, loan=loan)
+    if isinstance(m, TvmError):
+        return m.code
+    arg.set_from(m["a"])
+    return 0
 
 
 def SERVER_RETURN(arg: CallArg):
@@ -197,14 +229,19 @@ def get_caller_id() -> int:
 def get_report(name: str | None, nonce: int):
     """Attestation report of this enclave (``name`` None) or of server ``name``.
 
-    Returns a dict (``hash``, ``sig`` (64 bytes), ``nonce``, ``measurement``), or None.
+    Returns a dict (``hash``, ``sig`` (64 bytes), ``nonce``, ``measurement``), or None
+    (see :func:`last_error`).
     """
     rt = _rt()
+    try:
+        nonce = check_u64(nonce, "nonce")
+        if name is not None and not isinstance(name, str):
+            raise InvalidArgument(f"server name must be a str or None, not {name!r:.40}")
+    except TvmError as exc:
+        _refuse(rt, exc)
+        return None
     msg = {"op": "report", "nonce": nonce}
     if name is not None:
         msg["name"] = name
-    m = rt.request(msg)
-    if m["op"] != "r":
-        _fail(rt, m)
-        return None
-    return m["report"]
+    m = _ask(rt, msg)
+    return None if isinstance(m, TvmError) else m["report"]

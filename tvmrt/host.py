@@ -24,93 +24,26 @@ import socket
 import threading
 from pathlib import Path
 
-from . import _memory as memory, _wire as wire
-from .errors import BadState, InvalidArgument, MonitorGone, NotOwned, TvmError, error_for
+from . import _memory as memory
+from . import _wire as wire
+from ._channel import Channel
+from ._layout import U64
 from ._paths import default_socket_path
-from ._regions import RegionTable
+from ._regions import RegionTable, check_u64
+from .errors import (BadSize, ChannelError, InvalidArgument, MonitorGone, NotOwned,
+                     RegionLoaned)
 
 NORMAL = 0
 SERVER = 1
-
-
-class Connection:
-    """Request/reply over one SOCK_SEQPACKET socket, usable from several threads.
-
-    Each request carries an ``rid``; whichever waiting thread holds the read turn
-    receives, applies grants/drops to the region table, and hands replies to their
-    owners.  Raises :class:`MonitorGone` once the monitor closes the connection.
-    """
-
-    def __init__(self, sock: socket.socket, table: RegionTable):
-        self.sock = sock
-        self.table = table
-        self._send_lock = threading.Lock()
-        self._cv = threading.Condition()
-        self._replies: dict[int, dict] = {}
-        self._reading = False
-        self._next = 1
-        self.gone: MonitorGone | None = None
-
-    def request(self, msg: dict, fds=()) -> dict:
-        """Send ``msg`` and wait for its reply; raise the error the monitor answered."""
-        with self._cv:
-            if self.gone is not None:
-                raise MonitorGone(self.gone.reason)
-            rid = self._next
-            self._next += 1
-        msg["rid"] = rid
-        with self._send_lock:
-            wire.send(self.sock, msg, fds)
-        reply = self._wait(rid)
-        if reply["op"] == "e":
-            exc = error_for(reply.get("c", -1), reply.get("why", ""))
-            exc.moved = "g" in reply
-            raise exc
-        return reply
-
-    def _wait(self, rid: int) -> dict:
-        while True:
-            with self._cv:
-                while True:
-                    if rid in self._replies:
-                        return self._replies.pop(rid)
-                    if self.gone is not None:
-                        raise MonitorGone(self.gone.reason)
-                    if not self._reading:
-                        self._reading = True
-                        break
-                    self._cv.wait()
-            try:
-                msg, fds = wire.recv(self.sock, want_fds=True)
-                self.table.apply(msg, fds)
-            except MonitorGone as exc:
-                with self._cv:
-                    self.gone = MonitorGone("the monitor closed the connection")
-                    self._reading = False
-                    self._cv.notify_all()
-                raise MonitorGone(exc.reason) from None
-            except BaseException:
-                with self._cv:
-                    self._reading = False
-                    self._cv.notify_all()
-                raise
-            with self._cv:
-                self._reading = False
-                r = msg.get("rid")
-                if isinstance(r, int):
-                    self._replies[r] = msg
-                self._cv.notify_all()
-
-    def close(self):
-        self.sock.close()
 
 
 class _Region:
     """A region the monitor made for this host, mapped at the same address everywhere."""
 
     kind = ""
+    _ops: tuple[str, str, str] = ("", "", "")
 
-    def __init__(self, host: "Host", rid: int, address: int, size: int):
+    def __init__(self, host: Host, rid: int, address: int, size: int):
         self.host = host
         self.id = rid
         self.address = address
@@ -118,22 +51,28 @@ class _Region:
         self.attached = False
 
     def attach(self) -> int:
-        """Map the region into this process (at :attr:`address`); returns the address."""
+        """Map the region into this process (at :attr:`address`); returns the address.
+
+        Raises BadState if it is attached already, RegionLoaned (schrodinger) while an
+        enclave holds it."""
         r = self.host._request({"op": self._ops[0], "id": self.id})
         self.attached = True
         return r["vaddr"]
 
     def detach(self) -> None:
-        """Unmap it from this process."""
+        """Unmap it from this process; views taken from it become unusable.
+
+        Raises BadState if it is not attached.  A schrodinger region may be detached
+        while an enclave holds it: when it comes back it stays detached."""
         self.host._request({"op": self._ops[1], "id": self.id})
-        seg = self._seg()
-        if seg is not None:
+        seg = self.host.table.seg_at(self.address)
+        if seg is not None:               # the reply's drop did it already, normally
             self.host.table.drop(seg)
-        self.host.table.remove_shared(self.address)
         self.attached = False
 
     def revoke(self) -> None:
-        """Revoke the id (``shmctl`` / ``schrodinger_ctl``); BadState while attached."""
+        """Revoke the id (``shmctl`` / ``schrodinger_ctl``); BadState while attached,
+        RegionLoaned while an enclave holds it."""
         self.host._request({"op": self._ops[2], "id": self.id})
 
     def remove(self) -> None:
@@ -142,16 +81,16 @@ class _Region:
             self.detach()
         self.revoke()
 
-    def _seg(self):
-        for seg, (vaddr, _) in self.host.table.mapped.items():
-            if vaddr == self.address:
-                return seg
-        return None
-
     @property
     def view(self) -> memoryview:
-        """Writable memoryview of the whole region (checked: raises NotOwned if this
-        process may not touch it now)."""
+        """Writable memoryview of the whole region.
+
+        Checked: raises NotOwned if this process may not touch it now.  The view
+        (and every slice or cast of it) raises ``ValueError`` once the region leaves
+        this process (a run, a detach, a remove): it never touches memory that is not
+        ours."""
+        if not self.attached:
+            raise NotOwned(f"{self.kind} region {self.id:#x} is not attached here")
         return self.host.table.view(self.address, self.size)
 
     def __enter__(self):
@@ -160,7 +99,7 @@ class _Region:
     def __exit__(self, *exc):
         try:
             self.remove()
-        except MonitorGone:
+        except ChannelError:
             pass
 
 
@@ -170,12 +109,6 @@ class SharedMemory(_Region):
 
     kind = "shm"
     _ops = ("shmat", "shmdt", "shmctl")
-
-    def attach(self) -> int:
-        addr = super().attach()
-        self.host.table.owned.pop(self.address, None)
-        self.host.table.add_shared(self.address, self.size)
-        return addr
 
 
 class Schrodinger(_Region):
@@ -187,60 +120,76 @@ class Schrodinger(_Region):
 
     @property
     def owned(self) -> bool:
-        """True when this process may touch it now."""
-        return self.address in self.host.table.owned
+        """True when this process may touch it now (attached and not held by an
+        enclave)."""
+        return self.attached and self.host.table.owns(self.address)
 
 
 class Enclave:
     """An enclave created by this host (a process started by the monitor)."""
 
-    def __init__(self, host: "Host", reply: dict, name: str, etype: int):
+    def __init__(self, host: Host, reply: dict, name: str, etype: int):
         self.host = host
         self.eid = reply["eid"]
         self.handle = reply["handle"]
         self.measurement = reply["measurement"]
         self.name = name
         self.type = etype
-        self.retval = None
-        self._mem = None
+        self.retval: int | None = None
+        self._mem: tuple[Schrodinger, int, int] | None = None
 
     def set_mem_arg(self, region: Schrodinger, offset: int = 0, size: int | None = None):
         """Bind a schrodinger region (window ``offset``, ``size``) to the next run."""
         if not isinstance(region, Schrodinger):
             raise InvalidArgument("set_mem_arg takes a Schrodinger region")
-        self._mem = (region, offset, region.size - offset if size is None else size)
+        offset = check_u64(offset, "offset")
+        size = region.size - offset if size is None else check_u64(size, "size")
+        self._mem = (region, offset, size)
 
-    def run(self) -> int:
-        """Run a normal enclave to its end; returns its exit value.
+    def run(self, timeout: float | None = None) -> int:
+        """Run a normal enclave to its end; returns its exit value (u64).
 
         The bound schrodinger region is revoked from this process for the run and is
-        back (with the enclave's writes) when this returns, also on error.  Raises
-        EnclaveFault (with the reason) if the eapp raised, exited or was killed.
+        back (with the enclave's writes) when the enclave ends, also on error.  Raises
+        EnclaveFault (with the reason) if the eapp raised, exited or was killed,
+        BadExitValue if main returned something that is not an exit value, Timeout
+        after ``timeout`` seconds (the enclave goes on; the region comes back when it
+        ends), ChannelClosed if the host is closed meanwhile from another thread.
         """
-        table = self.host.table
-        msg = {"op": "run", "handle": self.handle}
-        revoked = None
+        msg: dict = {"op": "run", "handle": self.handle}
+        loan = None
+        if timeout is not None:
+            msg["timeout"] = _seconds(timeout)
         if self._mem is not None:
             region, off, size = self._mem
             msg["mem"] = [region.id, off, size]
-            revoked = table.revoke(region.address)
-        try:
-            r = self.host._request(msg)
-        except TvmError as exc:
-            if revoked is not None and not getattr(exc, "moved", True):
-                table.restore(self._mem[0].address, revoked)
-            raise
+            if region.attached:
+                try:
+                    loan = self.host.table.lend(region.address, region.size)
+                except NotOwned:
+                    raise RegionLoaned(f"schrodinger region {region.id:#x} is held by "
+                                       f"an enclave") from None
+        r = self.host._request(msg, timeout=timeout, loan=loan)
         self.retval = r["retval"]
-        return self.retval
+        return r["retval"]
 
     def attest(self, nonce: int) -> dict:
         """Attestation report: ``hash`` = SHA-256(measurement || nonce), ``sig`` (64 B)."""
         return self.host._request({"op": "attest", "handle": self.handle,
-                                   "nonce": nonce})["report"]
+                                   "nonce": check_u64(nonce, "nonce")})["report"]
 
     def destroy(self) -> None:
-        """Kill the enclave; its regions are freed, loans return to their lenders."""
+        """Kill the enclave; its regions are freed, loans return to their lenders.
+
+        On an enclave that has ended already this raises what ended it."""
         self.host._request({"op": "destroy", "handle": self.handle})
+
+
+def _seconds(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 <= timeout < 1e9:
+        raise InvalidArgument(f"timeout must be a number of seconds, not {timeout!r:.40}")
+    return float(timeout)
 
 
 def resolve_eapp(eapp) -> tuple[bytes, str]:
@@ -270,9 +219,9 @@ class Host:
             raise
         self.path = path
         self.table = RegionTable()
-        self.conn = Connection(sock, self.table)
+        self.chan = Channel(sock, self.table, name="monitor")
         self.embedded = embedded
-        self.closed = False
+        self._close_lock = threading.Lock()
 
     @classmethod
     def connect(cls, path: str | None = None, embedded: bool | None = None,
@@ -297,15 +246,17 @@ class Host:
             mon.stop()
             raise
 
-    def _request(self, msg, fds=()):
-        if self.closed:
-            raise BadState("host connection is closed")
-        return self.conn.request(msg, fds)
+    @property
+    def closed(self) -> bool:
+        return self.chan.closed
+
+    def _request(self, msg, fds=(), timeout=None, loan=None) -> dict:
+        return self.chan.request(msg, fds, timeout=timeout, loan=loan)
 
     # -- memory ----------------------------------------------------------------
     def shmget(self, size: int, attach: bool = True) -> SharedMemory:
         """New shared memory of ``size`` bytes (page multiple), attached unless asked."""
-        r = self._request({"op": "shmget", "size": size})
+        r = self._request({"op": "shmget", "size": _size(size)})
         shm = SharedMemory(self, r["id"], r["vaddr"], r["size"])
         if attach:
             shm.attach()
@@ -314,28 +265,42 @@ class Host:
     def schrodinger_get(self, size: int, attach: bool = True) -> Schrodinger:
         """New schrodinger region of ``size`` bytes (page multiple), owned by this host
         and attached unless asked."""
-        r = self._request({"op": "sget", "size": size})
+        r = self._request({"op": "sget", "size": _size(size)})
         reg = Schrodinger(self, r["id"], r["vaddr"], r["size"])
         if attach:
             reg.attach()
         return reg
 
     # -- enclaves --------------------------------------------------------------
-    def create(self, eapp, name: str, type: int = NORMAL, shm=None) -> Enclave:
+    def create(self, eapp, name: str, type: int = NORMAL, shm=None,
+               timeout: float | None = None) -> Enclave:
         """Start an enclave running ``eapp`` (bytes, a path, or a bundled eapp name).
 
         ``shm`` is a SharedMemory (whole) or ``(SharedMemory, offset, size)``; it is
         mapped in the enclave (``args[10]``/``args[11]``, or ``args[13]``/``[14]`` for
         a server).  The enclave prints to this process's stdout/stderr.
+
+        Returns once the eapp's module code has run; an eapp that does not compile,
+        raises at import or has no ``main`` raises EnclaveFault here, with the reason.
         """
+        if not isinstance(name, str):
+            raise InvalidArgument(f"enclave name must be a str, not {name!r:.40}")
+        if type not in (NORMAL, SERVER):
+            raise InvalidArgument(f"enclave type must be NORMAL (0) or SERVER (1), "
+                                  f"not {type!r:.40}")
         code, path = resolve_eapp(eapp)
         msg = {"op": "create", "name": name, "type": type, "code": code, "path": path}
+        if timeout is not None:
+            msg["timeout"] = _seconds(timeout)
         if shm is not None:
             if isinstance(shm, SharedMemory):
                 shm = (shm, 0, shm.size)
             region, off, size = shm
-            msg["shm"] = [region.id, off, size]
-        r = self._request(msg, fds=(1, 2))
+            if not isinstance(region, SharedMemory):
+                raise InvalidArgument("shm takes a SharedMemory region")
+            msg["shm"] = [region.id, check_u64(off, "shm offset"),
+                          check_u64(size, "shm size")]
+        r = self._request(msg, fds=(1, 2), timeout=timeout)
         return Enclave(self, r, name, type)
 
     def ps(self) -> dict:
@@ -346,23 +311,35 @@ class Host:
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:
         """Disconnect (the monitor destroys this host's enclaves and regions), unmap
-        everything, and stop the embedded monitor if this host started one."""
-        if self.closed:
-            return
-        self.closed = True
-        self.conn.close()
-        memory.release_arena()
-        for seg in list(self.table.mapped):
-            self.table.drop(seg)
-        self.table.shared.clear()
-        if self.embedded is not None:
-            self.embedded.stop()
+        everything, and stop the embedded monitor if this host started one.
+
+        Safe from any thread: a thread blocked in ``run()`` or another request wakes
+        with ChannelClosed."""
+        with self._close_lock:
+            if self.chan.closed and self.embedded is None:
+                return
+            first = not self.chan.closed
+            self.chan.close()
+            if first:
+                memory.release_arena()
+                self.table.drop_all()
+            if self.embedded is not None:
+                self.embedded.stop()
+                self.embedded = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _size(size) -> int:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidArgument(f"size must be an int, not {size!r:.40}")
+    if not 0 < size <= U64:
+        raise BadSize(f"size {size:#x} out of range")
+    return size
 
 
 def _dial(path: str) -> socket.socket:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import InvalidArgument, TvmError
+from .errors import InvalidArgument, MonitorGone, TvmError, UnknownId
 from .host import NORMAL, SERVER, Enclave, Host, resolve_eapp
 
 NORMAL_ENCLAVE = NORMAL
@@ -99,6 +99,8 @@ class _Device:
         self.schrodinger = {}
 
 
+_NULL = "the enclave is None or was not created"
+
 _device: _Device | None = None   # see the module docstring
 
 
@@ -124,7 +126,7 @@ def close_device() -> None:
 
 def _dev() -> _Device:
     if _device is None and open_device() != 0:
-        raise TvmError("no monitor: start `tvmrt monitor` or use tvmrt launch")
+        raise MonitorGone("no monitor: start `tvmrt monitor` or use tvmrt launch")
     return _device
 
 
@@ -163,7 +165,7 @@ def enclave_args_init(args: enclave_args) -> None:
 # ---------------------------------------------------------------- lifecycle
 def PLenclave_init(enclave: PLenclave) -> int:
     if enclave is None:
-        return -1
+        return _fail("PLenclave_init", InvalidArgument(_NULL))
     enclave.__init__()
     rc = open_device()
     if rc == 0:
@@ -179,7 +181,7 @@ def PLenclave_create(enclave: PLenclave, elffile: elf_args, args: enclave_args) 
     if args.shmid:
         region = dev.shm.get(args.shmid)
         if region is None:
-            return _fail("PLenclave_create", InvalidArgument(f"no shm id {args.shmid:#x}"))
+            return _fail("PLenclave_create", UnknownId(f"no shm id {args.shmid:#x}"))
         shm = (region, args.shm_offset, args.shm_size)
     try:
         enc = dev.host.create(elffile.ptr, name=args.name, type=args.type, shm=shm)
@@ -198,7 +200,7 @@ def PLenclave_create(enclave: PLenclave, elffile: elf_args, args: enclave_args) 
 def PLenclave_set_mem_arg(enclave: PLenclave, mm_arg_id: int, mm_arg_offset: int,
                           mm_arg_size: int) -> int:
     if enclave is None:
-        return -1
+        return _fail("PLenclave_set_mem_arg", InvalidArgument(_NULL))
     up = enclave.user_param
     up.schrodinger_id, up.schrodinger_offset, up.schrodinger_size = (
         mm_arg_id, mm_arg_offset, mm_arg_size)
@@ -216,7 +218,7 @@ def PLenclave_run(enclave: PLenclave) -> int:
         region = dev.schrodinger.get(up.schrodinger_id)
         if region is None:
             return _fail("PLenclave_run",
-                         InvalidArgument(f"no schrodinger id {up.schrodinger_id:#x}"))
+                         UnknownId(f"no schrodinger id {up.schrodinger_id:#x}"))
         enc.set_mem_arg(region, up.schrodinger_offset, up.schrodinger_size)
     sys.stdout.flush()
     try:
@@ -228,7 +230,7 @@ def PLenclave_run(enclave: PLenclave) -> int:
 
 def PLenclave_attest(enclave: PLenclave, nonce: int) -> int:
     if enclave is None or enclave._enclave is None:
-        return -1
+        return _fail("PLenclave_attest", InvalidArgument(_NULL))
     try:
         enclave.attest_param.report = enclave._enclave.attest(nonce)
     except TvmError as exc:
@@ -240,7 +242,7 @@ def PLenclave_attest(enclave: PLenclave, nonce: int) -> int:
 
 def PLenclave_destroy(enclave: PLenclave) -> int:
     if enclave is None or enclave._enclave is None:
-        return -1
+        return _fail("PLenclave_destroy", InvalidArgument(_NULL))
     try:
         enclave._enclave.destroy()
     except TvmError as exc:
@@ -259,7 +261,7 @@ def _region_call(fn, table, rid, action):
     try:
         region = getattr(_dev(), table).get(rid)
         if region is None:
-            raise InvalidArgument(f"unknown id {rid:#x}" if isinstance(rid, int) else "bad id")
+            raise UnknownId(f"unknown id {rid:#x}" if isinstance(rid, int) else "bad id")
         return action(region)
     except TvmError as exc:
         return _fail(fn, exc)

@@ -3,6 +3,6 @@ from tvmrt import _runtime as eapp_runtime
 
 
 def main(args):
-    eapp_runtime.current.sock.send(b"\xc1\xc1 not msgpack")
-    eapp_runtime.current.sock.recv(100)     # the monitor cuts us off: EOF
+    eapp_runtime.current.chan.sock.send(b"\xc1\xc1 not msgpack")
+    eapp_runtime.current.chan.sock.recv(100)     # the monitor cuts us off: EOF
     return 0

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from conftest import eapp, shm_names
-from tvmrt import SERVER
+from tvmrt import SERVER, cli
 from tvmrt.host import Host
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,7 +57,43 @@ def test_ps_lists_enclaves_and_regions(host):
     assert any(g["id"] == rel.id and g["size"] == 0x2000 for g in info["regions"])
     r = subprocess.run([sys.executable, "-m", "tvmrt", "ps", "--socket", host.path],
                        capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
     assert "listed" in r.stdout and "server" in r.stdout
+
+
+def test_ps_shows_memory_and_cpu_of_each_enclave(host):
+    host.create(eapp("echo_server"), name="measured", type=SERVER)
+    r = subprocess.run([sys.executable, "-m", "tvmrt", "ps", "--socket", host.path, "--json"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    (e,) = json.loads(r.stdout)["enclaves"]
+    proc = psutil.Process(e["pid"])
+    assert proc.ppid() != os.getpid()                 # the monitor's, not ours
+    # a live Python interpreter: megabytes resident, some of them its own
+    assert e["rss"] > 1 << 20
+    assert e["uss"] is not None and 0 < e["uss"] <= e["rss"]
+    # CPU seconds since the zygote forked it: may still round to 0.00
+    assert isinstance(e["cpu"], float) and 0 <= e["cpu"] <= sum(proc.cpu_times()[:2]) + 0.01
+    r = subprocess.run([sys.executable, "-m", "tvmrt", "ps", "--socket", host.path],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    header, row = r.stdout.splitlines()[1:3]
+    assert header.split()[-3:] == ["rss", "uss", "cpu"]
+    rss, uss, cpu = row.split()[-3:]
+    assert rss[-1] in "KMG" and uss[-1] in "KMG" and cpu.endswith("s")
+
+
+def test_ps_shows_a_dash_for_a_vanished_pid():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()                                       # reaped: the pid names no process
+    assert cli._proc_stats(gone.pid) == {"rss": None, "uss": None, "cpu": None}
+    assert cli._proc_stats(None) == {"rss": None, "uss": None, "cpu": None}
+    info = {"hosts": 1, "regions": [],
+            "enclaves": [{"eid": 1, "handle": 0x1234, "name": "ghost", "type": 0,
+                          "state": "running", "pid": gone.pid,
+                          **cli._proc_stats(gone.pid)}]}
+    row = cli._ps_lines(info)[2].split()
+    assert row[-4:] == [str(gone.pid), "-", "-", "-"]
 
 
 def test_ps_without_monitor_says_so(tmp_path):
@@ -65,5 +101,6 @@ def test_ps_without_monitor_says_so(tmp_path):
                         str(tmp_path / "none.sock")], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 1
+    assert r.stdout == ""
     assert r.stderr.startswith("tvmrt ps: no monitor listening on")
-    assert "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr      # one line, no traceback

@@ -51,22 +51,71 @@ def _launch(ns) -> int:
     return rc
 
 
+def _proc_stats(pid) -> dict:
+    """RSS and USS (bytes) and CPU time (user + system seconds) of an enclave process;
+    None for each when there is no pid, the process vanished or cannot be read."""
+    import psutil
+    out: dict = {"rss": None, "uss": None, "cpu": None}
+    if not pid:
+        return out
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return out
+            t = p.cpu_times()
+            out["cpu"] = round(t.user + t.system, 3)
+            out["rss"] = p.memory_info().rss
+            try:
+                out["uss"] = p.memory_full_info().uss     # smaps_rollup: cheap on Linux
+            except (psutil.AccessDenied, AttributeError):
+                pass
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {"rss": None, "uss": None, "cpu": None}
+    return out
+
+
+def _size(n) -> str:
+    """Bytes, human-readable (1024-based); "-" for None."""
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n}B"
+    for unit in "KMG":
+        n /= 1024
+        if n < 1024 or unit == "G":
+            break
+    return f"{n:.1f}{unit}"
+
+
+def _ps_lines(info: dict) -> list[str]:
+    """The text of ``tvmrt ps`` for ``info`` (enclaves already carrying their stats)."""
+    lines = [f"hosts: {info['hosts']}",
+             f"{'eid':>4} {'handle':>12} {'name':16} {'type':6} {'state':8} {'pid':>7} "
+             f"{'rss':>7} {'uss':>7} {'cpu':>8}"]
+    for e in info["enclaves"]:
+        cpu = "-" if e.get("cpu") is None else f"{e['cpu']:.2f}s"
+        lines.append(f"{e['eid']:>4} {e['handle']:>#12x} {e['name']:16} "
+                     f"{'server' if e['type'] else 'normal':6} {e['state']:8} "
+                     f"{e['pid'] or '-':>7} {_size(e.get('rss')):>7} "
+                     f"{_size(e.get('uss')):>7} {cpu:>8}")
+    lines.append(f"{'id':>8} {'kind':6} {'vaddr':>14} {'size':>10} owner lenders")
+    for r in info["regions"]:
+        lines.append(f"{r['id']:>#8x} {r['kind']:6} {r['vaddr']:>#14x} {r['size']:>#10x} "
+                     f"{r['owner']} {r['lenders']}")
+    return lines
+
+
 def _ps(ns) -> int:
     from tvmrt.host import Host
     with Host.connect(ns.socket, embedded=False) as host:
         info = host.ps()
+    for e in info["enclaves"]:
+        e.update(_proc_stats(e.get("pid")))
     if ns.json:
         print(json.dumps(info, default=lambda b: b.hex()))
-        return 0
-    print(f"hosts: {info['hosts']}")
-    print(f"{'eid':>4} {'handle':>12} {'name':16} {'type':6} {'state':8} {'pid':>7}")
-    for e in info["enclaves"]:
-        print(f"{e['eid']:>4} {e['handle']:>#12x} {e['name']:16} "
-              f"{'server' if e['type'] else 'normal':6} {e['state']:8} {e['pid'] or '-':>7}")
-    print(f"{'id':>8} {'kind':6} {'vaddr':>14} {'size':>10} owner lenders")
-    for r in info["regions"]:
-        print(f"{r['id']:>#8x} {r['kind']:6} {r['vaddr']:>#14x} {r['size']:>#10x} "
-              f"{r['owner']} {r['lenders']}")
+    else:
+        print("\n".join(_ps_lines(info)))
     return 0
 
 
@@ -93,7 +142,8 @@ def main(argv=None) -> int:
     la.add_argument("--verbose", "-v", action="store_true")
     la.set_defaults(fn=_launch)
 
-    ps = sub.add_parser("ps", help="list enclaves and regions of a running monitor")
+    ps = sub.add_parser("ps", help="list enclaves (with RSS, USS, CPU time) and regions of a "
+                        "running monitor")
     ps.add_argument("--socket")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(fn=_ps)

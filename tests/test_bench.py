@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+
+from conftest import shm_names
 
 TVMRT_ROWS = ("null", "loan_4k", "loan_64m")
 FLOOR_ROWS = ("relay_floor", "copy_4k", "copy_64m")
@@ -14,7 +15,7 @@ FLOOR_ROWS = ("relay_floor", "copy_4k", "copy_64m")
 
 @pytest.mark.timeout(120)
 def test_bench_quick_json():
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = shm_names()
     p = subprocess.run([sys.executable, "-m", "tvmrt", "bench", "--quick", "--json"],
                        capture_output=True, text=True, timeout=110)
     assert p.returncode == 0, p.stderr
@@ -37,4 +38,4 @@ def test_bench_quick_json():
 
     assert res["placement"].startswith(("pinned to cpu", "unpinned (CPUs"))
     assert isinstance(res["target"]["met"], bool)
-    assert set(os.listdir("/dev/shm")) <= shm_before, "the bench left segments in /dev/shm"
+    assert shm_names() <= shm_before, "the bench left segments in /dev/shm"

@@ -1,32 +1,40 @@
 """The monitor's logic as a pure state machine ("sans-IO").
 
 The :class:`Core` holds every fact the monitor knows -- peers, enclaves, the
-server registry, regions and their owners, loans, call frames, queues -- and
-changes it only in response to events.  Each event method returns a list of
-*effects* (tuples) that the I/O shell (:mod:`tvmrt.monitor.daemon`) performs.
-No sockets, no syscalls, no clock, no randomness happen here: time comes in as
-an argument, the attestation key is given at construction.  That is what lets
-the tests drive it exhaustively.
+server registry, regions and their owners, loans, call frames, queues,
+deadlines, tombstones -- and changes it only in response to events.  Each event
+method returns a list of typed *effects* (:mod:`tvmrt.monitor.effects`) that the
+I/O shell (:mod:`tvmrt.monitor.daemon`) performs.  No sockets, no syscalls, no
+clock, no randomness happen here: time comes in as an argument, configuration
+(arenas, page size, attestation key, limits) as one :class:`Config`.  That is
+what lets the tests drive it exhaustively.  The wire protocol is docs/protocol.md.
 
 Events (methods):
     host_connected(uid, pid) -> (peer, effects)
     message(peer, msg, nfds, now) -> effects        a decoded frame from a peer
-    disconnected(peer) -> effects                   EOF / bad frame on a peer's socket
+    disconnected(peer) -> effects                   EOF on a peer's socket (or cut off)
     spawned(peer, pid) / spawn_failed(peer, why)    zygote reports
-    exited(peer, how) -> effects                    zygote reaped an enclave
-    segment_failed(seg, why, rid, rest) -> effects  the shell could not create a segment
-    tick(now) -> effects                            a deadline may have passed
+    exited(peer, how, now) -> effects               zygote reaped an enclave process
+    segment_created(seg) / segment_failed(seg, why) the result of a NewSeg effect
+    segment_tampered(seg, send) -> effects          a Send's granted segment was resized
+    tick(now) -> effects                            a deadline (next_deadline()) passed
     shutdown() -> effects                           destroy everything
 
 Effects:
-    ("send", peer, msg, segs)      send msg to peer, with the fds of segments ``segs``
-    ("spawn", peer, spec, shm_seg) start an enclave process (stdio = fds of the message
-                                   being handled), socket bound to ``peer``
-    ("kill", peer)                 make sure the enclave process of ``peer`` is dead
-    ("close", peer)                close the peer's socket
-    ("new_seg", seg, size)         create a shared-memory segment
-    ("free_seg", seg)              close the monitor's fd of a segment
-    ("log", text)                  a line for the monitor's log
+    Send(peer, msg, segs)              send msg with the fds of segments ``segs``
+    Spawn(peer, spec, shm_seg, stdio)  start an enclave process bound to ``peer``;
+                                       stdio "message" (the 2 fds of the message being
+                                       handled) or "null" (/dev/null)
+    Kill(peer)                         make sure the enclave process of ``peer`` is dead
+    Close(peer)                        close the peer's socket
+    NewSeg(seg, size, arena)           create a segment, report segment_created/failed
+    FreeSeg(seg)                       close the monitor's fd of a segment
+    Log(text)                          a line for the monitor's log
+
+Every change of ownership goes through ``_lend``, ``_take``, ``_unlend``, ``_give``,
+``_return_to_lender``, ``_skip_lender`` and ``_free``; every change of an enclave's
+state through ``_set_state`` and its table ``TRANSITIONS``.  They refuse an illegal
+change with :class:`CoreBug` (the shell cuts off the peer whose event hit it).
 
 Ownership rules (DESIGN.md §2-§4):
     * a relay region has exactly one owner (a peer) or is in escrow (owner None)
@@ -39,10 +47,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import deque
+from typing import Any
 
 from tvmrt import errors as E
-from tvmrt._layout import ARENAS, PAGE
 
+from .config import Config
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn
 from .validate import (U64, Invalid, check_u64, get_bytes, get_int, get_name,
                        get_opt_window, get_str, get_u64)
 
@@ -53,31 +63,40 @@ HOST = "host"
 ENCLAVE = "enclave"
 
 # enclave states
-CREATED = "created"      # normal enclave spawned, waiting for run
+STARTING = "starting"    # spawned, its module code not run yet (create not answered)
+CREATED = "created"      # normal enclave ready, waiting for run
 RUNNING = "running"      # normal enclave in its run
 IDLE = "idle"            # server waiting for calls
 SERVING = "serving"      # server inside a call
 DONE = "done"            # finished or dead, waiting for the process to be reaped
 
+#: the legal enclave state changes (h11 style): state -> states it may go to
+TRANSITIONS: dict[str, frozenset[str]] = {
+    STARTING: frozenset({CREATED, IDLE, DONE}),
+    CREATED: frozenset({RUNNING, DONE}),
+    RUNNING: frozenset({DONE}),
+    IDLE: frozenset({SERVING, DONE}),
+    SERVING: frozenset({IDLE, DONE}),
+    DONE: frozenset(),
+}
+
 FIRST_ID = 0x10000       # host-visible shm / schrodinger ids start here, as in Penglai
-MAX_CODE = 1024 * 1024
+
+#: fault codes an enclave may name in a ``fault`` notification
+FAULT_CLASSES: dict[int, type[E.TvmError]] = {
+    E.EnclaveFault.code: E.EnclaveFault,
+    E.BadExitValue.code: E.BadExitValue,
+    E.BadReturn.code: E.BadReturn,
+}
 
 
-class Limits:
-    """Per-peer quotas and sizes (bytes)."""
-
-    def __init__(self, max_regions=1024, max_bytes=8 << 30, max_region=4 << 30,
-                 queue_timeout=60.0, max_enclaves=256):
-        self.max_regions = max_regions
-        self.max_bytes = max_bytes
-        self.max_region = max_region
-        self.queue_timeout = queue_timeout
-        self.max_enclaves = max_enclaves
+class CoreBug(Exception):
+    """An illegal transition was attempted: a bug in the core, not a peer's fault."""
 
 
 class Peer:
     __slots__ = ("id", "kind", "uid", "pid", "alive", "segs", "drops", "regions", "bytes",
-                 "enclave", "enclaves", "eof", "how")
+                 "enclave", "enclaves", "eof", "how", "tombs")
 
     def __init__(self, pid_, kind):
         self.id = pid_
@@ -85,19 +104,20 @@ class Peer:
         self.uid = None
         self.pid = None
         self.alive = True
-        self.segs = set()        # segments this peer's process has mapped (fd already sent)
-        self.drops = []          # segments it must unmap, piggybacked on the next message
-        self.regions = 0         # quota accounting (regions created by this peer)
+        self.segs: set[int] = set()   # segments this peer's process maps (fd already sent)
+        self.drops: list[int] = []    # segments it must unmap, piggybacked on the next message
+        self.regions = 0              # quota accounting (regions created by this peer)
         self.bytes = 0
-        self.enclave = None      # Enclave, for enclave peers
-        self.enclaves = set()    # enclave peers created by this host
-        self.eof = False         # enclave socket reached EOF
-        self.how = None          # exit description from the zygote
+        self.enclave: Enclave | None = None   # for enclave peers
+        self.enclaves: set[int] = set()       # enclave peers created by this host
+        self.eof = False              # enclave socket reached EOF
+        self.how: str | None = None   # exit description from the zygote
+        self.tombs: deque[int] = deque()      # host: handles of its finished enclaves
 
 
 class Enclave:
-    __slots__ = ("peer", "eid", "gen", "name", "type", "host", "state", "frame_in",
-                 "frame_out", "measurement", "shm", "queue", "pid", "why")
+    __slots__ = ("peer", "eid", "gen", "name", "type", "host", "state", "frame_in", "out",
+                 "measurement", "shm", "queue", "pid", "end", "create_rid")
 
     def __init__(self, peer, eid, gen, name, etype, host, measurement):
         self.peer = peer
@@ -106,14 +126,15 @@ class Enclave:
         self.name = name
         self.type = etype
         self.host = host
-        self.state = CREATED if etype == NORMAL else IDLE
-        self.frame_in = None     # the call (or run) this enclave is serving
-        self.frame_out = None    # the call this enclave is waiting for
+        self.state = STARTING
+        self.frame_in: Frame | None = None    # the call (or run) this enclave is serving
+        self.out: dict[int, Frame] = {}       # rid -> call this enclave waits for
         self.measurement = measurement
-        self.shm = None
-        self.queue = deque()     # frames waiting for this server
+        self.shm: tuple[int, int] | None = None
+        self.queue: deque[Frame] = deque()    # frames waiting for this server
         self.pid = None
-        self.why = None
+        self.end: tuple[type[E.TvmError], str] | None = None   # what ended it
+        self.create_rid: int | None = None    # the host's create, answered at ready
 
     @property
     def handle(self):
@@ -122,7 +143,7 @@ class Enclave:
 
 class Region:
     __slots__ = ("id", "seg", "vaddr", "length", "kind", "arena", "creator", "owner",
-                 "stack", "mappers", "revoked")
+                 "stack", "mappers", "revoked", "prev")
 
     def __init__(self, rid, seg, vaddr, length, kind, arena, creator):
         self.id = rid
@@ -133,24 +154,28 @@ class Region:
         self.arena = arena        # the arena its address came from
         self.creator = creator
         self.owner = creator if kind == "relay" else None
-        self.stack = []           # lenders, innermost last
-        self.mappers = set()      # peers whose process maps the segment
-        self.revoked = False      # shm id revoked by shmctl
+        self.stack: list[int] = []    # lenders, innermost last
+        self.mappers: set[int] = set()    # peers whose process maps the segment
+        self.revoked = False      # shm id revoked by shmctl (or no fd exists)
+        self.prev = None          # the owner before the current one (violation suspect)
 
 
 class Frame:
     """One run (host -> normal enclave) or call (enclave -> server)."""
-    __slots__ = ("kind", "caller", "server", "loans", "arg", "rid", "deadline", "queued")
+    __slots__ = ("kind", "caller", "server", "loans", "arg", "rid", "deadline", "full",
+                 "queued", "answered")
 
-    def __init__(self, kind, caller, server, loans, arg, rid=None, deadline=None):
+    def __init__(self, kind, caller, server, loans, arg, rid):
         self.kind = kind          # "run" or "call"
         self.caller = caller      # peer id
         self.server = server      # Enclave
         self.loans = loans        # [Region]
         self.arg = arg            # list of 6 ints (call) / [a10..a14] (run)
-        self.rid = rid            # host request id (run)
-        self.deadline = deadline
+        self.rid = rid            # the caller's request id
+        self.deadline = None
+        self.full = False         # the deadline covers the server's run too (a timeout given)
         self.queued = False
+        self.answered = False     # the caller has had its answer (a timeout): late results go
 
 
 class VaAllocator:
@@ -201,85 +226,107 @@ def measure(etype: int, name: str, code: bytes) -> bytes:
     return h.digest()
 
 
+def _timeout(msg, default):
+    t = msg.get("timeout")
+    if t is None:
+        return default
+    if type(t) not in (int, float) or not 0 <= t < 1e9:
+        raise Invalid("timeout must be a non-negative number of seconds")
+    return t
+
+
+def _args6(msg):
+    a = msg.get("a")
+    if type(a) is not list or len(a) != 6:
+        raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
+    for v in a:
+        if type(v) is not int or v < 0 or v > U64:
+            check_u64(v, "call_enclave_arg_t field")
+    return a
+
+
 class Core:
     """The monitor state machine.  See the module docstring for events and effects."""
 
-    def __init__(self, key: bytes = b"\0" * 32, limits: Limits | None = None):
-        self.key = key
-        self.limits = limits or Limits()
+    def __init__(self, config: Config):
+        if not isinstance(config, Config):
+            raise TypeError("Core needs a Config (there is no default attestation key)")
+        self.config = config
+        self.page = config.page
         self.peers: dict[int, Peer] = {}
-        self.slots: list = []                 # eid -> Enclave or None
-        self.gens: list = []                  # eid -> generation of the next occupant
+        self.slots: list[Enclave | None] = []     # eid -> Enclave or None
+        self.gens: list[int] = []                 # eid -> generation of the next occupant
         self.servers: dict[str, Enclave] = {}
-        self.regions: dict[int, Region] = {}  # host-visible id -> Region
+        self.regions: dict[int, Region] = {}      # host-visible id -> Region
         self.by_vaddr: dict[int, Region] = {}
-        self.arenas = {k: VaAllocator(b, s) for k, (b, s) in ARENAS.items()}
+        self.arenas = {k: VaAllocator(b, s) for k, (b, s) in config.arenas.items()}
         self._next_peer = 1
         self._next_id = FIRST_ID
         self._next_seg = 1
         self.seg_region: dict[int, Region] = {}
-        self.queued: list[Frame] = []         # frames waiting in some queue (for deadlines)
+        self.pending_seg: dict[int, tuple[int, int, str]] = {}   # seg -> (peer, rid, op)
+        # deadlines: Frame (call / run), Enclave (create), ("eof", peer) -> time
+        self.timers: dict[Any, float] = {}
+        # handle -> (host, error class, reason) of finished enclaves
+        self.tombs: dict[int, tuple[int, type[E.TvmError], str]] = {}
 
-    # ------------------------------------------------------------------ helpers
-    def _new_peer(self, kind):
-        p = Peer(self._next_peer, kind)
-        self._next_peer += 1
-        self.peers[p.id] = p
-        return p
+    # ------------------------------------------------------------------ transitions
+    def _set_state(self, e: Enclave, new: str) -> None:
+        if new not in TRANSITIONS[e.state]:
+            raise CoreBug(f"enclave {e.name!r}: illegal transition {e.state} -> {new}")
+        e.state = new
 
-    def _send(self, fx, peer_id, msg, segs=()):
-        """Queue a send, piggybacking pending unmaps for that peer."""
-        p = self.peers.get(peer_id)
-        if p is None or not p.alive:
-            return
-        if p.drops:
-            msg["d"] = p.drops
-            p.drops = []
-        fx.append(("send", peer_id, msg, list(segs)))
+    def _lend(self, r: Region, frm: int, to: int | None) -> None:
+        """``frm`` lends ``r`` to ``to`` (None: escrow, for a queued call)."""
+        if r.owner != frm or r.kind != "relay":
+            raise CoreBug(f"lend of region {r.id:#x} by {frm}, owned by {r.owner}")
+        r.stack.append(frm)
+        r.prev = frm
+        r.owner = to
 
-    def _grants(self, peer_id, regions):
-        """Grant list for ``regions`` to ``peer_id`` and the segments whose fds must go."""
-        if not regions:
-            return [], []
-        p = self.peers[peer_id]
-        g, segs = [], []
-        for r in regions:
-            need = r.seg not in p.segs
-            g.append([r.seg, r.vaddr, r.length, 1 if need else 0])
-            if need:
-                segs.append(r.seg)
-                p.segs.add(r.seg)
-                r.mappers.add(peer_id)
-        return g, segs
+    def _take(self, r: Region, to: int) -> None:
+        """The server ``to`` takes an escrowed loan (its call is dispatched)."""
+        if r.owner is not None or not r.stack:
+            raise CoreBug(f"take of region {r.id:#x} that is not in escrow")
+        r.owner = to
 
-    def _alive(self, peer_id):
-        p = self.peers.get(peer_id)
-        return p is not None and p.alive
+    def _unlend(self, r: Region, frm: int) -> None:
+        """An escrowed loan that never reached its server goes back to ``frm``."""
+        if r.owner is not None or not r.stack or r.stack[-1] != frm:
+            raise CoreBug(f"unlend of region {r.id:#x} to {frm}")
+        r.stack.pop()
+        r.owner = frm
 
-    def _new_region(self, fx, creator: Peer, size, kind, arena):
-        lim = self.limits
-        if size <= 0 or size > lim.max_region:
-            raise E.BadSize(f"size {size:#x} out of range (1 .. {lim.max_region:#x})")
-        if size % PAGE:
-            raise E.BadSize(f"size {size:#x} is not a page multiple")
-        if creator.regions + 1 > lim.max_regions or creator.bytes + size > lim.max_bytes:
-            raise E.QuotaExceeded(
-                f"quota: {creator.regions} regions, {creator.bytes} bytes in use")
-        vaddr = self.arenas[arena].alloc(size)
-        if vaddr is None:
-            raise E.NoMemory(f"no room for {size:#x} bytes in the {arena} arena")
-        r = Region(self._next_id, self._next_seg, vaddr, size, kind, arena, creator.id)
-        self._next_id += 1
-        self._next_seg += 1
-        self.regions[r.id] = r
-        self.by_vaddr[vaddr] = r
-        self.seg_region[r.seg] = r
-        creator.regions += 1
-        creator.bytes += size
-        fx.append(("new_seg", r.seg, size, arena))
-        return r
+    def _give(self, r: Region, frm: int, to: int) -> None:
+        """Ownership of ``r`` moves from ``frm`` to ``to`` for good (a response region)."""
+        if r.owner != frm or r.stack:
+            raise CoreBug(f"give of region {r.id:#x} by {frm}, owned by {r.owner}")
+        r.prev = frm
+        r.owner = to
 
-    def _free_region(self, fx, r: Region):
+    def _return_to_lender(self, fx, r: Region):
+        """Give a loaned region back to the nearest live lender; free it if none is left."""
+        while r.stack:
+            lender = r.stack.pop()
+            if self._alive(lender):
+                if r.owner is not None:
+                    r.prev = r.owner
+                r.owner = lender
+                return lender
+        self._free(fx, r)
+        return None
+
+    @staticmethod
+    def _skip_lender(r: Region, peer: int) -> None:
+        """``peer`` ended the frame in which it holds ``r`` while ``r`` is lent on: the
+        region goes straight back past it."""
+        st = r.stack
+        for i in range(len(st) - 1, -1, -1):
+            if st[i] == peer:
+                del st[i]
+                return
+
+    def _free(self, fx, r: Region) -> None:
         if self.regions.pop(r.id, None) is None:
             return
         self.by_vaddr.pop(r.vaddr, None)
@@ -295,44 +342,131 @@ class Core:
                 p.segs.discard(r.seg)
                 p.drops.append(r.seg)
         if not r.revoked:
-            fx.append(("free_seg", r.seg))
+            fx.append(FreeSeg(r.seg))
         r.owner = None
         r.stack = []
 
-    def _return_to_lender(self, fx, r: Region):
-        """Give a loaned region back to the nearest live lender; free it if none is left."""
-        while r.stack:
-            lender = r.stack.pop()
-            if self._alive(lender):
-                r.owner = lender
-                return lender
-        self._free_region(fx, r)
-        return None
+    # ------------------------------------------------------------------ helpers
+    def _new_peer(self, kind):
+        p = Peer(self._next_peer, kind)
+        self._next_peer += 1
+        self.peers[p.id] = p
+        return p
 
-    def _enclave(self, handle):
-        if not isinstance(handle, int) or handle < 0:
+    def _send(self, fx, peer_id, msg, segs=()):
+        """Queue a send, piggybacking pending unmaps for that peer."""
+        p = self.peers.get(peer_id)
+        if p is None or not p.alive:
+            return
+        if p.drops:
+            d = msg.get("d")
+            msg["d"] = p.drops + d if d else p.drops
+            p.drops = []
+        fx.append(Send(peer_id, msg, list(segs)))
+
+    def _grants(self, peer_id, regions):
+        """Grant list for ``regions`` to ``peer_id`` and the segments whose fds must go.
+
+        A host gets no grant for a schrodinger region it does not map (it detached it, or
+        never attached it): it owns it again, and attaches it when it wants.
+        """
+        if not regions:
+            return [], []
+        p = self.peers[peer_id]
+        host = p.kind == HOST
+        g, segs = [], []
+        for r in regions:
+            need = r.seg not in p.segs
+            if need:
+                if host:
+                    continue
+                segs.append(r.seg)
+                p.segs.add(r.seg)
+                r.mappers.add(peer_id)
+            g.append([r.seg, r.vaddr, r.length, 1 if need else 0, r.kind])
+        return g, segs
+
+    def _waits_for(self, start: Enclave, target: Enclave) -> bool:
+        """Does ``start`` wait (through its outgoing calls, transitively) for ``target``?"""
+        todo = [start]
+        seen: set[int] = set()
+        while todo:
+            cur = todo.pop()
+            if cur is target:
+                return True
+            if id(cur) in seen:
+                continue
+            seen.add(id(cur))
+            for f in cur.out.values():
+                todo.append(f.server)
+        return False
+
+    def _alive(self, peer_id):
+        p = self.peers.get(peer_id)
+        return p is not None and p.alive
+
+    def _new_region(self, fx, creator: Peer, size, kind, arena, rid, op):
+        cfg = self.config
+        if size <= 0 or size > cfg.max_region:
+            raise E.BadSize(f"size {size:#x} out of range (1 .. {cfg.max_region:#x})")
+        if size % self.page:
+            raise E.BadSize(f"size {size:#x} is not a page multiple")
+        if creator.regions + 1 > cfg.max_regions or creator.bytes + size > cfg.max_bytes:
+            raise E.QuotaExceeded(
+                f"quota: {creator.regions} regions, {creator.bytes} bytes in use")
+        vaddr = self.arenas[arena].alloc(size)
+        if vaddr is None:
+            raise E.NoMemory(f"no room for {size:#x} bytes in the {arena} arena")
+        r = Region(self._next_id, self._next_seg, vaddr, size, kind, arena, creator.id)
+        self._next_id += 1
+        self._next_seg += 1
+        self.regions[r.id] = r
+        self.by_vaddr[vaddr] = r
+        self.seg_region[r.seg] = r
+        creator.regions += 1
+        creator.bytes += size
+        self.pending_seg[r.seg] = (creator.id, rid, op)
+        fx.append(NewSeg(r.seg, size, arena))
+        return r
+
+    def _enclave(self, handle, host=None):
+        """The live enclave of ``handle``; a finished one raises what ended it (its
+        tombstone; for host requests only to its own host)."""
+        if type(handle) is not int or handle < 0:
             raise E.UnknownHandle(f"bad handle {handle!r}")
         eid, gen = handle & 0xFFFFFFFF, handle >> 32
-        if eid >= len(self.slots):
-            raise E.UnknownHandle(f"no enclave {handle:#x}")
-        e = self.slots[eid]
-        if e is None or e.gen != gen or e.state == DONE:
-            raise E.UnknownHandle(f"no live enclave {handle:#x}")
-        return e
+        if eid < len(self.slots):
+            e = self.slots[eid]
+            if e is not None and e.gen == gen and e.state != DONE:
+                return e
+        t = self.tombs.get(handle)
+        if t is not None and (host is None or t[0] == host):
+            raise t[1](t[2])
+        raise E.UnknownHandle(f"no live enclave {handle:#x}")
 
     def _host_region(self, peer, rid_, kind):
         r = self.regions.get(rid_)
-        if r is None or r.kind != kind or r.revoked:
+        if r is None or r.kind != kind or r.revoked or r.seg in self.pending_seg:
             raise E.UnknownId(f"no {kind} region with id {rid_!r}")
         if r.creator != peer.id:
             raise E.NotPermitted(f"region {rid_:#x} belongs to another host")
         return r
 
+    def _bury(self, e: Enclave) -> None:
+        """Keep what ended ``e`` for later requests on its handle (bounded, per host)."""
+        h = self.peers.get(e.host)
+        if h is None or not h.alive or e.end is None:
+            return
+        self.tombs[e.handle] = (h.id, e.end[0], e.end[1])
+        h.tombs.append(e.handle)
+        while len(h.tombs) > self.config.max_tombstones:
+            self.tombs.pop(h.tombs.popleft(), None)
+
     # ------------------------------------------------------------------ events
     def host_connected(self, uid, pid):
         p = self._new_peer(HOST)
         p.uid, p.pid = uid, pid
-        return p.id, [("log", f"host {p.id} connected (pid {pid}, uid {uid})")]
+        return p.id, [Log(f"host {p.id} connected (pid {pid}, uid {uid})")]
 
     def message(self, peer_id, msg, nfds=0, now=0.0):
         """Handle one decoded frame from ``peer_id``."""
@@ -341,31 +475,39 @@ class Core:
             return []
         fx: list = []
         op = msg.get("op")
-        if p.kind == HOST:
-            handler = _HOST_OPS.get(op)
-            rid = msg.get("rid")
-            if not isinstance(rid, int):
-                rid = None
-            if handler is None:
-                self._send(fx, peer_id, _err(E.ProtocolError(f"unknown op {op!r}"), rid))
-                return fx
-            try:
-                handler(self, fx, p, msg, rid, nfds, now)
-            except Invalid as exc:
-                self._send(fx, peer_id, _err(E.InvalidArgument(str(exc)), rid))
-            except E.TvmError as exc:
-                self._send(fx, peer_id, _err(exc, rid))
-            return fx
-        handler = _ENCLAVE_OPS.get(op)
-        if handler is None:
-            self._send(fx, peer_id, _err(E.ProtocolError(f"unknown op {op!r}")))
-            return fx
+        rid = msg.get("rid")
+        if type(rid) is not int or rid <= 0 or rid > U64:
+            rid = None
         try:
-            handler(self, fx, p, p.enclave, msg, now)
-        except Invalid as exc:
-            self._send(fx, peer_id, _err(E.InvalidArgument(str(exc))))
-        except E.TvmError as exc:
-            self._send(fx, peer_id, _err(exc))
+            if p.kind == HOST:
+                handler = _HOST_OPS.get(op)
+                if handler is None:
+                    raise E.LocalProtocolError(f"unknown op {op!r}")
+                if rid is None:
+                    raise E.LocalProtocolError(f"request {op!r} without a valid rid")
+                handler(self, fx, p, msg, rid, nfds, now)
+                return fx
+            e = p.enclave
+            handler = _ENCLAVE_OPS.get(op)
+            if handler is not None:
+                if rid is None:
+                    raise E.LocalProtocolError(f"request {op!r} without a valid rid")
+                handler(self, fx, p, e, msg, rid, now)
+                return fx
+            note = _ENCLAVE_NOTES.get(op)
+            if note is None:
+                raise E.LocalProtocolError(f"unknown op {op!r}")
+            rid = None          # a notification: its refusal is an unsolicited error
+            note(self, fx, p, e, msg, now)
+        except (Invalid, E.TvmError) as exc:
+            back = getattr(exc, "regrant", None)
+            if isinstance(exc, Invalid):
+                exc = E.InvalidArgument(str(exc))
+            reply = _err(exc, rid)
+            segs: list = []
+            if back is not None:
+                reply["g"], segs = self._grants(peer_id, [back])
+            self._send(fx, peer_id, reply, segs)
         return fx
 
     def disconnected(self, peer_id):
@@ -379,8 +521,9 @@ class Core:
                 self._host_gone(fx, p)
             return fx
         p.eof = True
+        self.timers.pop(("eof", peer_id), None)
         if p.enclave.state != DONE:
-            fx.append(("kill", peer_id))    # the exit status (next event) gives the reason
+            fx.append(Kill(peer_id))    # the exit status (next event) gives the reason
         self._maybe_reap(fx, p)
         return fx
 
@@ -400,7 +543,7 @@ class Core:
         self._maybe_reap(fx, p)
         return fx
 
-    def exited(self, peer_id, how):
+    def exited(self, peer_id, how, now=0.0):
         """The zygote reaped the enclave process of ``peer_id``; ``how`` describes it."""
         p = self.peers.get(peer_id)
         if p is None or p.enclave is None:
@@ -409,57 +552,118 @@ class Core:
         fx: list = []
         if not p.eof:
             # The process is dead, so EOF on its socket follows the last message it sent;
-            # wait for it so that an EXIT still in the socket is not mistaken for a crash.
+            # wait for it (a grace period) so that an exit still in the socket is not
+            # mistaken for a crash.
+            self.timers[("eof", peer_id)] = now + self.config.eof_grace
             return fx
         self._maybe_reap(fx, p)
         return fx
 
-    def segment_failed(self, seg, why, rid, rest):
-        """The shell could not create segment ``seg``; ``rest`` are the effects of the same
-        batch it has not performed yet.
-
-        Returns the effects to perform instead: the success reply queued for the region's
-        creator is replaced by a NoMemory error that still carries the unmaps that rode on
-        the reply, and the region is undone.
-        """
+    def segment_created(self, seg):
+        """The shell created segment ``seg`` (a NewSeg effect): answer its request."""
+        pend = self.pending_seg.pop(seg, None)
         r = self.seg_region.get(seg)
-        if r is None:
-            return rest
-        creator = r.creator
-        kept, drops = [], []
-        for e in rest:
-            if e[0] == "send" and e[1] == creator and e[2].get("op") == "r":
-                drops.extend(e[2].get("d", ()))
-            else:
-                kept.append(e)
-        r.revoked = True          # no fd exists, so no free_seg
-        r.mappers.clear()
-        c = self.peers.get(creator)
-        if c is not None:
-            c.segs.discard(seg)
-            c.drops = drops + c.drops
+        if pend is None or r is None:
+            return []
+        peer_id, rid, op = pend
         fx: list = []
-        self._free_region(fx, r)
-        self._send(fx, creator, _err(E.NoMemory(why), rid))
-        return kept + fx
+        if op == "mmap":
+            g, segs = self._grants(peer_id, [r])
+            self._send(fx, peer_id, {"op": "r", "rid": rid, "vaddr": r.vaddr, "g": g}, segs)
+        else:
+            self._send(fx, peer_id, {"op": "r", "rid": rid, "id": r.id, "vaddr": r.vaddr,
+                                     "size": r.length})
+        return fx
+
+    def segment_failed(self, seg, why):
+        """The shell could not create segment ``seg``: undo its region, refuse the request."""
+        pend = self.pending_seg.pop(seg, None)
+        r = self.seg_region.get(seg)
+        if pend is None or r is None:
+            return []
+        peer_id, rid, _op = pend
+        fx: list = []
+        r.revoked = True          # no fd exists, so no FreeSeg
+        self._free(fx, r)
+        self._send(fx, peer_id, _err(E.NoMemory(f"cannot create shared memory: {why}"), rid))
+        return fx
+
+    def segment_tampered(self, seg, send: Send):
+        """The shell found segment ``seg``, granted in ``send``, resized (a SIGBUS weapon)
+        and did not send it.  The peer(s) that held it before this handoff are violators:
+        an enclave is killed (who waits on it gets IsolationViolation), a host is cut off.
+        The region is freed: it goes to nobody.  Returns ``send`` without that grant (a
+        reply becomes an IsolationViolation error) and the rest."""
+        fx: list = []
+        r = self.seg_region.get(seg)
+        dest = send.peer
+        msg = dict(send.msg)
+        g = [x for x in msg.get("g", ()) if x[0] != seg]
+        if r is None:
+            msg["g"] = g
+            fx.append(Send(dest, msg, [s for s in send.segs if s != seg]))
+            return fx
+        if r.prev is not None:
+            suspects = {r.prev}        # who held it before this handoff (maybe dest itself)
+        else:
+            suspects = set(r.mappers) - {dest} or {dest}
+        suspects = {s for s in suspects if self._alive(s)}
+        why = (f"segment {seg} (region at {r.vaddr:#x}) was resized by a holder: "
+               f"isolation violation")
+        # the receiver did not get this fd after all
+        d = self.peers.get(dest)
+        if seg in send.segs and d is not None:
+            d.segs.discard(seg)
+            r.mappers.discard(dest)
+        self._free(fx, r)
+        if dest not in suspects and self._alive(dest):
+            msg["g"] = g
+            if msg.get("op") == "r":
+                rid = msg.get("rid")
+                msg = _err(E.IsolationViolation(why), rid)
+                msg["g"] = g
+                if "d" in send.msg:
+                    msg["d"] = send.msg["d"]
+            fx.append(Log(f"peer {dest}: {why}"))
+            self._send(fx, dest, msg, [s for s in send.segs if s != seg])
+        for s in sorted(suspects):
+            q = self.peers.get(s)
+            if q is None or not q.alive:
+                continue
+            if q.kind == HOST:
+                fx.append(Log(f"host {s} tampered with segment {seg}; disconnecting it"))
+                self._host_gone(fx, q)
+            else:
+                e = q.enclave
+                e.end = (E.IsolationViolation, f"enclave {e.name!r}: {why}; it was killed")
+                self._destroy(fx, e)
+        return fx
 
     def tick(self, now):
-        """Expire queued calls whose deadline passed."""
+        """Handle every deadline that has passed."""
         fx: list = []
-        for f in list(self.queued):
-            if f.deadline is not None and f.deadline <= now and f.queued:
-                self._unqueue(f)
-                # Fix: also leave the server's queue.  A timed-out frame left there was
-                # dispatched later (its loans granted to the server although the caller had
-                # them back) and kept an idle server looking busy.
-                f.server.queue.remove(f)
-                self._fail_call(fx, f, E.Timeout(
-                    f"server {f.server.name!r} stayed busy past the deadline"))
+        timers = self.timers
+        due = sorted(((d, i, k) for i, (k, d) in enumerate(timers.items()) if d <= now),
+                     key=lambda t: (t[0], t[1]))
+        for _d, _i, k in due:
+            if k not in timers:
+                continue            # settled by an earlier expiry
+            del timers[k]
+            if isinstance(k, Frame):
+                self._frame_expired(fx, k)
+            elif isinstance(k, Enclave):
+                if k.state == STARTING:
+                    k.end = (E.Timeout, f"enclave {k.name!r} was not ready in time")
+                    self._destroy(fx, k)
+            else:
+                p = self.peers.get(k[1])
+                if p is not None and not p.eof:
+                    p.eof = True
+                    self._maybe_reap(fx, p)
         return fx
 
     def next_deadline(self):
-        ds = [f.deadline for f in self.queued if f.deadline is not None]
-        return min(ds) if ds else None
+        return min(self.timers.values()) if self.timers else None
 
     def shutdown(self):
         """Destroy every enclave and free every region (the monitor is stopping)."""
@@ -469,9 +673,12 @@ class Core:
                 self._host_gone(fx, p)
         for p in list(self.peers.values()):
             if p.kind == ENCLAVE and p.enclave.state != DONE:
-                self._destroy(fx, p.enclave, "the monitor is shutting down")
+                p.enclave.end = p.enclave.end or (
+                    E.EnclaveFault, "the monitor is shutting down")
+                self._destroy(fx, p.enclave)
         for r in list(self.regions.values()):
-            self._free_region(fx, r)
+            self._free(fx, r)
+        self.timers.clear()
         return fx
 
     # ------------------------------------------------------------------ lifecycle
@@ -480,23 +687,27 @@ class Core:
         for ep in list(p.enclaves):
             e = self.peers[ep].enclave
             if e.state != DONE:
-                self._destroy(fx, e, "its host disconnected")
+                e.end = e.end or (E.UnknownHandle, "its host disconnected")
+                self._destroy(fx, e)
         for r in list(self.regions.values()):
             r.mappers.discard(p.id)
             if r.creator == p.id and (r.kind == "shm" or r.owner == p.id):
-                self._free_region(fx, r)
-        fx.append(("close", p.id))
-        fx.append(("log", f"host {p.id} disconnected"))
+                self._free(fx, r)
+        for h in p.tombs:
+            self.tombs.pop(h, None)
+        p.tombs.clear()
+        fx.append(Close(p.id))
+        fx.append(Log(f"host {p.id} disconnected"))
         self.peers.pop(p.id, None)
 
-    def _destroy(self, fx, e: Enclave, why):
+    def _destroy(self, fx, e: Enclave):
         """Kill enclave ``e`` now and settle everything it was part of."""
-        e.why = e.why or why
         self._settle(fx, e)
         p = self.peers[e.peer]
         p.eof = True              # we close its socket: no EOF event will come
-        fx.append(("kill", e.peer))
-        fx.append(("close", e.peer))
+        self.timers.pop(("eof", e.peer), None)
+        fx.append(Kill(e.peer))
+        fx.append(Close(e.peer))
         self._maybe_reap(fx, p)
 
     def _maybe_reap(self, fx, p: Peer):
@@ -505,9 +716,9 @@ class Core:
             return
         e = p.enclave
         if e.state != DONE:
-            e.why = e.why or p.how
+            e.end = e.end or (E.EnclaveFault, f"enclave {e.name!r}: {p.how}")
             self._settle(fx, e)
-        fx.append(("close", p.id))
+        fx.append(Close(p.id))
         if e.eid < len(self.slots) and self.slots[e.eid] is e:
             self.slots[e.eid] = None
             self.gens[e.eid] = e.gen + 1
@@ -522,34 +733,49 @@ class Core:
             return
         p = self.peers[e.peer]
         p.alive = False
-        e.state = DONE
-        why = e.why or "died"
+        if e.end is None:
+            e.end = (E.EnclaveFault, f"enclave {e.name!r} died")
+        cls, why = e.end
+        was = e.state
+        self._set_state(e, DONE)
+        self.timers.pop(e, None)
         if e.type == SERVER and self.servers.get(e.name) is e:
             del self.servers[e.name]
+        if cls is E.IsolationViolation:
+            call_exc: E.TvmError = E.IsolationViolation(why)
+        else:
+            call_exc = E.PeerDied(f"server {e.name!r}: {why}")
+        # a create not answered yet is answered with what ended it
+        if was == STARTING and e.create_rid is not None:
+            rid, e.create_rid = e.create_rid, None
+            self._send(fx, e.host, _err(cls(why), rid))
         # calls queued on this server never reached it: refuse them
         while e.queue:
             f = e.queue.popleft()
             self._unqueue(f)
-            self._fail_call(fx, f, E.PeerDied(f"server {e.name!r} {why}"))
-        # a call it waits for: a queued one is withdrawn; a running one finishes, and its
-        # loans then skip this dead caller on their way back
-        f = e.frame_out
-        if f is not None:
-            e.frame_out = None
+            self._fail_queued(fx, f, call_exc)
+        # calls it waits for are withdrawn: a queued one leaves its queue (its loans come
+        # back here and are settled below); a running one finishes, and its loans then
+        # skip this dead caller on their way back
+        for f in list(e.out.values()):
+            self.timers.pop(f, None)
             if f.queued:
                 self._unqueue(f)
                 f.server.queue.remove(f)
                 for r in f.loans:
-                    r.stack.pop()
-                    r.owner = e.peer
+                    self._unlend(r, e.peer)
+            f.answered = True
+        e.out.clear()
         # the call or run it is serving fails; what it holds on loan goes back
         f = e.frame_in
         if f is not None:
             e.frame_in = None
             if f.kind == "run":
-                self._finish_run(fx, f, None, E.EnclaveFault(f"enclave {e.name!r}: {why}"))
+                run_cls = cls if issubclass(cls, (E.EnclaveFault, E.IsolationViolation)) \
+                    else E.EnclaveFault
+                self._finish_run(fx, f, None, run_cls(why))
             else:
-                self._finish_call(fx, f, None, None, E.PeerDied(f"server {e.name!r} {why}"))
+                self._finish_call(fx, f, None, None, call_exc)
         # anything else it owns: loans go back, its own regions are freed
         for r in list(self.regions.values()):
             self._unmapped(fx, r, e.peer)
@@ -557,26 +783,32 @@ class Core:
                 if r.stack:
                     self._give_back(fx, [r], e.peer, None)
                 else:
-                    self._free_region(fx, r)
-        fx.append(("log", f"enclave {e.name!r} (eid {e.eid}) finished: {why}"))
+                    self._free(fx, r)
+        self._bury(e)
+        fx.append(Log(f"enclave {e.name!r} (eid {e.eid}) finished: {why}"))
 
     def _unmapped(self, fx, r: Region, peer_id):
         """``peer_id`` no longer maps region ``r``; a revoked shm region may now go."""
         r.mappers.discard(peer_id)
         if r.revoked and not r.mappers:
-            self._free_region(fx, r)
+            self._free(fx, r)
 
     def _give_back(self, fx, loans, holder, expected):
         """Return ``loans`` held by ``holder`` to their lenders.
 
         Regions going to ``expected`` are returned in a list (the caller puts their grants
         in its reply); regions going to anyone else get an unsolicited ``grant`` message.
+        A loan ``holder`` lent on further skips ``holder`` when it comes back.
         """
         if not loans:
             return []
         back, other = [], {}
         for r in loans:
-            if r.id not in self.regions or r.owner != holder:
+            if r.id not in self.regions:
+                continue
+            if r.owner != holder:
+                if holder is not None:
+                    self._skip_lender(r, holder)
                 continue
             lender = self._return_to_lender(fx, r)
             if lender is None:
@@ -587,25 +819,25 @@ class Core:
                 other.setdefault(lender, []).append(r)
         for peer_id, rs in other.items():
             g, segs = self._grants(peer_id, rs)
-            self._send(fx, peer_id, {"op": "grant", "g": g}, segs)
+            if g:
+                self._send(fx, peer_id, {"op": "grant", "g": g}, segs)
         return back
 
     # ------------------------------------------------------------------ calls
     def _unqueue(self, f):
         f.queued = False
-        try:
-            self.queued.remove(f)
-        except ValueError:
-            pass
+        if not f.full:
+            self.timers.pop(f, None)
+            f.deadline = None
 
     def _dispatch(self, fx, f: Frame):
         """Start call ``f`` on its (idle) server."""
         s = f.server
-        s.state = SERVING
+        self._set_state(s, SERVING)
         s.frame_in = f
         for r in f.loans:
-            r.owner = s.peer
-        g, segs = self._grants(s.peer, f.loans)
+            self._take(r, s.peer)
+        g, segs = self._grants(s.peer, f.loans) if f.loans else ([], ())
         a = f.arg
         caller = self.peers[f.caller].enclave
         self._send(fx, s.peer, {"op": "call", "a": [a[0], a[2], a[3]], "c": caller.eid,
@@ -615,56 +847,81 @@ class Core:
         while s.queue and s.state == IDLE:
             f = s.queue.popleft()
             self._unqueue(f)
-            if not self._alive(f.caller):
-                for r in f.loans:
-                    self._return_to_lender(fx, r)
-                continue
             self._dispatch(fx, f)
 
-    def _fail_call(self, fx, f: Frame, exc):
+    def _fail_queued(self, fx, f: Frame, exc):
         """A queued call that never reached its server: give the loans back, report."""
-        back = self._give_back(fx, f.loans, None, f.caller)
+        for r in f.loans:
+            self._unlend(r, f.caller)
         c = self.peers.get(f.caller)
+        self.timers.pop(f, None)
         if c is not None and c.alive:
-            c.enclave.frame_out = None
-            g, segs = self._grants(f.caller, back)
-            msg = _err(exc)
+            c.enclave.out.pop(f.rid, None)
+            g, segs = self._grants(f.caller, f.loans)
+            msg = _err(exc, f.rid)
             msg["g"] = g
             self._send(fx, f.caller, msg, segs)
 
+    def _frame_expired(self, fx, f: Frame):
+        f.deadline = None
+        if f.answered:
+            return
+        if f.kind == "run":
+            f.answered = True
+            self._send(fx, f.caller, _err(E.Timeout(
+                f"enclave {f.server.name!r} still runs past the deadline"), f.rid))
+            return
+        if f.queued:
+            f.queued = False
+            f.server.queue.remove(f)
+            self._fail_queued(fx, f, E.Timeout(
+                f"server {f.server.name!r} stayed busy past the deadline"))
+            return
+        f.answered = True
+        c = self.peers.get(f.caller)
+        if c is not None and c.alive:
+            c.enclave.out.pop(f.rid, None)
+            self._send(fx, f.caller, _err(E.Timeout(
+                f"server {f.server.name!r} did not return by the deadline"), f.rid))
+
     def _finish_call(self, fx, f: Frame, resp: Region | None, resp_val, exc=None):
         """Return loans (and the response region) of call ``f`` and answer its caller."""
-        back = self._give_back(fx, f.loans, f.server.peer, f.caller)
+        if f.deadline is not None:
+            self.timers.pop(f, None)
         c = self.peers.get(f.caller)
-        caller_alive = c is not None and c.alive
+        live = not f.answered and c is not None and c.alive
+        back = self._give_back(fx, f.loans, f.server.peer, f.caller if live else None)
         if resp is not None and resp not in f.loans:
-            if caller_alive:
-                resp.owner = f.caller
+            if live:
+                self._give(resp, f.server.peer, f.caller)
                 back.append(resp)
             else:
-                self._free_region(fx, resp)
-        if not caller_alive:
+                self._free(fx, resp)
+        if not live:
             return
-        c.enclave.frame_out = None
-        g, segs = self._grants(f.caller, back)
+        c.enclave.out.pop(f.rid, None)
+        g, segs = self._grants(f.caller, back) if back else ([], ())
         if exc is not None:
-            msg = _err(exc)
+            msg = _err(exc, f.rid)
             msg["g"] = g
         else:
-            a = list(f.arg)
+            a = f.arg.copy()
             a[1] = resp_val
             if resp is not None:
                 a[4], a[5] = resp.vaddr, resp.length
             else:
                 a[4], a[5] = 0, 0
-            msg = {"op": "r", "a": a, "g": g}
+            msg = {"op": "r", "rid": f.rid, "a": a, "g": g}
         self._send(fx, f.caller, msg, segs)
 
     def _finish_run(self, fx, f: Frame, retval, exc=None):
-        """The run ``f`` ended: schrodinger regions go back to the host, which is answered."""
-        back = self._give_back(fx, f.loans, f.server.peer, f.caller)
-        h = self.peers.get(f.caller)
-        if h is None or not h.alive:
+        """The run ``f`` ended: schrodinger regions go back to the host, which is answered
+        (unless it had its answer already: a timeout)."""
+        if f.deadline is not None:
+            self.timers.pop(f, None)
+        live = not f.answered and self._alive(f.caller)
+        back = self._give_back(fx, f.loans, f.server.peer, f.caller if live else None)
+        if not live:
             return
         g, segs = self._grants(f.caller, back)
         if exc is not None:
@@ -677,24 +934,18 @@ class Core:
     def report(self, e: Enclave, nonce: int) -> dict:
         """Attestation report: hash = SHA-256(measurement || nonce), sig = HMAC-SHA-512."""
         h = hashlib.sha256(e.measurement + nonce.to_bytes(8, "little")).digest()
-        sig = hmac.new(self.key, h, hashlib.sha512).digest()
+        sig = hmac.new(self.config.key, h, hashlib.sha512).digest()
         return {"hash": h, "sig": sig, "nonce": nonce, "measurement": e.measurement,
                 "name": e.name, "type": e.type}
 
 
 # ---------------------------------------------------------------------- host ops
 def _h_shmget(core, fx, p, msg, rid, nfds, now):
-    size = get_u64(msg, "size")
-    r = core._new_region(fx, p, size, "shm", "shm")
-    core._send(fx, p.id, {"op": "r", "rid": rid, "id": r.id, "vaddr": r.vaddr,
-                          "size": r.length})
+    core._new_region(fx, p, get_u64(msg, "size"), "shm", "shm", rid, "shmget")
 
 
 def _h_sget(core, fx, p, msg, rid, nfds, now):
-    size = get_u64(msg, "size")
-    r = core._new_region(fx, p, size, "relay", "relay")
-    core._send(fx, p.id, {"op": "r", "rid": rid, "id": r.id, "vaddr": r.vaddr,
-                          "size": r.length})
+    core._new_region(fx, p, get_u64(msg, "size"), "relay", "relay", rid, "sget")
 
 
 def _h_attach(core, fx, p, msg, rid, nfds, now):
@@ -702,11 +953,12 @@ def _h_attach(core, fx, p, msg, rid, nfds, now):
     r = core._host_region(p, get_int(msg, "id"), kind)
     if kind == "relay" and r.owner != p.id:
         raise E.RegionLoaned(f"schrodinger region {r.id:#x} is held by an enclave")
-    g, segs = core._grants(p.id, [r])
-    if not segs:
+    if r.seg in p.segs:
         raise E.BadState(f"region {r.id:#x} is already attached")
-    core._send(fx, p.id, {"op": "r", "rid": rid, "vaddr": r.vaddr, "size": r.length, "g": g},
-               segs)
+    p.segs.add(r.seg)
+    r.mappers.add(p.id)
+    core._send(fx, p.id, {"op": "r", "rid": rid, "vaddr": r.vaddr, "size": r.length,
+                          "g": [[r.seg, r.vaddr, r.length, 1, r.kind]]}, [r.seg])
 
 
 def _h_detach(core, fx, p, msg, rid, nfds, now):
@@ -716,7 +968,7 @@ def _h_detach(core, fx, p, msg, rid, nfds, now):
         raise E.BadState(f"region {r.id:#x} is not attached")
     p.segs.discard(r.seg)
     r.mappers.discard(p.id)
-    core._send(fx, p.id, {"op": "r", "rid": rid})
+    core._send(fx, p.id, {"op": "r", "rid": rid, "d": [r.seg]})
 
 
 def _h_ctl(core, fx, p, msg, rid, nfds, now):
@@ -727,37 +979,45 @@ def _h_ctl(core, fx, p, msg, rid, nfds, now):
             raise E.RegionLoaned(f"schrodinger region {r.id:#x} is held by an enclave")
         if r.seg in p.segs:
             raise E.BadState(f"schrodinger region {r.id:#x} is still attached: dt first")
-        core._free_region(fx, r)
+        core._free(fx, r)
     else:
         # Revoke the id and close the monitor's fd.  Enclaves that map the memory keep
         # it (the kernel frees it with the last mapping: no use-after-free, unlike
         # Penglai); its address range stays taken until they are gone.
         if r.seg in p.segs:
             raise E.BadState(f"shared memory {r.id:#x} is still attached: shmdt first")
-        fx.append(("free_seg", r.seg))
+        fx.append(FreeSeg(r.seg))
         r.revoked = True
         if not r.mappers:
-            core._free_region(fx, r)
+            core._free(fx, r)
     core._send(fx, p.id, {"op": "r", "rid": rid})
 
 
 def _h_create(core, fx, p, msg, rid, nfds, now):
+    cfg = core.config
     name = get_name(msg, "name")
     etype = get_int(msg, "type")
     if etype not in (NORMAL, SERVER):
         raise E.InvalidArgument(f"enclave type must be 0 (normal) or 1 (server), not {etype}")
-    code = get_bytes(msg, "code", MAX_CODE)
+    code = get_bytes(msg, "code", cfg.max_code)
     path = get_str(msg, "path", 4096, default="<eapp>")
     window = get_opt_window(msg, "shm")
+    timeout = _timeout(msg, cfg.create_timeout)
+    if nfds not in (0, 2):
+        raise E.InvalidArgument(f"create carries stdout and stderr (2 fds) or none, "
+                                f"not {nfds}")
     if etype == SERVER and name in core.servers:
         raise E.NameInUse(f"a server named {name!r} exists")
-    if sum(1 for e in core.slots if e is not None) >= core.limits.max_enclaves:
-        raise E.QuotaExceeded("too many enclaves")
+    mine = sum(1 for ep in p.enclaves if core.peers[ep].enclave.state != DONE)
+    if mine >= cfg.max_enclaves:
+        raise E.QuotaExceeded(f"this host has {mine} enclaves (at most {cfg.max_enclaves})")
+    if len(core.slots) - core.slots.count(None) >= cfg.max_enclaves_total:
+        raise E.QuotaExceeded("the monitor has too many enclaves")
     shm = None
     if window is not None:
         sid, off, size = window
         r = core._host_region(p, sid, "shm")
-        if off % PAGE or size % PAGE:
+        if off % core.page or size % core.page:
             raise E.Unaligned("shm offset and size must be page multiples")
         if size == 0 or off + size > r.length:
             raise E.BadSize(f"shm window {off:#x}+{size:#x} outside region of {r.length:#x}")
@@ -771,11 +1031,12 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
         core.gens.append(0)
     ep = core._new_peer(ENCLAVE)
     e = Enclave(ep.id, eid, core.gens[eid], name, etype, p.id, measure(etype, name, code))
+    e.create_rid = rid
     ep.enclave = e
     core.slots[eid] = e
     p.enclaves.add(ep.id)
     if etype == SERVER:
-        core.servers[name] = e
+        core.servers[name] = e          # registered now: calls queue until it is ready
     spec = {"eid": eid, "handle": e.handle, "name": name, "type": etype, "code": code,
             "path": path}
     seg = None
@@ -786,44 +1047,59 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
         seg = r.seg
         r.mappers.add(ep.id)
         ep.segs.add(r.seg)
-    fx.append(("spawn", ep.id, spec, seg))
-    core._send(fx, p.id, {"op": "r", "rid": rid, "eid": eid, "handle": e.handle,
-                          "measurement": e.measurement})
+    core.timers[e] = now + timeout
+    fx.append(Spawn(ep.id, spec, seg, "message" if nfds == 2 else "null"))
 
 
 def _own_enclave(core, p, msg):
-    e = core._enclave(get_int(msg, "handle"))
+    e = core._enclave(get_int(msg, "handle"), p.id)
     if e.host != p.id:
         raise E.NotPermitted(f"enclave {e.name!r} belongs to another host")
     return e
 
 
 def _h_run(core, fx, p, msg, rid, nfds, now):
-    e = _own_enclave(core, p, msg)
-    if e.type != NORMAL:
-        raise E.BadState("a server enclave is entered by call_enclave, not run")
-    if e.state != CREATED:
-        raise E.BadState(f"enclave {e.name!r} is {e.state}, not ready to run")
-    window = get_opt_window(msg, "mem")
-    loans = []
-    a13 = a14 = 0
-    if window is not None:
-        sid, off, size = window
-        r = core._host_region(p, sid, "relay")
-        if r.owner != p.id:
-            raise E.RegionLoaned(f"schrodinger region {r.id:#x} is held by an enclave")
-        if off % PAGE or size % PAGE:
-            raise E.Unaligned("schrodinger offset and size must be page multiples")
-        if size == 0 or off + size > r.length:
-            raise E.BadSize(f"window {off:#x}+{size:#x} outside region of {r.length:#x}")
-        loans.append(r)
-        a13, a14 = r.vaddr + off, size
+    window = msg.get("mem")
+    back = None
+    if type(window) is list and len(window) == 3:
+        r = core.regions.get(window[0])
+        if (r is not None and r.kind == "relay" and r.owner == p.id
+                and r.creator == p.id and r.seg in p.segs):
+            back = r          # refused: re-grant it (the client revoked it before sending)
+    try:
+        e = _own_enclave(core, p, msg)
+        if e.type != NORMAL:
+            raise E.BadState("a server enclave is entered by call_enclave, not run")
+        if e.state != CREATED:
+            raise E.BadState(f"enclave {e.name!r} is {e.state}, not ready to run")
+        window = get_opt_window(msg, "mem")
+        timeout = _timeout(msg, None)
+        loans = []
+        a13 = a14 = 0
+        if window is not None:
+            sid, off, size = window
+            r = core._host_region(p, sid, "relay")
+            if r.owner != p.id:
+                raise E.RegionLoaned(f"schrodinger region {r.id:#x} is held by an enclave")
+            if off % core.page or size % core.page:
+                raise E.Unaligned("schrodinger offset and size must be page multiples")
+            if size == 0 or off + size > r.length:
+                raise E.BadSize(f"window {off:#x}+{size:#x} outside region of {r.length:#x}")
+            loans.append(r)
+            a13, a14 = r.vaddr + off, size
+    except (Invalid, E.TvmError) as exc:
+        if back is not None:
+            exc.regrant = back      # type: ignore[union-attr]
+        raise
     a10, a11 = e.shm if e.shm else (0, 0)
-    f = Frame("run", p.id, e, loans, [a10, a11, 0, a13, a14], rid=rid)
+    f = Frame("run", p.id, e, loans, [a10, a11, 0, a13, a14], rid)
     for r in loans:
-        r.stack.append(p.id)
-        r.owner = e.peer
-    e.state = RUNNING
+        core._lend(r, p.id, e.peer)
+    if timeout is not None:
+        f.deadline = now + timeout
+        f.full = True
+        core.timers[f] = f.deadline
+    core._set_state(e, RUNNING)
     e.frame_in = f
     g, segs = core._grants(e.peer, loans)
     core._send(fx, e.peer, {"op": "start", "args": f.arg, "g": g}, segs)
@@ -831,7 +1107,8 @@ def _h_run(core, fx, p, msg, rid, nfds, now):
 
 def _h_destroy(core, fx, p, msg, rid, nfds, now):
     e = _own_enclave(core, p, msg)
-    core._destroy(fx, e, "destroyed by its host")
+    e.end = (E.UnknownHandle, f"enclave {e.name!r} was destroyed by its host")
+    core._destroy(fx, e)
     core._send(fx, p.id, {"op": "r", "rid": rid})
 
 
@@ -860,15 +1137,12 @@ _HOST_OPS = {
 }
 
 
-# ---------------------------------------------------------------------- enclave ops
-def _e_mmap(core, fx, p, e, msg, now):
-    size = get_u64(msg, "size")
-    r = core._new_region(fx, p, size, "relay", "mmap")
-    g, segs = core._grants(p.id, [r])
-    core._send(fx, p.id, {"op": "r", "vaddr": r.vaddr, "g": g}, segs)
+# ---------------------------------------------------------------------- enclave requests
+def _e_mmap(core, fx, p, e, msg, rid, now):
+    core._new_region(fx, p, get_u64(msg, "size"), "relay", "mmap", rid, "mmap")
 
 
-def _e_unmap(core, fx, p, e, msg, now):
+def _e_unmap(core, fx, p, e, msg, rid, now):
     vaddr = get_u64(msg, "vaddr")
     size = get_u64(msg, "size")
     r = core.by_vaddr.get(vaddr)
@@ -878,156 +1152,82 @@ def _e_unmap(core, fx, p, e, msg, now):
         raise E.RegionLoaned(f"region {vaddr:#x} is on loan to this enclave")
     if size != r.length:
         raise E.BadSize(f"unmap size {size:#x} != region size {r.length:#x}")
-    core._free_region(fx, r)
-    core._send(fx, p.id, {"op": "r"})
+    core._free(fx, r)
+    core._send(fx, p.id, {"op": "r", "rid": rid})
 
 
-def _e_acquire(core, fx, p, e, msg, now):
+def _e_acquire(core, fx, p, e, msg, rid, now):
     name = get_name(msg, "name")
     s = core.servers.get(name)
     if s is None:
         raise E.NoSuchServer(f"no server named {name!r}")
-    core._send(fx, p.id, {"op": "r", "handle": s.handle})
+    core._send(fx, p.id, {"op": "r", "rid": rid, "handle": s.handle})
 
 
-def _e_call(core, fx, p, e, msg, now):
+def _e_call(core, fx, p, e, msg, rid, now):
     a = msg.get("a")
-    if type(a) is not list or len(a) != 6:
-        raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
-    for v in a:
-        if type(v) is not int or v < 0 or v > U64:
-            check_u64(v, "call_enclave_arg_t field")
-    nb = msg.get("nb", False)
-    if nb is not False and nb is not True:
-        raise Invalid("field 'nb' must be a boolean")
-    timeout = msg.get("timeout")
-    if timeout is not None and (type(timeout) not in (int, float) or not 0 <= timeout < 1e9):
-        raise Invalid("timeout must be a non-negative number of seconds")
-    if e.frame_out is not None:
-        raise E.BadState("already waiting for a call")
-    if e.state not in (RUNNING, SERVING):
-        raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
-    s = core._enclave(get_int(msg, "handle"))
-    if s.type != SERVER:
-        raise E.UnknownHandle(f"enclave {s.name!r} is not a server")
-    # cycle: the server is the caller itself or somewhere up the caller's chain
-    cur = e
-    while cur is not None:
-        if cur is s:
+    back = None
+    if type(a) is list and len(a) == 6:
+        r = core.by_vaddr.get(a[2])
+        if r is not None and r.kind == "relay" and r.owner == p.id and r.seg in p.segs:
+            back = r          # refused: re-grant it (the client revoked it before sending)
+    try:
+        a = _args6(msg)
+        nb = msg.get("nb", False)
+        if nb is not False and nb is not True:
+            raise Invalid("field 'nb' must be a boolean")
+        timeout = _timeout(msg, None)
+        if e.state not in (RUNNING, SERVING):
+            raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
+        if rid in e.out:
+            raise E.LocalProtocolError(f"rid {rid} is already in use by a call")
+        s = core._enclave(get_int(msg, "handle"))
+        if s.type != SERVER:
+            raise E.UnknownHandle(f"enclave {s.name!r} is not a server")
+        # cycle: the server is the caller itself, or waits (down all its outgoing calls,
+        # running or queued) for the caller -- which covers the caller's own chain
+        if s is e or (s.out and core._waits_for(s, e)):
             raise E.CallCycle(f"server {s.name!r} is already on the call chain")
-        f_in = cur.frame_in
-        if f_in is None or f_in.kind != "call":
-            break
-        cp = core.peers.get(f_in.caller)
-        cur = cp.enclave if cp is not None else None
-    # Fix: ... or the server waits, down its own (running or queued) calls, for the caller:
-    # e.g. s1 queued on busy s2, then s2 calls s1.  The chain walk above misses it, and both
-    # would wait for each other until a queue deadline.
-    cur, hops = s, 0
-    while cur.frame_out is not None and hops <= len(core.slots):
-        cur, hops = cur.frame_out.server, hops + 1
-        if cur is e:
-            raise E.CallCycle(f"server {s.name!r} waits for this caller")
-    req_vaddr, req_size = a[2], a[3]
-    loans = []
-    if req_vaddr:
-        if req_vaddr % PAGE:
-            raise E.Unaligned(f"req_vaddr {req_vaddr:#x} is not page aligned")
-        if req_size == 0 or req_size % PAGE:
-            raise E.BadSize(f"req_size {req_size:#x} must be a non-zero page multiple")
-        r = core.by_vaddr.get(req_vaddr)
-        if r is None or r.kind != "relay" or r.owner != p.id:
-            raise E.NotOwned(f"no region at {req_vaddr:#x} owned by the caller")
-        if req_size != r.length:
-            raise E.BadSize(f"req_size {req_size:#x} must cover the whole region "
-                            f"({r.length:#x})")
-        loans.append(r)
-    f = Frame("call", p.id, s, loans, a)
-    e.frame_out = f
+        req_vaddr, req_size = a[2], a[3]
+        loans = []
+        if req_vaddr:
+            if req_vaddr % core.page:
+                raise E.Unaligned(f"req_vaddr {req_vaddr:#x} is not page aligned")
+            if req_size == 0 or req_size % core.page:
+                raise E.BadSize(f"req_size {req_size:#x} must be a non-zero page multiple")
+            r = core.by_vaddr.get(req_vaddr)
+            if r is None or r.kind != "relay" or r.owner != p.id:
+                raise E.NotOwned(f"no region at {req_vaddr:#x} owned by the caller")
+            if req_size != r.length:
+                raise E.BadSize(f"req_size {req_size:#x} must cover the whole region "
+                                f"({r.length:#x})")
+            loans.append(r)
+        free = s.state == IDLE and not s.queue
+        if nb and not free:
+            raise E.ServerBusy(f"server {s.name!r} is busy")
+    except (Invalid, E.TvmError) as exc:
+        if back is not None:
+            exc.regrant = back      # type: ignore[union-attr]
+        raise
+    f = Frame("call", p.id, s, loans, a, rid)
+    e.out[rid] = f
     for r in loans:
-        r.stack.append(p.id)
-        r.owner = None                    # in escrow until the server takes the call
-    if s.state == IDLE and not s.queue:
+        core._lend(r, p.id, None)         # in escrow until the server takes the call
+    if timeout is not None:
+        f.deadline = now + timeout
+        f.full = True
+        core.timers[f] = f.deadline
+    if free:
         core._dispatch(fx, f)
         return
-    if nb:
-        e.frame_out = None
-        for r in loans:
-            r.stack.pop()
-            r.owner = p.id
-        g, segs = core._grants(p.id, loans)
-        m = _err(E.ServerBusy(f"server {s.name!r} is busy"))
-        m["g"] = g
-        core._send(fx, p.id, m, segs)
-        return
-    if timeout is None:
-        timeout = core.limits.queue_timeout
-    f.deadline = now + timeout
+    if f.deadline is None:
+        f.deadline = now + core.config.queue_timeout
+        core.timers[f] = f.deadline
     f.queued = True
     s.queue.append(f)
-    core.queued.append(f)
 
 
-def _e_ret(core, fx, p, e, msg, now):
-    f = e.frame_in
-    if e.type != SERVER or f is None or e.state != SERVING:
-        raise E.BadState("SERVER_RETURN outside a call")
-    if e.frame_out is not None:
-        raise E.BadState("SERVER_RETURN while waiting for a nested call")
-    a = msg.get("a")
-    if type(a) is not list or len(a) != 6:
-        raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
-    for v in a:
-        if type(v) is not int or v < 0 or v > U64:
-            check_u64(v, "call_enclave_arg_t field")
-    resp_vaddr = a[4]
-    resp = None
-    bad = None
-    if resp_vaddr:
-        r = core.by_vaddr.get(resp_vaddr)
-        if r is None or r.kind != "relay" or r.owner != p.id:
-            bad = E.BadReturn(f"server {e.name!r} returned resp_vaddr {resp_vaddr:#x} "
-                              f"that it does not own")
-        else:
-            resp = r
-    e.frame_in = None
-    e.state = IDLE
-    if bad is not None:
-        core._finish_call(fx, f, None, None, bad)
-        core._send(fx, p.id, _err(bad))
-    else:
-        core._finish_call(fx, f, resp, a[1])
-    core._next_call(fx, e)
-
-
-def _e_exit(core, fx, p, e, msg, now):
-    if e.type != NORMAL or e.state != RUNNING or e.frame_out is not None:
-        raise E.BadState("EAPP_RETURN outside a run")
-    v = get_int(msg, "v")
-    f = e.frame_in
-    e.frame_in = None
-    core._finish_run(fx, f, v)
-    e.why = f"returned {v}"
-    core._settle(fx, e)
-    fx.append(("kill", e.peer))
-
-
-def _e_fault(core, fx, p, e, msg, now):
-    why = get_str(msg, "why", 8192, default="fault")
-    f = e.frame_in
-    if e.type == SERVER and f is not None and e.frame_out is None:
-        # the handler raised: the server survives, the caller gets the reason
-        e.frame_in = None
-        e.state = IDLE
-        core._finish_call(fx, f, None, None, E.EnclaveFault(f"server {e.name!r}: {why}"))
-        core._next_call(fx, e)
-        return
-    e.why = why
-    core._settle(fx, e)
-    fx.append(("kill", e.peer))
-
-
-def _e_report(core, fx, p, e, msg, now):
+def _e_report(core, fx, p, e, msg, rid, now):
     nonce = get_u64(msg, "nonce")
     name = msg.get("name")
     if name is None:
@@ -1037,10 +1237,84 @@ def _e_report(core, fx, p, e, msg, now):
         target = core.servers.get(name)
         if target is None:
             raise E.NoSuchServer(f"no server named {name!r}")
-    core._send(fx, p.id, {"op": "r", "report": core.report(target, nonce)})
+    core._send(fx, p.id, {"op": "r", "rid": rid, "report": core.report(target, nonce)})
 
 
 _ENCLAVE_OPS = {
     "mmap": _e_mmap, "unmap": _e_unmap, "acquire": _e_acquire, "call": _e_call,
-    "ret": _e_ret, "exit": _e_exit, "fault": _e_fault, "report": _e_report,
+    "report": _e_report,
 }
+
+
+# ---------------------------------------------------------------------- enclave notifications
+def _n_ready(core, fx, p, e, msg, now):
+    if e.state != STARTING:
+        raise E.BadState(f"enclave {e.name!r} is {e.state}: ready only once, at start")
+    core.timers.pop(e, None)
+    core._set_state(e, IDLE if e.type == SERVER else CREATED)
+    rid, e.create_rid = e.create_rid, None
+    core._send(fx, e.host, {"op": "r", "rid": rid, "eid": e.eid, "handle": e.handle,
+                            "measurement": e.measurement})
+    if e.type == SERVER:
+        core._next_call(fx, e)
+
+
+def _n_ret(core, fx, p, e, msg, now):
+    f = e.frame_in
+    if e.type != SERVER or f is None or e.state != SERVING:
+        raise E.BadState("SERVER_RETURN outside a call")
+    if e.out:
+        raise E.BadState("SERVER_RETURN while waiting for a nested call")
+    a = _args6(msg)
+    resp_vaddr = a[4]
+    resp = None
+    bad = None
+    if resp_vaddr:
+        r = core.by_vaddr.get(resp_vaddr)
+        if r is None or r.kind != "relay" or r.owner != p.id or (
+                r.stack and r not in f.loans):
+            bad = E.BadReturn(f"server {e.name!r} returned resp_vaddr {resp_vaddr:#x} "
+                              f"that it does not own")
+        else:
+            resp = r
+    e.frame_in = None
+    core._set_state(e, IDLE)
+    if bad is not None:
+        core._finish_call(fx, f, None, None, bad)
+        core._send(fx, p.id, _err(bad))
+    else:
+        core._finish_call(fx, f, resp, a[1])
+    if e.queue:
+        core._next_call(fx, e)
+
+
+def _n_exit(core, fx, p, e, msg, now):
+    if e.type != NORMAL or e.state != RUNNING:
+        raise E.BadState("EAPP_RETURN outside a run")
+    v = get_u64(msg, "v")
+    f = e.frame_in
+    e.frame_in = None
+    core._finish_run(fx, f, v)
+    e.end = (E.BadState, f"enclave {e.name!r} has exited with value {v}")
+    core._settle(fx, e)
+    fx.append(Kill(e.peer))
+
+
+def _n_fault(core, fx, p, e, msg, now):
+    why = get_str(msg, "why", 8192, default="fault")
+    c = msg.get("c")
+    cls = FAULT_CLASSES.get(c, E.EnclaveFault) if type(c) is int else E.EnclaveFault
+    f = e.frame_in
+    if e.type == SERVER and f is not None and not e.out:
+        # the handler raised: the server survives, the caller gets the reason
+        e.frame_in = None
+        core._set_state(e, IDLE)
+        core._finish_call(fx, f, None, None, cls(f"server {e.name!r}: {why}"))
+        core._next_call(fx, e)
+        return
+    e.end = (cls, f"enclave {e.name!r}: {why}")
+    core._settle(fx, e)
+    fx.append(Kill(e.peer))
+
+
+_ENCLAVE_NOTES = {"ready": _n_ready, "ret": _n_ret, "exit": _n_exit, "fault": _n_fault}

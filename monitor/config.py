@@ -1,0 +1,51 @@
+"""The monitor core's configuration: one frozen object, given to :class:`Core` at construction.
+
+There is no default attestation key: a :class:`Config` needs one (the daemon draws 32
+random bytes; tests pass their own).  Every other field has the production default.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tvmrt._layout import ARENAS, PAGE
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the core needs to know that is not an event."""
+
+    #: HMAC key of attestation reports (at least 16 bytes; no default)
+    key: bytes
+    #: page size: region sizes, offsets and addresses are multiples of it
+    page: int = PAGE
+    #: arena name -> (base address, size); "mmap", "relay" and "shm" are used
+    arenas: Mapping[str, tuple[int, int]] = field(default_factory=lambda: dict(ARENAS))
+    #: per-peer (host connection or enclave) region quota: count and bytes
+    max_regions: int = 1024
+    max_bytes: int = 8 << 30
+    #: largest single region
+    max_region: int = 4 << 30
+    #: enclaves one host connection may have at once
+    max_enclaves: int = 256
+    #: enclaves the whole monitor may have at once (a hard cap across hosts)
+    max_enclaves_total: int = 4096
+    #: deadline of a queued call that gave none (seconds)
+    queue_timeout: float = 60.0
+    #: deadline of a create that gave none: the enclave must be ``ready`` by then
+    create_timeout: float = 30.0
+    #: after an enclave process was reaped, how long to wait for EOF on its socket
+    eof_grace: float = 1.0
+    #: tombstones kept per host (the oldest is dropped beyond this)
+    max_tombstones: int = 4096
+    #: largest eapp code accepted by create (bytes)
+    max_code: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if type(self.key) is not bytes or len(self.key) < 16:
+            raise ValueError("Config.key must be at least 16 random bytes")
+        if self.page <= 0 or self.page & (self.page - 1):
+            raise ValueError("Config.page must be a power of two")
+        for name in ("mmap", "relay", "shm"):
+            if name not in self.arenas:
+                raise ValueError(f"Config.arenas lacks the {name!r} arena")

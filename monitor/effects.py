@@ -1,0 +1,63 @@
+"""The effects the monitor core returns and the I/O shell performs.
+
+Each effect is a small ``NamedTuple`` (cheap to build on the hot path); the shell
+dispatches on ``type(effect)``.  :data:`ALL` lists every class.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Send(NamedTuple):
+    """Send ``msg`` to ``peer`` with the fds of segments ``segs`` (in that order).
+
+    Before a message with grants goes, the shell checks each granted segment's size
+    and reports a resized one with :meth:`Core.segment_tampered` instead of sending.
+    """
+    peer: int
+    msg: dict[str, Any]
+    segs: list[int]
+
+
+class Spawn(NamedTuple):
+    """Start the enclave process of ``peer`` (its socket end is the shell's to make).
+
+    ``stdio`` is ``"message"`` (the two fds that came with the message being handled
+    are its stdout and stderr) or ``"null"`` (the shell opens ``/dev/null`` for both).
+    ``shm_seg`` is the segment of its shared-memory window, or None.
+    """
+    peer: int
+    spec: dict[str, Any]
+    shm_seg: int | None
+    stdio: str
+
+
+class Kill(NamedTuple):
+    """Make sure the enclave process of ``peer`` is dead (the zygote reports its exit)."""
+    peer: int
+
+
+class Close(NamedTuple):
+    """Close ``peer``'s socket; the core sends it nothing more."""
+    peer: int
+
+
+class NewSeg(NamedTuple):
+    """Create segment ``seg`` of ``size`` bytes for the ``arena`` arena, then report the
+    result at once: :meth:`Core.segment_created` or :meth:`Core.segment_failed`."""
+    seg: int
+    size: int
+    arena: str
+
+
+class FreeSeg(NamedTuple):
+    """Close the monitor's fd of segment ``seg``."""
+    seg: int
+
+
+class Log(NamedTuple):
+    """A line for the monitor's log."""
+    text: str
+
+
+ALL = (Send, Spawn, Kill, Close, NewSeg, FreeSeg, Log)

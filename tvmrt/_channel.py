@@ -71,15 +71,17 @@ class Channel:
         """Send ``msg`` and wait for its reply; raise the error the monitor answered.
 
         ``timeout`` (seconds) bounds the wait; the monitor enforces the deadlines it
-        is told about, this side waits :data:`BACKSTOP` longer and then raises
+        is told about, this side waits :attr:`backstop` longer and then raises
         :class:`Timeout` itself.  ``loan`` is rolled back if the request cannot be
         sent; once sent, only the monitor's grants move the region.
         """
         rid = next(self._ids)
         msg["rid"] = rid
-        with self._cv:
+        cv = self._cv
+        with cv:
             self._check_open()
             self._waiting.add(rid)
+            self._waiters += 1
         try:
             try:
                 with self._send_lock:
@@ -95,9 +97,11 @@ class Channel:
                 raise ChannelClosed(f"the connection to the {self.name} was closed") from None
             raise
         finally:
-            with self._cv:
+            with cv:
                 self._waiting.discard(rid)
-                self._replies.pop(rid, None)
+                self._waiters -= 1
+                if self._replies:
+                    self._replies.pop(rid, None)
         if self.table.lent and self._watcher is None:
             self._start_watcher()
         if reply["op"] == "e":
@@ -115,7 +119,13 @@ class Channel:
         """The next unsolicited message that is not a bare grant (``start``, ``call``,
         a refused ``ret``), waiting for it."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._wait(None, deadline)
+        with self._cv:
+            self._waiters += 1
+        try:
+            return self._wait(None, deadline)
+        finally:
+            with self._cv:
+                self._waiters -= 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -125,45 +135,46 @@ class Channel:
 
     # ------------------------------------------------------------------ reading
     def _wait(self, rid: int | None, deadline: float | None) -> dict:
+        """Wait (the caller counted itself in ``_waiters``) for reply ``rid``, or for
+        the next event when ``rid`` is None; read while nobody else does."""
         cv = self._cv
-        with cv:
-            self._waiters += 1
-        try:
-            while True:
-                with cv:
-                    while True:
-                        if rid is not None:
+        while True:
+            with cv:
+                while True:
+                    if rid is not None:
+                        if self._replies:
                             r = self._replies.pop(rid, None)
                             if r is not None:
                                 return r
-                        elif self._events:
-                            return self._events.popleft()
-                        self._check_open()
-                        remaining = None
-                        if deadline is not None:
-                            remaining = deadline - time.monotonic()
-                            if remaining <= 0:
-                                raise Timeout(f"no answer from the {self.name} in time")
-                        if not self._reading:
-                            self._reading = True
-                            break
-                        if self._watching:
-                            self._wake_watcher()
-                        cv.wait(remaining)
-                self._read_one(remaining)
-        finally:
-            with cv:
-                self._waiters -= 1
+                    elif self._events:
+                        return self._events.popleft()
+                    self._check_open()
+                    remaining = None
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise Timeout(f"no answer from the {self.name} in time")
+                    if not self._reading:
+                        self._reading = True
+                        break
+                    if self._watching:
+                        self._wake_watcher()
+                    cv.wait(remaining)
+            mine = self._read_one(remaining, rid)
+            if mine is not None:
+                return mine
 
-    def _read_one(self, remaining: float | None) -> None:
+    def _read_one(self, remaining: float | None, rid: int | None = None) -> dict | None:
         """Holding the read turn: receive at most one message, apply it, hand it out,
-        give the turn back."""
+        give the turn back.  Returns the message if it is the reply ``rid`` (or the
+        event, for ``rid`` None) that the reading thread itself waits for."""
         msg = None
+        mine = None
         try:
             if remaining is not None:
                 ready, _, _ = select.select((self._fd,), (), (), max(remaining, 0.0))
                 if not ready:
-                    return
+                    return None
             msg, fds = _wire.recv(self.sock, want_fds=True)
             self.table.apply(msg, fds)
         except (MonitorGone, RemoteProtocolError, OSError, ValueError) as exc:
@@ -181,8 +192,16 @@ class Channel:
             with self._cv:
                 self._reading = False
                 if msg is not None:
-                    self._hand_out(msg)
-                self._cv.notify_all()
+                    r = msg.get("rid")
+                    if r is not None and r == rid:
+                        mine = msg
+                    elif rid is None and r is None and msg.get("op") != "grant":
+                        mine = msg
+                    else:
+                        self._hand_out(msg)
+                if self._waiters > 1 or self._watcher is not None:
+                    self._cv.notify_all()
+        return mine
 
     def _hand_out(self, msg: dict) -> None:
         rid = msg.get("rid")

@@ -3,15 +3,21 @@
 The :class:`Driver` plays the daemon and every peer process at once, with no sockets and no
 processes.  It keeps what the shell and the peers would know:
 
-* the live segments (from ``new_seg`` / ``free_seg``), each freed at most once;
+* the live segments (from ``NewSeg`` / ``FreeSeg``), each freed at most once; a ``NewSeg`` is
+  answered at once with ``segment_created`` (or ``segment_failed`` when told to fail);
 * which segments each peer's process maps (grants with an fd add one, ``"d"`` drops remove
-  one, a host's successful ``shmdt``/``sdt`` removes one), so that a grant carries an fd
-  exactly when the peer does not map the segment yet;
+  one), so that a grant carries an fd exactly when the peer does not map the segment yet;
 * which peer a relay segment was last granted to (its creator before any grant);
-* sockets (no ``send`` to a peer after the core closed it, or to a host that left);
+* sockets (no ``Send`` to a peer after the core closed it, or to a host that left);
 * an inbox per peer (without the immediate replies to its own requests: those are in
-  :attr:`Driver.last_reply`), and reply accounting: every request gets exactly one reply,
-  a host's ``run`` and an enclave's ``call`` get theirs later, nothing is answered twice.
+  :attr:`Driver.last_reply`), and reply accounting (protocol v2): every request carries a
+  rid and gets exactly one reply naming it; a host's ``create`` and ``run`` and an enclave's
+  ``call`` may get theirs later; nothing is answered twice; a rid-less error only answers a
+  request without a valid rid or refuses a notification, at once.
+
+Spawned enclaves say ``ready`` at once unless :attr:`Driver.auto_ready` is off.  Segments in
+:attr:`Driver.tamper` are "resized" when next granted: the driver reports
+``segment_tampered`` instead of sending, as the daemon does.
 
 Every violation raises :class:`Violation` (an AssertionError) at the effect that shows it.
 :meth:`Driver.check` verifies the invariants of the core's state between events, and
@@ -22,10 +28,11 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from tvmrt._layout import PAGE
 from tvmrt.monitor import core as C
+from tvmrt.monitor.effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn
 
 REPLY_OPS = ("r", "e")
+NOTES = ("ready", "ret", "exit", "fault")
 
 
 class Violation(AssertionError):
@@ -48,35 +55,46 @@ def _frame(f):
     if f is None:
         return None
     return (f.kind, f.caller, f.server.peer, tuple(r.id for r in f.loans), tuple(f.arg), f.rid,
-            f.deadline, f.queued)
+            f.deadline, f.full, f.queued, f.answered)
+
+
+def _timer_key(k):
+    if isinstance(k, C.Frame):
+        return ("frame", _frame(k))
+    if isinstance(k, C.Enclave):
+        return ("create", k.peer)
+    return tuple(k)
 
 
 def snapshot(core):
     """Everything the core knows, as comparable values (pending unmaps left out: an error
-    reply may legitimately carry them)."""
+    reply may legitimately carry them; id counters too: a refused request may use one)."""
     regs = {i: (r.seg, r.vaddr, r.length, r.kind, r.creator, r.owner, tuple(r.stack),
-                frozenset(r.mappers), r.revoked) for i, r in core.regions.items()}
+                frozenset(r.mappers), r.revoked, r.prev) for i, r in core.regions.items()}
     peers = {i: (p.kind, p.alive, frozenset(p.segs), p.regions, p.bytes,
-                 frozenset(p.enclaves), p.eof, p.how) for i, p in core.peers.items()}
+                 frozenset(p.enclaves), p.eof, p.how, tuple(p.tombs))
+             for i, p in core.peers.items()}
     encl = [None if e is None else
             (e.peer, e.eid, e.gen, e.name, e.type, e.host, e.state, _frame(e.frame_in),
-             _frame(e.frame_out), e.shm, tuple(_frame(f) for f in e.queue))
+             tuple(sorted((k, _frame(f)) for k, f in e.out.items())), e.shm,
+             tuple(_frame(f) for f in e.queue), e.end, e.create_rid)
             for e in core.slots]
     return {
         "regions": regs, "peers": peers, "enclaves": encl, "gens": list(core.gens),
         "servers": {k: e.peer for k, e in core.servers.items()},
         "arenas": {k: list(a.free) for k, a in core.arenas.items()},
-        "queued": [_frame(f) for f in core.queued],
-        "next": (core._next_peer, core._next_id, core._next_seg),
+        "timers": sorted((repr(_timer_key(k)), d) for k, d in core.timers.items()),
+        "tombs": dict(core.tombs), "pending_seg": dict(core.pending_seg),
     }
 
 
 class Driver:
     """The shell and all the peers around one Core (see the module docstring)."""
 
-    def __init__(self, core: C.Core | None = None, auto_spawn: bool = True):
-        self.core = core if core is not None else C.Core(key=b"k" * 32)
+    def __init__(self, core: C.Core, auto_spawn: bool = True, auto_ready: bool = True):
+        self.core = core
         self.auto_spawn = auto_spawn
+        self.auto_ready = auto_ready
         self.now = 0.0
         self.inbox = defaultdict(list)        # peer -> [msg]
         self.mapped = defaultdict(dict)       # peer -> {seg: (vaddr, length)} in its process
@@ -84,16 +102,17 @@ class Driver:
         self.created: list[int] = []
         self.freed: set[int] = set()
         self.failed: set[int] = set()         # segments the shell could not create
+        self.tamper: set[int] = set()         # segments to report resized at their next grant
         self.hold: dict[int, int] = {}        # seg -> peer it was last given to
         self.open: set[int] = set()           # peers whose socket the shell holds
         self.closed: set[int] = set()         # peers the core closed (or failed to spawn)
         self.gone: set[int] = set()           # hosts that disconnected
         self.hosts: set[int] = set()
         self.enclaves: dict[int, dict] = {}   # enclave peer -> spawn spec
+        self.stdio: dict[int, str] = {}       # enclave peer -> stdio of its Spawn
         self.procs: set[int] = set()          # enclave peers whose process is alive
         self.killed: set[int] = set()
-        self.waiting: dict[int, bool] = {}    # enclave peer -> a call is outstanding
-        self.pending = defaultdict(Counter)   # host -> rids of runs not answered yet
+        self.pending = defaultdict(Counter)   # peer -> rids of requests not answered yet
         self.fail_next_seg = False
         self.fail_next_spawn = False
         self.last_reply = None                # the reply to the last message()
@@ -114,38 +133,34 @@ class Driver:
         """Deliver ``msg`` from ``peer``; check its reply accounting; return the effects."""
         p = self.core.peers.get(peer)
         was_alive = p is not None and p.alive
-        src = {"peer": peer, "msg": msg, "own": None, "is_host": peer in self.hosts}
-        if src["is_host"]:
-            rid = msg.get("rid")
-            src["rid"] = rid if isinstance(rid, int) else None
-            seg = None
-            if msg.get("op") in ("shmdt", "sdt") and type(msg.get("id")) is int:
-                r = self.core.regions.get(msg["id"])
-                seg = r.seg if r is not None else None
+        rid = msg.get("rid")
+        if type(rid) is not int or rid <= 0 or rid >= 1 << 64:
+            rid = None
+        is_host = peer in self.hosts
+        note = not is_host and msg.get("op") in NOTES
+        if note:
+            rid = None
+        src = {"peer": peer, "msg": msg, "own": None, "rid": rid, "note": note}
         fx = self.core.message(peer, msg, nfds, self.now)
         if not was_alive:
             _assert(fx == [], f"a message from dead peer {peer} had effects {fx}")
         fx = self._apply(fx, src)
-        self.last_reply = src["own"]
-        if src["own"] is not None:       # the inbox keeps what arrives besides the reply
-            self.inbox[peer] = [m for m in self.inbox[peer] if m is not src["own"]]
+        own = src["own"]
+        self.last_reply = own
+        if own is not None:       # the inbox keeps what arrives besides the reply
+            self.inbox[peer] = [m for m in self.inbox[peer] if m is not own]
         if not was_alive:
             return fx
         op = msg.get("op")
-        own = src["own"]
-        if src["is_host"]:
-            if own is None:
-                _assert(op == "run", f"host request {msg!r:.200} got no reply")
-                self.pending[peer][src["rid"]] += 1
-            elif own.get("op") == "r" and seg is not None:
-                self.mapped[peer].pop(seg, None)     # the host runtime unmaps on shmdt/sdt
-        else:
-            if own is None:
-                _assert(op in ("call", "ret", "exit", "fault"),
-                        f"enclave request {msg!r:.200} got no reply")
-                if op == "call":
-                    _assert(not self.waiting.get(peer), "a second call was accepted")
-                    self.waiting[peer] = True
+        if own is None:
+            if is_host:
+                _assert(op in ("run", "create"), f"host request {msg!r:.200} got no reply")
+            elif not note:
+                _assert(op == "call", f"enclave request {msg!r:.200} got no reply")
+            if rid is not None and not note:
+                self.pending[peer][rid] += 1
+        elif own.get("op") == "r" and op in ("shmdt", "sdt"):
+            _assert(len(own.get("d", ())) >= 1, "a detach reply names the segment")
         return fx
 
     def disconnected(self, peer):
@@ -159,7 +174,7 @@ class Driver:
         _assert(peer in self.procs, f"no process for {peer}")
         self.procs.discard(peer)
         # the socket may still hold messages: the core learns of the death with the EOF
-        return self._apply(self.core.exited(peer, how))
+        return self._apply(self.core.exited(peer, how, self.now))
 
     def die(self, peer, how="killed by signal 9", eof_first=True):
         """The enclave process of ``peer`` is dead: EOF on its socket and the zygote's report."""
@@ -171,6 +186,10 @@ class Driver:
             if what == "exit" and peer in self.procs:
                 fx += self.exited(peer, how)
         return fx
+
+    def ready(self, peer):
+        """The enclave ``peer`` says ready (when auto_ready is off)."""
+        return self.message(peer, {"op": "ready"})
 
     def tick(self, dt=0.0):
         self.now += dt
@@ -185,47 +204,49 @@ class Driver:
         _assert(isinstance(fx, list), f"effects must be a list, not {fx!r}")
         done = []
         spawned = []
-        i = 0
-        while i < len(fx):
-            eff = fx[i]
-            i += 1
+        for eff in fx:
             self.effects.append(eff)
             done.append(eff)
-            kind = eff[0]
-            if kind == "send":
+            t = type(eff)
+            if t is Send:
+                bad = [g[0] for g in eff.msg.get("g", ()) if g[0] in self.tamper]
+                if bad:
+                    self.tamper.discard(bad[0])
+                    done += self._apply(self.core.segment_tampered(bad[0], eff), src)
+                    continue
                 self._on_send(eff, src)
-            elif kind == "new_seg":
-                _, seg, size, arena = eff
+            elif t is NewSeg:
+                seg, size, arena = eff
                 _assert(seg not in self.created and seg not in self.failed,
                         f"segment {seg} created twice")
-                _assert(size > 0 and size % PAGE == 0, f"bad segment size {size}")
+                _assert(size > 0 and size % self.core.page == 0, f"bad segment size {size}")
                 _assert(arena in self.core.arenas, f"bad arena {arena!r}")
                 if self.fail_next_seg:
-                    # exactly what the daemon does when it cannot create the segment
                     self.fail_next_seg = False
                     self.failed.add(seg)
-                    rid = src.get("rid") if src is not None else None
-                    fx = self.core.segment_failed(seg, "cannot create", rid, fx[i:])
-                    i = 0
+                    done += self._apply(self.core.segment_failed(seg, "cannot create"), src)
                     continue
                 self.created.append(seg)
                 self.live[seg] = size
                 if src is not None:
                     self.hold[seg] = src["peer"]
-            elif kind == "free_seg":
-                seg = eff[1]
-                _assert(seg in self.live, f"free_seg of segment {seg} that is not live "
+                done += self._apply(self.core.segment_created(seg), src)
+            elif t is FreeSeg:
+                seg = eff.seg
+                _assert(seg in self.live, f"FreeSeg of segment {seg} that is not live "
                         f"({'freed before' if seg in self.freed else 'never created'})")
                 del self.live[seg]
                 self.freed.add(seg)
-            elif kind == "spawn":
-                _, peer, spec, shm_seg = eff
+            elif t is Spawn:
+                peer, spec, shm_seg, stdio = eff
                 _assert(peer not in self.enclaves and peer not in self.hosts,
                         f"spawn of existing peer {peer}")
                 _assert(isinstance(spec, dict) and {"eid", "handle", "name", "type", "code"}
                         <= set(spec), f"bad spawn spec {spec!r:.200}")
                 _assert(spec["handle"] & 0xFFFFFFFF == spec["eid"], "handle/eid mismatch")
+                _assert(stdio in ("message", "null"), f"bad stdio {stdio!r}")
                 self.enclaves[peer] = spec
+                self.stdio[peer] = stdio
                 self.open.add(peer)
                 if shm_seg is not None:
                     _assert(shm_seg in self.live, f"spawn with dead segment {shm_seg}")
@@ -234,14 +255,14 @@ class Driver:
                 else:
                     _assert("shm" not in spec, "shm window without its segment")
                 spawned.append(peer)
-            elif kind == "kill":
-                _assert(eff[1] in self.enclaves, f"kill of non-enclave {eff[1]}")
-                self.killed.add(eff[1])
-            elif kind == "close":
-                self.open.discard(eff[1])
-                self.closed.add(eff[1])
-            elif kind == "log":
-                _assert(isinstance(eff[1], str), "log text must be a str")
+            elif t is Kill:
+                _assert(eff.peer in self.enclaves, f"kill of non-enclave {eff.peer}")
+                self.killed.add(eff.peer)
+            elif t is Close:
+                self.open.discard(eff.peer)
+                self.closed.add(eff.peer)
+            elif t is Log:
+                _assert(isinstance(eff.text, str), "log text must be a str")
             else:
                 raise Violation(f"unknown effect {eff!r:.200}")
         for peer in spawned:
@@ -249,17 +270,20 @@ class Driver:
                 continue
             if self.fail_next_spawn:
                 self.fail_next_spawn = False
-                self.open.discard(peer)           # the daemon drops the socket first
+                self.open.discard(peer)
                 self.closed.add(peer)
-                self._apply(self.core.spawn_failed(peer, "no such file"))
+                done += self._apply(self.core.spawn_failed(peer, "no such file"), src)
             else:
                 self.procs.add(peer)
-                self._apply(self.core.spawned(peer, 40000 + peer))
+                done += self._apply(self.core.spawned(peer, 40000 + peer), src)
+                if self.auto_ready and peer in self.open:
+                    done += self._apply(
+                        self.core.message(peer, {"op": "ready"}, 0, self.now), src)
         return done
 
     def _on_send(self, eff, src):
-        _assert(len(eff) == 4, f"bad send effect {eff!r:.200}")
-        _, peer, msg, segs = eff
+        _assert(len(eff) == 3, f"bad send effect {eff!r:.200}")
+        peer, msg, segs = eff
         # An enclave whose socket hit EOF may still get messages until the zygote reports its
         # exit (the shell drops them); after the core closed a socket, nothing may go to it.
         _assert(peer in self.hosts or peer in self.enclaves, f"send to unknown peer {peer}")
@@ -269,17 +293,19 @@ class Driver:
         _assert(isinstance(msg, dict) and isinstance(msg.get("op"), str), f"bad msg {msg!r}")
         mapped = self.mapped[peer]
         for seg in msg.get("d", ()):
-            _assert(seg in self.freed or seg in self.failed,
+            _assert(seg in self.freed or seg in self.failed or peer in self.hosts,
                     f"drop of segment {seg} that is still live")
             _assert(seg in mapped, f"drop of segment {seg} that {peer} does not map "
                     f"(or a duplicate drop)")
             mapped.pop(seg)
         fd_segs = []
+        page = self.core.page
         for g in msg.get("g", ()):
-            _assert(isinstance(g, list) and len(g) == 4, f"bad grant {g!r}")
-            seg, vaddr, length, has_fd = g
+            _assert(isinstance(g, list) and len(g) == 5, f"bad grant {g!r}")
+            seg, vaddr, length, has_fd, kind = g
+            _assert(kind in ("relay", "shm"), f"bad grant kind {g!r}")
             _assert(seg in self.live, f"grant of segment {seg} that is not live")
-            _assert(vaddr % PAGE == 0 and length > 0 and length % PAGE == 0, f"bad grant {g}")
+            _assert(vaddr % page == 0 and length > 0 and length % page == 0, f"bad grant {g}")
             if has_fd:
                 _assert(seg not in mapped, f"grant of {seg} to {peer} with an fd it has")
                 fd_segs.append(seg)
@@ -288,54 +314,56 @@ class Driver:
                         f"grant of {seg} to {peer} without an fd, but it maps "
                         f"{mapped.get(seg)} not {(vaddr, length)}")
             mapped[seg] = (vaddr, length)
-            self.hold[seg] = peer
+            if kind == "relay":
+                self.hold[seg] = peer
         _assert(list(segs) == fd_segs, f"fds {segs} do not match the grants {msg.get('g')}")
         op = msg["op"]
         if op == "call":
             _assert(peer in self.enclaves and self.enclaves[peer]["type"] == C.SERVER,
                     "call sent to a non-server")
             _assert(len(msg["a"]) == 3, "a call carries [req_arg, vaddr, req_size]")
+            _assert("rid" not in msg, "a call delivered to a server carries no rid")
         elif op == "start":
             _assert(peer in self.enclaves and self.enclaves[peer]["type"] == C.NORMAL,
                     "start sent to a non-normal enclave")
+        elif op == "grant":
+            _assert("rid" not in msg and msg.get("g"), "a grant carries grants and no rid")
         if op in REPLY_OPS:
             self._account_reply(peer, msg, src)
         self.inbox[peer].append(msg)
 
     def _account_reply(self, peer, msg, src):
-        if _is_own(src, peer):
-            if peer in self.hosts:
-                rid = msg.get("rid")
-                if src["own"] is None and rid == src["rid"]:
-                    src["own"] = msg
-                    return
-            elif src["own"] is None:
-                _assert("rid" not in msg, "a reply to an enclave carries a rid")
+        rid = msg.get("rid")
+        if src is not None and src["peer"] == peer and src["own"] is None:
+            if rid is not None and rid == src["rid"] and not src["note"]:
                 src["own"] = msg
                 return
-        if peer in self.hosts:
-            rid = msg.get("rid")
-            _assert(self.pending[peer][rid] > 0,
-                    f"unsolicited reply to host {peer}: {msg!r:.200}")
-            self.pending[peer][rid] -= 1
-            if not self.pending[peer][rid]:
-                del self.pending[peer][rid]
-        else:
-            _assert(self.waiting.get(peer), f"unsolicited reply to enclave {peer}: "
-                    f"{msg!r:.200}")
-            self.waiting[peer] = False
+            if rid is None:
+                _assert(msg["op"] == "e", "a rid-less reply must be an error")
+                _assert(src["rid"] is None,
+                        f"a request with a rid was answered without one: {msg!r:.200}")
+                src["own"] = msg
+                return
+        _assert(rid is not None, f"a rid-less error outside the peer's own message: "
+                f"{msg!r:.200}")
+        _assert(self.pending[peer][rid] > 0, f"unsolicited reply to {peer}: {msg!r:.200}")
+        self.pending[peer][rid] -= 1
+        if not self.pending[peer][rid]:
+            del self.pending[peer][rid]
 
     # ------------------------------------------------------------------ checks
     def check(self):
         """Invariants of the core's state, and of the core against what the peers saw."""
         core = self.core
+        page = core.page
         regs = list(core.regions.values())
+        _assert(not core.pending_seg, "a segment creation was never answered")
         # regions: indexes, alignment, arenas, no overlap, allocator partition
         by_arena = defaultdict(list)
         for r in regs:
             _assert(core.by_vaddr.get(r.vaddr) is r, f"by_vaddr misses region {r.id:#x}")
             _assert(core.seg_region.get(r.seg) is r, f"seg_region misses region {r.id:#x}")
-            _assert(r.vaddr % PAGE == 0 and r.length > 0 and r.length % PAGE == 0,
+            _assert(r.vaddr % page == 0 and r.length > 0 and r.length % page == 0,
                     f"region {r.id:#x} is not page aligned")
             arena = arena_of(core, r.vaddr)
             _assert(arena is not None, f"region {r.id:#x} lies in no arena")
@@ -359,14 +387,23 @@ class Driver:
         want_live = {r.seg: r.length for r in regs if not r.revoked}
         _assert(self.live == want_live,
                 f"live segments {sorted(self.live)} != regions' {sorted(want_live)}")
-        for r in regs:
-            if r.revoked:
-                _assert(r.seg in self.freed, f"revoked region {r.id:#x} still has its fd")
-        # frames and queues
+        # frames, queues, deadlines
         queued = [f for e in core.slots if e is not None for f in e.queue]
-        _assert(sorted(map(id, queued)) == sorted(map(id, core.queued)),
-                "core.queued differs from the servers' queues")
-        _assert(all(f.queued for f in queued), "a frame in a queue is not marked queued")
+        _assert(all(f.queued and not f.answered for f in queued),
+                "a frame in a queue is not marked queued (or was answered)")
+        for f in queued:
+            _assert(core.timers.get(f) == f.deadline and f.deadline is not None,
+                    "a queued call has no deadline")
+        for k, d in core.timers.items():
+            if isinstance(k, C.Frame):
+                _assert(k.deadline == d, "timer and frame deadline differ")
+                _assert(not k.answered, "a deadline for an answered frame")
+            elif isinstance(k, C.Enclave):
+                _assert(k.state == C.STARTING, "a create deadline for a started enclave")
+            else:
+                q = core.peers.get(k[1])
+                _assert(q is not None and not q.eof and q.how is not None,
+                        "an EOF deadline for a peer that is not waiting for EOF")
         escrow = {r.id for f in queued for r in f.loans}
         # relay ownership
         for r in regs:
@@ -382,9 +419,12 @@ class Driver:
                 o = core.peers.get(r.owner)
                 _assert(o is not None and o.alive,
                         f"relay region {r.id:#x} is owned by dead peer {r.owner}")
-                _assert(self.hold.get(r.seg) == r.owner,
-                        f"region {r.id:#x} is owned by {r.owner} but was last given to "
-                        f"{self.hold.get(r.seg)}")
+                if not (o.kind == C.HOST and r.seg not in o.segs):   # a detached region
+                    _assert(self.hold.get(r.seg) == r.owner,
+                            f"region {r.id:#x} is owned by {r.owner} but was last given "
+                            f"to {self.hold.get(r.seg)}")
+            for lender in r.stack:
+                _assert(lender != r.owner, f"region {r.id:#x} lent to its own lender")
         # mappings
         for r in regs:
             for m in r.mappers:
@@ -418,13 +458,16 @@ class Driver:
             q = core.peers.get(e.peer)
             _assert(q is not None and q.enclave is e, f"enclave {eid} lost its peer")
             if e.state == C.DONE:
-                _assert(not q.alive and e.frame_in is None and e.frame_out is None
-                        and not e.queue, f"finished enclave {eid} still holds frames")
+                _assert(not q.alive and e.frame_in is None and not e.out and not e.queue,
+                        f"finished enclave {eid} still holds frames")
                 continue
             _assert(q.alive, f"enclave {eid} is {e.state} but its peer is dead")
+            _assert((e.state == C.STARTING) == (e.create_rid is not None),
+                    f"enclave {eid}: state {e.state} vs create rid {e.create_rid}")
             if e.type == C.SERVER:
                 _assert(core.servers.get(e.name) is e, f"server {e.name!r} not registered")
-                _assert(e.state in (C.IDLE, C.SERVING), f"server in state {e.state}")
+                _assert(e.state in (C.STARTING, C.IDLE, C.SERVING),
+                        f"server in state {e.state}")
                 _assert((e.state == C.SERVING) == (e.frame_in is not None),
                         f"server {e.name!r} state {e.state} vs frame {e.frame_in}")
                 if e.frame_in is not None:
@@ -432,22 +475,26 @@ class Driver:
                 if e.state == C.IDLE:
                     _assert(not e.queue, f"idle server {e.name!r} has a queue")
             else:
-                _assert(e.state in (C.CREATED, C.RUNNING), f"normal in state {e.state}")
+                _assert(e.state in (C.STARTING, C.CREATED, C.RUNNING),
+                        f"normal in state {e.state}")
                 _assert((e.state == C.RUNNING) == (e.frame_in is not None
                                                    and e.frame_in.kind == "run"),
                         f"normal enclave {eid} state vs frame")
-            f = e.frame_out
-            if f is not None:
+                _assert(not e.queue, "a normal enclave has a queue")
+            if e.out:
                 _assert(e.state in (C.RUNNING, C.SERVING), "a waiting enclave is not running")
-                _assert(f.caller == e.peer, "frame_out of another caller")
+            for rid, f in e.out.items():
+                _assert(f.caller == e.peer and f.rid == rid and not f.answered,
+                        "an outgoing frame of another caller, or answered")
                 if f.queued:
                     _assert(any(g is f for g in f.server.queue), "queued call not in queue")
                 else:
                     _assert(f.server.frame_in is f, "running call not served")
-            if e.frame_in is not None and e.frame_in.kind == "call":
-                c = core.peers.get(e.frame_in.caller)
-                if c is not None and c.alive:
-                    _assert(c.enclave.frame_out is e.frame_in, "caller forgot its call")
+            fi = e.frame_in
+            if fi is not None and fi.kind == "call" and not fi.answered:
+                c = core.peers.get(fi.caller)
+                _assert(c is not None and c.alive and c.enclave.out.get(fi.rid) is fi,
+                        "caller forgot its call")
         for name, e in core.servers.items():
             _assert(e.type == C.SERVER and e.state != C.DONE and core.slots[e.eid] is e,
                     f"stale server registration {name!r}")
@@ -456,28 +503,33 @@ class Driver:
                 _assert(core.slots[q.enclave.eid] is q.enclave, f"enclave peer {pid_} "
                         f"without its slot")
         # no wait-for cycles: following the calls enclaves wait for never comes back
-        for e in core.slots:
-            seen = set()
-            cur = e
-            while cur is not None and cur.frame_out is not None:
-                _assert(id(cur) not in seen, f"deadlock: a cycle of waiting calls through "
-                        f"{cur.name!r}")
-                seen.add(id(cur))
-                cur = cur.frame_out.server
-        # replies: an enclave waits exactly when the core holds its call; a host waits for
-        # exactly the runs the core has going
+        live = [e for e in core.slots if e is not None]
+        for e in live:
+            for f in e.out.values():
+                _assert(not core._waits_for(f.server, e),
+                        f"deadlock: a cycle of waiting calls through {e.name!r}")
+        # replies: every peer waits exactly for what the core still has to answer
         for pid_, q in core.peers.items():
-            if q.kind == C.ENCLAVE and q.alive:
-                _assert(bool(self.waiting.get(pid_)) == (q.enclave.frame_out is not None),
-                        f"enclave {pid_}: waiting={self.waiting.get(pid_)} but frame_out="
-                        f"{q.enclave.frame_out}")
-            if q.kind == C.HOST and q.alive:
-                runs = Counter(e.frame_in.rid for e in core.slots
+            if not q.alive:
+                continue
+            if q.kind == C.ENCLAVE:
+                want = Counter(q.enclave.out.keys())
+            else:
+                want = Counter(e.frame_in.rid for e in core.slots
                                if e is not None and e.host == pid_ and e.frame_in is not None
-                               and e.frame_in.kind == "run")
-                _assert(+self.pending[pid_] == runs,
-                        f"host {pid_} waits for runs {dict(self.pending[pid_])}, the core "
-                        f"runs {dict(runs)}")
+                               and e.frame_in.kind == "run" and not e.frame_in.answered)
+                want.update(e.create_rid for e in core.slots
+                            if e is not None and e.host == pid_ and e.create_rid is not None)
+            _assert(+self.pending[pid_] == want,
+                    f"peer {pid_} waits for {dict(self.pending[pid_])}, the core has "
+                    f"{dict(want)} to answer")
+        # tombstones belong to live hosts and are bounded
+        for h, (host, cls, why) in core.tombs.items():
+            q = core.peers.get(host)
+            _assert(q is not None and q.kind == C.HOST and h in q.tombs, "stray tombstone")
+            _assert(isinstance(why, str) and cls.code < 0, "bad tombstone")
+        for q in core.peers.values():
+            _assert(len(q.tombs) <= core.config.max_tombstones, "tombstones unbounded")
 
     def finish(self):
         """Disconnect every host and report every exit; nothing may be left behind."""
@@ -493,7 +545,8 @@ class Driver:
         _assert(not core.peers, f"peers left: {sorted(core.peers)}")
         _assert(all(e is None for e in core.slots), "enclave slots left")
         _assert(not core.regions, f"regions left: {sorted(core.regions)}")
-        _assert(not core.servers and not core.queued, "servers or queued calls left")
+        _assert(not core.servers and not core.timers, "servers or deadlines left")
+        _assert(not core.tombs, "tombstones left")
         _assert(not self.live, f"segments never freed: {sorted(self.live)}")
         _assert(set(self.created) == self.freed, "created and freed segments differ")
         for name, a in core.arenas.items():
@@ -505,7 +558,3 @@ class Driver:
         msgs = self.inbox[peer]
         self.inbox[peer] = []
         return msgs
-
-
-def _is_own(src, peer):
-    return src is not None and src["peer"] == peer

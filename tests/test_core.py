@@ -13,7 +13,9 @@ import pytest
 from core_driver import Driver, snapshot
 from tvmrt import errors as E
 from tvmrt._layout import ARENAS, PAGE
-from tvmrt.monitor.core import NORMAL, SERVER, Core, Limits, measure
+from tvmrt.monitor.config import Config
+from tvmrt.monitor.core import NORMAL, SERVER, Core, measure
+from tvmrt.monitor.effects import Close, FreeSeg, Kill, NewSeg, Send, Spawn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,11 +23,27 @@ KEY = b"k" * 32
 _rids = itertools.count(1)
 
 
+def new_core(**kw):
+    return Core(Config(key=KEY, **kw))
+
+
 @pytest.fixture
 def d():
-    drv = Driver(Core(key=KEY))
+    drv = Driver(new_core())
     yield drv
     drv.check()
+
+
+class _Any:
+    def __eq__(self, other):
+        return True
+
+    def __repr__(self):
+        return "ANY"
+
+
+ANY = _Any()
+NOTES = ("ready", "ret", "exit", "fault")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -36,8 +54,12 @@ def hreq(d, host, op, **kw):
 
 
 def ereq(d, peer, op, **kw):
-    """An enclave request; returns its immediate reply (None if deferred)."""
-    d.message(peer, {"op": op, **kw})
+    """An enclave request (with a fresh rid) or notification; returns its immediate reply
+    (None if deferred)."""
+    msg = {"op": op, **kw}
+    if op not in NOTES and "rid" not in kw:
+        msg["rid"] = next(_rids)
+    d.message(peer, msg)
     return d.last_reply
 
 
@@ -53,17 +75,22 @@ def err(reply, exc):
 
 
 def effects(d, kind):
-    return [e for e in d.effects if e[0] == kind]
+    return [e for e in d.effects if type(e) is kind]
+
+
+def has(fx, eff):
+    """``eff`` is among ``fx`` (effects compare as tuples: check the type too)."""
+    return any(type(e) is type(eff) and e == eff for e in fx)
 
 
 def create(d, host, name="e", etype=NORMAL, **kw):
     """Create an enclave; returns (peer, handle)."""
     n = len(d.effects)
     rep = ok(hreq(d, host, "create", name=name, type=etype, code=b"print(1)", **kw))
-    spawns = [e for e in d.effects[n:] if e[0] == "spawn"]
+    spawns = [e for e in d.effects[n:] if type(e) is Spawn]
     assert len(spawns) == 1
-    assert spawns[0][2]["handle"] == rep["handle"]
-    return spawns[0][1], rep["handle"]
+    assert spawns[0].spec["handle"] == rep["handle"]
+    return spawns[0].peer, rep["handle"]
 
 
 def server(d, host, name="srv"):
@@ -116,16 +143,16 @@ def test_shmget_attach_detach_ctl(d):
     sid, vaddr = rep["id"], rep["vaddr"]
     assert sid == 0x10000 and rep["size"] == 2 * PAGE
     assert ARENAS["shm"][0] <= vaddr < ARENAS["shm"][0] + ARENAS["shm"][1]
-    (new,) = effects(d, "new_seg")
-    seg = new[1]
-    assert new == ("new_seg", seg, 2 * PAGE, "shm")
+    (new,) = effects(d, NewSeg)
+    seg = new.seg
+    assert new == NewSeg(seg, 2 * PAGE, "shm")
 
     sends = len(d.effects)
     rep = ok(hreq(d, h, "shmat", id=sid))
     assert rep["vaddr"] == vaddr and rep["size"] == 2 * PAGE
-    assert rep["g"] == [[seg, vaddr, 2 * PAGE, 1]]
-    (send,) = [e for e in d.effects[sends:] if e[0] == "send"]
-    assert send[3] == [seg]                      # the fd goes with the grant
+    assert rep["g"] == [[seg, vaddr, 2 * PAGE, 1, "shm"]]
+    (send,) = [e for e in d.effects[sends:] if type(e) is Send]
+    assert send.segs == [seg]                      # the fd goes with the grant
     err(hreq(d, h, "shmat", id=sid), E.BadState)             # already attached
     err(hreq(d, h, "shmctl", id=sid), E.BadState)            # still attached
     ok(hreq(d, h, "shmdt", id=sid))
@@ -133,9 +160,9 @@ def test_shmget_attach_detach_ctl(d):
     ok(hreq(d, h, "shmat", id=sid))                          # again: a new fd
     assert d.last_reply["g"][0][3] == 1
     ok(hreq(d, h, "shmdt", id=sid))
-    assert not effects(d, "free_seg")
+    assert not effects(d, FreeSeg)
     ok(hreq(d, h, "shmctl", id=sid))
-    assert effects(d, "free_seg") == [("free_seg", seg)]
+    assert effects(d, FreeSeg) == [FreeSeg(seg)]
     err(hreq(d, h, "shmat", id=sid), E.UnknownId)
     err(hreq(d, h, "shmctl", id=sid), E.UnknownId)
     assert not d.core.regions
@@ -146,17 +173,17 @@ def test_sget_attach_detach_ctl(d):
     rep = ok(hreq(d, h, "sget", size=PAGE))
     sid, vaddr = rep["id"], rep["vaddr"]
     assert ARENAS["relay"][0] <= vaddr < ARENAS["relay"][0] + ARENAS["relay"][1]
-    assert effects(d, "new_seg")[0][3] == "relay"
+    assert effects(d, NewSeg)[0].arena == "relay"
     assert d.core.regions[sid].owner == h
     err(hreq(d, h, "shmat", id=sid), E.UnknownId)            # not a shm region
     rep = ok(hreq(d, h, "sat", id=sid))
     seg = rep["g"][0][0]
-    assert rep["g"] == [[seg, vaddr, PAGE, 1]]
+    assert rep["g"] == [[seg, vaddr, PAGE, 1, "relay"]]
     err(hreq(d, h, "sat", id=sid), E.BadState)
     err(hreq(d, h, "sctl", id=sid), E.BadState)
     ok(hreq(d, h, "sdt", id=sid))
     ok(hreq(d, h, "sctl", id=sid))
-    assert effects(d, "free_seg") == [("free_seg", seg)]
+    assert effects(d, FreeSeg) == [FreeSeg(seg)]
     err(hreq(d, h, "sat", id=sid), E.UnknownId)
     # the relay arena is reused from its start
     assert ok(hreq(d, h, "sget", size=PAGE))["vaddr"] == vaddr
@@ -179,9 +206,9 @@ def test_create_lowest_free_eid_and_generation_handles(d):
     rep = ok(hreq(d, h, "create", name="first", type=NORMAL, code=b"abc", path="/x/first.py"))
     assert rep["eid"] == 0 and rep["handle"] == 0
     assert rep["measurement"] == measure(NORMAL, "first", b"abc")
-    (spawn,) = [e for e in d.effects[n:] if e[0] == "spawn"]
-    _, peer, spec, shm_seg = spawn
-    assert shm_seg is None
+    (spawn,) = [e for e in d.effects[n:] if type(e) is Spawn]
+    peer, spec, shm_seg, stdio = spawn
+    assert shm_seg is None and stdio == "null"
     assert spec == {"eid": 0, "handle": 0, "name": "first", "type": NORMAL, "code": b"abc",
                     "path": "/x/first.py"}
     s_peer, s_handle = server(d, h, "srv")
@@ -195,7 +222,7 @@ def test_create_lowest_free_eid_and_generation_handles(d):
 
     # destroy the server: its slot stays taken until its process is reaped
     ok(hreq(d, h, "destroy", handle=s_handle))
-    assert ("kill", s_peer) in d.effects and ("close", s_peer) in d.effects
+    assert has(d.effects, Kill(s_peer)) and has(d.effects, Close(s_peer))
     err(ereq(d, peer, "acquire", name="srv"), E.NoSuchServer)
     err(hreq(d, h, "destroy", handle=s_handle), E.UnknownHandle)
     assert create(d, h, "later")[1] == 3
@@ -214,7 +241,7 @@ def test_create_with_shm_window(d):
     h = d.connect()
     rep = ok(hreq(d, h, "shmget", size=4 * PAGE))
     sid, vaddr = rep["id"], rep["vaddr"]
-    seg = effects(d, "new_seg")[0][1]
+    seg = effects(d, NewSeg)[0].seg
     err(hreq(d, h, "create", name="w", type=NORMAL, code=b"", shm=[sid, 1, PAGE]), E.Unaligned)
     err(hreq(d, h, "create", name="w", type=NORMAL, code=b"", shm=[sid, 0, 0]), E.BadSize)
     err(hreq(d, h, "create", name="w", type=NORMAL, code=b"", shm=[sid, 2 * PAGE, 3 * PAGE]),
@@ -223,20 +250,20 @@ def test_create_with_shm_window(d):
         E.UnknownId)
     n = len(d.effects)
     peer, handle = create(d, h, "w", shm=[sid, PAGE, 2 * PAGE])
-    (spawn,) = [e for e in d.effects[n:] if e[0] == "spawn"]
-    assert spawn[3] == seg and spawn[2]["shm"] == [vaddr + PAGE, 2 * PAGE, PAGE]
+    (spawn,) = [e for e in d.effects[n:] if type(e) is Spawn]
+    assert spawn.shm_seg == seg and spawn.spec["shm"] == [vaddr + PAGE, 2 * PAGE, PAGE]
     assert hreq(d, h, "run", handle=handle) is None
     start = one(d, peer)
     assert start == {"op": "start", "args": [vaddr + PAGE, 2 * PAGE, 0, 0, 0], "g": []}
     # shmctl revokes the id at once; the memory stays while the enclave maps it
     ok(hreq(d, h, "shmctl", id=sid))
-    assert effects(d, "free_seg") == [("free_seg", seg)]
+    assert effects(d, FreeSeg) == [FreeSeg(seg)]
     assert sid in d.core.regions and d.core.regions[sid].revoked
     assert ereq(d, peer, "exit", v=0) is None
     assert one(d, h)["retval"] == 0
     d.die(peer, how="exited 0")
     assert sid not in d.core.regions
-    assert effects(d, "free_seg") == [("free_seg", seg)]     # not a second time
+    assert effects(d, FreeSeg) == [FreeSeg(seg)]     # not a second time
 
 
 # ---------------------------------------------------------------------- run / exit
@@ -254,7 +281,7 @@ def test_run_with_schrodinger_window_and_exit(d):
     assert d.last_reply is None
     start = one(d, peer)
     assert start == {"op": "start", "args": [0, 0, 0, vaddr + PAGE, PAGE],
-                     "g": [[seg, vaddr, 2 * PAGE, 1]]}
+                     "g": [[seg, vaddr, 2 * PAGE, 1, "relay"]]}
     assert d.core.regions[sid].owner == peer and d.core.regions[sid].stack == [h]
     # the host cannot touch, free or lend it while the enclave runs
     err(hreq(d, h, "sctl", id=sid), E.RegionLoaned)
@@ -266,11 +293,14 @@ def test_run_with_schrodinger_window_and_exit(d):
     assert ereq(d, peer, "exit", v=7) is None
     reply = one(d, h)
     # the region comes back without an fd: the host still maps it
-    assert reply == {"op": "r", "rid": rid, "retval": 7, "g": [[seg, vaddr, 2 * PAGE, 0]]}
-    assert ("kill", peer) in d.effects[n:]
+    assert reply == {"op": "r", "rid": rid, "retval": 7,
+                     "g": [[seg, vaddr, 2 * PAGE, 0, "relay"]]}
+    assert has(d.effects[n:], Kill(peer))
     assert d.core.regions[sid].owner == h and d.core.regions[sid].stack == []
-    err(hreq(d, h, "run", handle=handle), E.UnknownHandle)   # finished
+    rep = err(hreq(d, h, "run", handle=handle), E.BadState)   # its tombstone
+    assert rep["why"] == "enclave 'runner' has exited with value 7"
     d.die(peer, how="exited 0")
+    assert err(hreq(d, h, "attest", handle=handle, nonce=1), E.BadState)["why"] == rep["why"]
     assert d.core.slots[0] is None
     ok(hreq(d, h, "sdt", id=sid))
     ok(hreq(d, h, "sctl", id=sid))
@@ -292,9 +322,13 @@ def test_normal_enclave_fault_reports_to_host(d):
     ereq(d, peer, "fault", why="ZeroDivisionError")
     reply = err(one(d, h), E.EnclaveFault)
     assert reply["rid"] == rid and "ZeroDivisionError" in reply["why"]
-    # the host never attached it: the region comes back with an fd
-    assert reply["g"][0][3] == 1
+    # the host never attached it: it owns it again but gets no grant (it maps nothing)
+    assert reply["g"] == []
     assert d.core.regions[sid].owner == h
+    # a faulted enclave's handle keeps answering with the fault
+    for op, kw in (("run", {}), ("attest", {"nonce": 1}), ("destroy", {})):
+        rep = err(hreq(d, h, op, handle=handle, **kw), E.EnclaveFault)
+        assert "ZeroDivisionError" in rep["why"]
 
 
 # ---------------------------------------------------------------------- calls
@@ -313,7 +347,7 @@ def test_call_and_return_moves_regions(d):
     assert call(d, c, sh, [5, 0, v, PAGE, 0, 0]) is None
     msg = one(d, s)
     assert msg == {"op": "call", "a": [5, v, PAGE], "c": d.core.peers[c].enclave.eid,
-                   "g": [[seg, v, PAGE, 1]]}
+                   "g": [[seg, v, PAGE, 1, "relay"]]}
     assert owner(d, v) == s and d.core.by_vaddr[v].stack == [c]
     err(ereq(d, c, "unmap", vaddr=v, size=PAGE), E.NotOwned)     # it is on loan
     r = mmap(d, s, 2 * PAGE)
@@ -322,17 +356,18 @@ def test_call_and_return_moves_regions(d):
     assert d.take(s) == []
     reply = one(d, c)
     assert reply["op"] == "r" and reply["a"] == [5, 99, v, PAGE, r, 2 * PAGE]
-    assert grants(reply) == sorted([(seg, v, PAGE, 0), (rseg, r, 2 * PAGE, 1)])
+    assert grants(reply) == sorted([(seg, v, PAGE, 0, "relay"),
+                                   (rseg, r, 2 * PAGE, 1, "relay")])
     assert owner(d, v) == c and owner(d, r) == c
     # the response region is the caller's now: it may unmap it
     ok(ereq(d, c, "unmap", vaddr=r, size=2 * PAGE))
-    assert ("free_seg", rseg) in d.effects
+    assert has(d.effects, FreeSeg(rseg))
     # a call with registers only
     assert call(d, c, sh, [1, 0, 0, 0, 0, 0]) is None
     assert one(d, s) == {"op": "call", "a": [1, 0, 0], "c": 0 + d.core.peers[c].enclave.eid,
                          "g": [], "d": [rseg]}
     ereq(d, s, "ret", a=[1, 2, 0, 0, 0, 0])
-    assert one(d, c) == {"op": "r", "a": [1, 2, 0, 0, 0, 0], "g": []}
+    assert one(d, c) == {"op": "r", "rid": ANY, "a": [1, 2, 0, 0, 0, 0], "g": []}
 
 
 def test_server_returns_the_loan_as_response(d):
@@ -342,7 +377,7 @@ def test_server_returns_the_loan_as_response(d):
     d.take(s)
     ereq(d, s, "ret", a=[0, 1, 0, 0, v, PAGE])
     reply = one(d, c)
-    assert reply["a"][4:] == [v, PAGE] and grants(reply) == [(seg_at(d, v), v, PAGE, 0)]
+    assert reply["a"][4:] == [v, PAGE] and grants(reply) == [(seg_at(d, v), v, PAGE, 0, "relay")]
     assert owner(d, v) == c
 
 
@@ -351,20 +386,20 @@ def test_nested_calls_pass_the_loan_on(d):
     v = mmap(d, c, PAGE)
     seg = seg_at(d, v)
     call(d, c, h1, [1, 0, v, PAGE, 0, 0])
-    assert one(d, s1)["g"] == [[seg, v, PAGE, 1]]
+    assert one(d, s1)["g"] == [[seg, v, PAGE, 1, "relay"]]
     assert call(d, s1, h2, [2, 0, v, PAGE, 0, 0]) is None
     msg = one(d, s2)
-    assert msg["a"] == [2, v, PAGE] and msg["g"] == [[seg, v, PAGE, 1]]
+    assert msg["a"] == [2, v, PAGE] and msg["g"] == [[seg, v, PAGE, 1, "relay"]]
     assert msg["c"] == d.core.peers[s1].enclave.eid
     assert owner(d, v) == s2 and d.core.by_vaddr[v].stack == [c, s1]
     ereq(d, s2, "ret", a=[2, 20, v, PAGE, 0, 0])
     back = one(d, s1)
-    assert back["a"][1] == 20 and back["g"] == [[seg, v, PAGE, 0]]
+    assert back["a"][1] == 20 and back["g"] == [[seg, v, PAGE, 0, "relay"]]
     assert owner(d, v) == s1 and d.core.by_vaddr[v].stack == [c]
     assert d.take(c) == []
     ereq(d, s1, "ret", a=[1, 10, v, PAGE, 0, 0])
     back = one(d, c)
-    assert back["a"][1] == 10 and back["g"] == [[seg, v, PAGE, 0]]
+    assert back["a"][1] == 10 and back["g"] == [[seg, v, PAGE, 0, "relay"]]
     assert owner(d, v) == c and d.core.by_vaddr[v].stack == []
 
 
@@ -392,7 +427,8 @@ def test_call_cycle_through_a_queued_call(d):
     call(d, c2, h2, [0] * 6)
     d.take(s1), d.take(s2)
     assert call(d, s1, h2, [0] * 6) is None          # queued behind c2
-    assert d.core.peers[s1].enclave.frame_out.queued
+    (f,) = d.core.peers[s1].enclave.out.values()
+    assert f.queued
     before = snapshot(d.core)
     err(call(d, s2, h1, [0] * 6), E.CallCycle)
     assert snapshot(d.core) == before
@@ -419,7 +455,7 @@ def test_busy_server_queues_fifo_nb_and_timeout(d):
     # non-blocking: refused at once, its region granted back
     before = snapshot(d.core)
     reply = err(call(d, cs[4], sh, [4, 0, vs[4], PAGE, 0, 0], nb=True), E.ServerBusy)
-    assert reply["g"] == [[seg_at(d, vs[4]), vs[4], PAGE, 0]]
+    assert reply["g"] == [[seg_at(d, vs[4]), vs[4], PAGE, 0, "relay"]]
     assert snapshot(d.core) == before
     # c2's deadline passes while it waits
     assert d.core.next_deadline() == 1.0
@@ -427,7 +463,7 @@ def test_busy_server_queues_fifo_nb_and_timeout(d):
     assert d.take(cs[2]) == []
     d.tick(1.0)
     reply = err(one(d, cs[2]), E.Timeout)
-    assert reply["g"] == [[seg_at(d, vs[2]), vs[2], PAGE, 0]]
+    assert reply["g"] == [[seg_at(d, vs[2]), vs[2], PAGE, 0, "relay"]]
     assert owner(d, vs[2]) == cs[2]
     # FIFO: c1 then c3; the timed-out call never reaches the server
     ereq(d, s, "ret", a=[0] * 6)
@@ -454,7 +490,7 @@ def test_server_fault_during_call(d):
     d.take(s)
     assert ereq(d, s, "fault", why="KeyError: 'x'") is None
     reply = err(one(d, c), E.EnclaveFault)
-    assert "KeyError" in reply["why"] and reply["g"] == [[seg_at(d, v), v, PAGE, 0]]
+    assert "KeyError" in reply["why"] and reply["g"] == [[seg_at(d, v), v, PAGE, 0, "relay"]]
     # the server survives and serves the next call
     assert d.core.servers["s1"].peer == s
     assert one(d, s)["a"] == [7, 0, 0]
@@ -473,17 +509,18 @@ def test_server_dies_mid_call(d):
     own = mmap(d, s, PAGE)
     own_seg = seg_at(d, own)
     d.disconnected(s)
-    assert ("kill", s) in d.effects
+    assert has(d.effects, Kill(s))
     assert d.take(c) == []                  # the core waits for the zygote's report
     d.exited(s)
     reply = err(one(d, c), E.PeerDied)
-    assert reply["g"] == [[seg_at(d, v), v, PAGE, 0]]
+    assert reply["g"] == [[seg_at(d, v), v, PAGE, 0, "relay"]]
     reply = err(one(d, c2), E.PeerDied)                      # the queued caller too
-    assert reply["g"] == [[seg_at(d, v2), v2, PAGE, 0]]
-    assert ("free_seg", own_seg) in d.effects                # the server's own region
+    assert reply["g"] == [[seg_at(d, v2), v2, PAGE, 0, "relay"]]
+    assert has(d.effects, FreeSeg(own_seg))                # the server's own region
     assert owner(d, v) == c and owner(d, v2) == c2
     err(ereq(d, c, "acquire", name="s1"), E.NoSuchServer)
-    err(call(d, c, sh, [0] * 6), E.UnknownHandle)
+    rep = err(call(d, c, sh, [0] * 6), E.EnclaveFault)       # its tombstone
+    assert "signal 9" in rep["why"]
     assert d.core.slots[d.core.peers[c].enclave.eid] is not None
     assert s not in d.core.peers
 
@@ -507,14 +544,14 @@ def test_caller_dies_mid_call(d):
     call(d, c, sh, [0, 0, v, PAGE, 0, 0])
     d.take(s)
     d.die(c)
-    assert ("free_seg", vseg) not in d.effects               # still on loan to the server
+    assert not has(d.effects, FreeSeg(vseg))               # still on loan to the server
     r = mmap(d, s, PAGE)
     rseg = seg_at(d, r)
     n = len(d.effects)
     assert ereq(d, s, "ret", a=[0, 0, v, PAGE, r, PAGE]) is None
     fx = d.effects[n:]
-    assert ("free_seg", rseg) in fx and ("free_seg", vseg) in fx
-    assert not [e for e in fx if e[0] == "send"]
+    assert has(fx, FreeSeg(rseg)) and has(fx, FreeSeg(vseg))
+    assert not [e for e in fx if type(e) is Send]
     assert not d.core.regions
     # and the server serves on
     c2, _ = running(d, h, "c2")
@@ -531,8 +568,8 @@ def test_caller_dies_while_queued(d):
     d.take(s)
     seg2 = seg_at(d, v2)
     d.die(c2)
-    assert ("free_seg", seg2) in d.effects
-    assert v2 not in d.core.by_vaddr and not d.core.queued
+    assert has(d.effects, FreeSeg(seg2))
+    assert v2 not in d.core.by_vaddr and not d.core.timers
     ereq(d, s, "ret", a=[0] * 6)
     assert one(d, c)["op"] == "r"
     assert d.take(s) == []                                   # nothing dispatched
@@ -558,7 +595,7 @@ def test_host_disconnect_kills_enclaves_and_frees_regions(d):
     d.take(s9)
     d.disconnected(h)
     for e in (s, c, c2):
-        assert ("kill", e) in d.effects
+        assert has(d.effects, Kill(e))
     assert "hs" not in d.core.servers and "os" in d.core.servers
     # the schrodinger region is still with the other host's server
     assert d.core.regions[rid_].owner == s9
@@ -567,8 +604,8 @@ def test_host_disconnect_kills_enclaves_and_frees_regions(d):
     ereq(d, s9, "ret", a=[0] * 6)
     assert d.take(s9) == []
     assert not d.core.regions                               # the loan had nowhere to go
-    news = [e[1] for e in effects(d, "new_seg")]
-    frees = [e[1] for e in effects(d, "free_seg")]
+    news = [e.seg for e in effects(d, NewSeg)]
+    frees = [e.seg for e in effects(d, FreeSeg)]
     assert sorted(news) == sorted(frees)                    # each exactly once
     d.finish()
 
@@ -582,10 +619,10 @@ def test_shutdown_frees_everything(d):
     call(d, c, sh, [0, 0, v, PAGE, 0, 0])
     d.shutdown()
     assert not d.core.regions
-    assert sorted(e[1] for e in effects(d, "new_seg")) == sorted(
-        e[1] for e in effects(d, "free_seg"))
+    assert sorted(e.seg for e in effects(d, NewSeg)) == sorted(
+        e.seg for e in effects(d, FreeSeg))
     for e in (s, c):
-        assert ("kill", e) in d.effects
+        assert has(d.effects, Kill(e))
 
 
 # ---------------------------------------------------------------------- bad arguments
@@ -686,10 +723,10 @@ def test_bad_arguments_have_distinct_codes_and_change_nothing(d):
         (c, {"op": "fault", "why": 3}, E.InvalidArgument),
         (c, {"op": "report", "nonce": -1}, E.InvalidArgument),
         # unknown ops
-        (h, {"op": "frobnicate"}, E.ProtocolError),
-        (h, {"op": "mmap", "size": PAGE}, E.ProtocolError),     # an enclave op
-        (c, {"op": "frobnicate"}, E.ProtocolError),
-        (c, {"op": "shmget", "size": PAGE}, E.ProtocolError),   # a host op
+        (h, {"op": "frobnicate"}, E.LocalProtocolError),
+        (h, {"op": "mmap", "size": PAGE}, E.LocalProtocolError),     # an enclave op
+        (c, {"op": "frobnicate"}, E.LocalProtocolError),
+        (c, {"op": "shmget", "size": PAGE}, E.LocalProtocolError),   # a host op
     ]
     for peer, msg, exc in cases:
         _unchanged(d, peer, dict(msg), exc)
@@ -698,7 +735,22 @@ def test_bad_arguments_have_distinct_codes_and_change_nothing(d):
     assert len(codes) == len({exc for _, _, exc in cases})
     # a host error carries the request's rid; one with a bad rid still gets an answer
     d.message(h, {"op": "frobnicate", "rid": "x"})
-    assert d.last_reply["c"] == E.ProtocolError.code and "rid" not in d.last_reply
+    assert d.last_reply["c"] == E.LocalProtocolError.code and "rid" not in d.last_reply
+    # requests without a valid rid: a rid-less LocalProtocolError, nothing changes
+    before = snapshot(d.core)
+    for peer, msg in ((h, {"op": "shmget", "size": PAGE}), (c, {"op": "mmap", "size": PAGE}),
+                      (h, {"op": "ps", "rid": 0}), (c, {"op": "acquire", "name": "s1",
+                                                        "rid": -3}),
+                      (c, {"op": "call", "handle": sh, "a": [0] * 6, "rid": True}),
+                      (h, {"op": "create", "name": "x", "type": 0, "code": b"", "rid": 1.5}),
+                      (h, {"op": "ps", "rid": 1 << 64})):
+        d.message(peer, msg)
+        rep = err(d.last_reply, E.LocalProtocolError)
+        assert "rid" not in rep, rep
+    assert snapshot(d.core) == before
+    # an unknown op with a valid rid is answered to that rid
+    d.message(c, {"op": "nope", "rid": 77})
+    assert err(d.last_reply, E.LocalProtocolError)["rid"] == 77
 
 
 def test_stale_handle_after_slot_reuse(d):
@@ -726,7 +778,7 @@ def test_bad_return_gives_the_loan_back(d):
     d.take(s)
     assert ereq(d, s, "ret", a=[0, 1, 0, 0, mine, PAGE])["c"] == E.BadReturn.code
     reply = err(one(d, c), E.BadReturn)
-    assert reply["g"] == [[seg_at(d, v), v, PAGE, 0]]
+    assert reply["g"] == [[seg_at(d, v), v, PAGE, 0, "relay"]]
     assert owner(d, v) == c and owner(d, mine) == c
     assert d.core.peers[s].enclave.state == "idle"
     # an address nobody owns, and the server serves on
@@ -741,7 +793,7 @@ def test_unmap(d):
     v = mmap(d, c, 3 * PAGE)
     seg = seg_at(d, v)
     assert ok(ereq(d, c, "unmap", vaddr=v, size=3 * PAGE))["d"] == [seg]
-    assert ("free_seg", seg) in d.effects
+    assert has(d.effects, FreeSeg(seg))
     err(ereq(d, c, "unmap", vaddr=v, size=3 * PAGE), E.NotOwned)
     # the address is reused for a new segment
     v2 = ok(ereq(d, c, "mmap", size=PAGE))
@@ -758,11 +810,11 @@ def test_unmap(d):
     assert v3 == v
     call(d, c, sh, [0, 0, v, PAGE, 0, 0])
     msg = one(d, s)
-    assert msg["d"] == [vseg] and msg["g"] == [[seg_at(d, v), v, PAGE, 1]]
+    assert msg["d"] == [vseg] and msg["g"] == [[seg_at(d, v), v, PAGE, 1, "relay"]]
 
 
 def test_quota(d):
-    d.core.limits = Limits(max_regions=2, max_bytes=3 * PAGE)
+    d.core = new_core(max_regions=2, max_bytes=3 * PAGE)
     h, c, _ = _world(d)
     mmap(d, c, PAGE)
     mmap(d, c, PAGE)
@@ -787,9 +839,11 @@ def test_segment_failure_undoes_the_region(d):
 def test_spawn_failure_reaps_the_enclave(d):
     h = d.connect()
     d.fail_next_spawn = True
-    peer, handle = create(d, h, "bad")
-    assert peer not in d.core.peers
-    err(hreq(d, h, "run", handle=handle), E.UnknownHandle)
+    n = len(d.effects)
+    rep = err(hreq(d, h, "create", name="bad", type=NORMAL, code=b""), E.EnclaveFault)
+    assert "could not start" in rep["why"]
+    (spawn,) = [e for e in d.effects[n:] if type(e) is Spawn]
+    assert spawn.peer not in d.core.peers
     assert create(d, h, "good")[1] == (1 << 32)        # slot 0, next generation
 
 
@@ -835,9 +889,9 @@ def test_loan_returns_to_the_nearest_live_lender(d):
     d.die(s1)
     reply = err(one(d, c), E.PeerDied)
     assert reply["g"] == []                                   # s2 still has it
-    assert owner(d, v) == s2 and d.core.by_vaddr[v].stack == [c, s1]
+    assert owner(d, v) == s2 and d.core.by_vaddr[v].stack == [c]     # s1 is skipped
     ereq(d, s2, "ret", a=[0] * 6)
     assert d.take(s2) == []
-    assert one(d, c) == {"op": "grant", "g": [[seg, v, PAGE, 0]]}
+    assert one(d, c) == {"op": "grant", "g": [[seg, v, PAGE, 0, "relay"]]}
     assert owner(d, v) == c and d.core.by_vaddr[v].stack == []
     ok(ereq(d, c, "unmap", vaddr=v, size=PAGE))

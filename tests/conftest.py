@@ -38,18 +38,27 @@ def wait_until(pred, timeout=10.0, every=0.01):
     return pred()
 
 
+def _fd_targets(pid) -> set[str]:
+    """What the fds of process ``pid`` refer to ("pipe:[123]", "socket:[456]", paths)."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass                  # closed meanwhile
+    return out
+
+
 @pytest.fixture(scope="session")
 def monitor():
     before = shm_names()
     mon = EmbeddedMonitor().start()
     proc = psutil.Process(mon.pid)
-    # listener, zygote channel, epoll, wake pipe, stdio; the ready pipe is closed just
-    # after "ready" is written, so wait for the count to settle
-    counts = []
-    while len(counts) < 3 or len(set(counts[-3:])) > 1:
-        counts.append(proc.num_fds())
-        time.sleep(0.02)
-    mon.idle_fds = counts[-1]
+    # the monitor closes the ready pipe just after writing "ready": count its idle fds once
+    # that has happened
+    assert wait_until(lambda: mon.ready_pipe not in _fd_targets(mon.pid), 10), \
+        "the monitor kept its ready pipe open"
+    mon.idle_fds = proc.num_fds()
     yield mon
     kids = proc.children(recursive=True)
     assert mon.stop() == 0, "the monitor did not exit 0 on SIGTERM"

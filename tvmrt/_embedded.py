@@ -25,11 +25,14 @@ class EmbeddedMonitor:
         self.path = None
         self.proc = None
         self.verbose = verbose
+        self.ready_pipe = None
 
     def start(self, timeout: float = 20.0) -> EmbeddedMonitor:
         self.dir = tempfile.mkdtemp(prefix="tvmrt-")
         self.path = os.path.join(self.dir, "monitor.sock")
         r, w = os.pipe()
+        #: the ready pipe's identity, as /proc/PID/fd shows it (tests wait for it to close)
+        self.ready_pipe = os.readlink(f"/proc/self/fd/{w}")
         # Run the very tvmrt this process imported, whatever the child's cwd or sys.path
         # would otherwise pick (e.g. a source checkout beside an installed copy).
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,12 +1,24 @@
 """call_enclave between enclave processes: loans, responses, errors, faults."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from conftest import eapp
+from conftest import eapp, wait_until
 from tvmrt import SERVER
-from tvmrt.errors import (BadReturn, BadSize, CallCycle, EnclaveFault, NoSuchServer, NotOwned,
-                          PeerDied, Unaligned, UnknownHandle)
+from tvmrt.errors import (
+    BadReturn,
+    BadSize,
+    CallCycle,
+    EnclaveFault,
+    NoSuchServer,
+    NotOwned,
+    PeerDied,
+    ServerBusy,
+    Unaligned,
+    UnknownHandle,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,24 +76,28 @@ def test_cycle_fails_at_once(host):
 
 
 def test_busy_server_queues_and_nonblocking_is_refused(host):
-    import threading
-    import time
-    from tvmrt.errors import ServerBusy
     host.create(eapp("echo_server"), name="echo", type=SERVER)
     shm_a, shm_b = host.shmget(0x1000), host.shmget(0x1000)
     va, vb = shm_a.view.cast("i"), shm_b.view.cast("i")
     va[0], vb[0] = 5, 6
     a = host.create(eapp("call_probe"), name="slow", shm=shm_a)
     b = host.create(eapp("call_probe"), name="eager", shm=shm_b)
-    ta = threading.Thread(target=a.run)
+    result = {}
+    ta = threading.Thread(target=lambda: result.setdefault("a", a.run()))
     ta.start()
-    end = time.monotonic() + 10
-    while va[2] != 1 and time.monotonic() < end:
-        time.sleep(0.001)
-    assert b.run() == 0
-    ta.join(10)
+    try:
+        # the server is inside "slow"'s call (it sleeps 0.5 s there), not merely asked
+        assert wait_until(lambda: _state(host, "echo") == "serving", 10)
+        assert b.run() == 0
+    finally:
+        ta.join(10)
+    assert not ta.is_alive() and result["a"] == 0
     assert va[8] == 0
     assert list(vb[8:11]) == [ServerBusy.code, 0, 8]
+
+
+def _state(host, name):
+    return next(e["state"] for e in host.ps()["enclaves"] if e["name"] == name)
 
 
 def test_nested_calls_via_demo_eapps(host):

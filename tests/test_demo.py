@@ -50,12 +50,19 @@ EXPECTED_2 = [
 
 # Runs the command as a child of a process that is a child subreaper, so any process the
 # command leaves behind is re-parented to it and found: nothing may outlive `tvmrt launch`.
+# Processes already dying when the command exits (killed, not yet reaped) get a short grace
+# to finish; one still running after it is left behind.
 _REAPER = """
-import ctypes, subprocess, sys, time, psutil
+import ctypes, subprocess, sys, psutil
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)        # PR_SET_CHILD_SUBREAPER
 r = subprocess.run(sys.argv[1:])
-time.sleep(0.2)
-left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+_, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=2)
+left = []
+for p in alive:
+    try:
+        left.append(p.cmdline())
+    except psutil.Error:
+        pass                                   # it ended just now
 if left:
     print("LEFT BEHIND:", left, file=sys.stderr)
     sys.exit(99)

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import ctypes
+import secrets
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
+import posix_ipc
 import pytest
 
-from conftest import eapp
+from conftest import SHM_PREFIX, eapp, shm_names, wait_until
 from tvmrt import penglai
-from tvmrt.errors import NotOwned, RegionLoaned, BadState
 from tvmrt._memory import ARENAS
+from tvmrt.errors import BadState, NotOwned, RegionLoaned
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,7 +56,6 @@ def test_schrodinger_round_trip(host):
 
 def test_schrodinger_revoked_during_run_in_process(host):
     """While the enclave runs, the host's own API refuses the region."""
-    import threading
     shm = host.shmget(0x1000)
     flags = shm.view.cast("i")
     rel = host.schrodinger_get(0x1000)
@@ -63,15 +65,10 @@ def test_schrodinger_revoked_during_run_in_process(host):
     t = threading.Thread(target=lambda: result.setdefault("rv", enc.run()))
     t.start()
     try:
-        for _ in range(2000):
-            if flags[1] == 1:
-                break
-            import time
-            time.sleep(0.005)
-        assert flags[1] == 1
+        assert wait_until(lambda: flags[1] == 1, 10), "the waiter never ran"
         assert not rel.owned
         with pytest.raises(NotOwned):
-            rel.view
+            _ = rel.view
         with pytest.raises(RegionLoaned):
             rel.remove()
     finally:
@@ -152,7 +149,24 @@ def test_penglai_names_port_line_by_line(clean):
         assert penglai.PLenclave_schrodinger_dt(mm_id, mm) == 0
         assert penglai.PLenclave_schrodinger_ctl(mm_id) == 0
         assert penglai.PLenclave_shmat(shmid, 0) < 0         # revoked id
-        assert penglai.PLenclave_destroy(enc) < 0            # exited enclaves are gone
+        # an exited enclave's handle keeps answering how it ended
+        assert penglai.PLenclave_destroy(enc) == BadState.code
         penglai.elf_args_destroy(elf)
     finally:
         penglai.close_device()
+
+
+def test_leak_check_counts_only_this_projects_segments():
+    """Another program's /dev/shm files cannot fail (or satisfy) the leak checks."""
+    tag = secrets.token_hex(6)
+    foreign = posix_ipc.SharedMemory(f"/other-program.{tag}", posix_ipc.O_CREX, size=4096)
+    ours = posix_ipc.SharedMemory(f"/{SHM_PREFIX}0.{tag}", posix_ipc.O_CREX, size=4096)
+    try:
+        names = shm_names()
+        assert f"{SHM_PREFIX}0.{tag}" in names
+        assert f"other-program.{tag}" not in names
+    finally:
+        for seg in (foreign, ours):
+            seg.close_fd()
+            seg.unlink()
+    assert f"{SHM_PREFIX}0.{tag}" not in shm_names()

@@ -48,18 +48,25 @@ def main(args):
         put(call_enclave(h, a))
     elif scenario == 3:          # touch the loaned region while the server has it
         a = CallArg(req_arg=3, req_vaddr=region, req_size=0x1000)
+
         def toucher():
-            time.sleep(0.2)
-            try:
-                mem(region, 4)
+            # wait until the call has revoked the region (the server then holds it 0.5 s)
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                try:
+                    mem(region, 4)
+                except NotOwned:
+                    shm[2] = 1       # the runtime's check said no
+                    break
+                time.sleep(0.001)
+            else:
                 shm[2] = -1
-            except NotOwned:
-                shm[2] = 1           # the runtime's check said no
             ctypes.c_int.from_address(region).value = 1   # the hardware says no: SIGSEGV
             shm[3] = 1
-        threading.Thread(target=toucher, daemon=True).start()
+        t = threading.Thread(target=toucher, daemon=True)
+        t.start()
         call_enclave(h, a)
-        time.sleep(1)
+        t.join(20)               # the raw write kills the process before this returns
     elif scenario == 4:          # self-call: a cycle
         a = CallArg(req_arg=0)
         put(call_enclave(acquire_enclave("cycler"), a))

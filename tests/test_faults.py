@@ -13,7 +13,7 @@ import pytest
 from conftest import eapp, shm_names, wait_until
 from tvmrt import SERVER
 from tvmrt._embedded import EmbeddedMonitor
-from tvmrt.errors import EnclaveFault, MonitorGone, NameInUse, BadState
+from tvmrt.errors import BadState, EnclaveFault, MonitorGone, NameInUse, UnknownHandle
 from tvmrt.host import Host
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,6 +24,10 @@ def test_eapp_that_raises(host):
     with pytest.raises(EnclaveFault) as ei:
         enc.run()
     assert "ValueError: boom from the eapp" in ei.value.reason
+    # the handle is a tombstone: it keeps answering with what ended the enclave
+    for again in (enc.run, lambda: enc.attest(1), enc.destroy):
+        with pytest.raises(EnclaveFault, match="boom from the eapp"):
+            again()
 
 
 def test_eapp_that_exits(host):
@@ -44,19 +48,30 @@ def test_eapp_that_is_killed(host):
 
 
 def test_eapp_without_main(host, tmp_path):
+    # create answers once the module ran and main exists: the fault is create's error
     p = tmp_path / "nomain.py"
     p.write_text("x = 1\n")
-    enc = host.create(str(p), name="nomain")
-    with pytest.raises(EnclaveFault) as ei:
-        enc.run()
-    assert "main" in ei.value.reason
+    with pytest.raises(EnclaveFault, match="main"):
+        host.create(str(p), name="nomain")
+
+
+def test_eapp_raising_at_import_fails_create(host, tmp_path):
+    p = tmp_path / "badmodule.py"
+    p.write_text("raise KeyError('broken at import')\n\ndef main(args):\n    return 0\n")
+    with pytest.raises(EnclaveFault, match="broken at import"):
+        host.create(str(p), name="badmodule")
+    host.create(eapp("echo_server"), name="badmodule", type=SERVER)  # nothing was left behind
 
 
 def test_run_twice_and_duplicate_server_name(host):
-    enc = host.create(eapp("shm_rw"), name="twice", shm=host.shmget(0x1000))
-    enc.run()
-    with pytest.raises(Exception):
-        enc.run()
+    shm = host.shmget(0x1000)
+    shm.view.cast("i")[0] = 5
+    enc = host.create(eapp("shm_rw"), name="twice", shm=shm)
+    assert enc.run() == 5
+    # an exited enclave's handle answers BadState, naming its exit value
+    for again in (enc.run, lambda: enc.attest(1), enc.destroy):
+        with pytest.raises(BadState, match="exited with value 5"):
+            again()
     host.create(eapp("echo_server"), name="dup", type=SERVER)
     with pytest.raises(NameInUse):
         host.create(eapp("echo_server"), name="dup", type=SERVER)
@@ -65,8 +80,10 @@ def test_run_twice_and_duplicate_server_name(host):
 def test_destroy_server_then_host_keeps_working(host):
     srv = host.create(eapp("echo_server"), name="gone", type=SERVER)
     srv.destroy()
-    with pytest.raises(Exception):
-        srv.destroy()
+    # a destroyed enclave's handle is unknown from then on
+    for again in (srv.destroy, srv.run, lambda: srv.attest(1)):
+        with pytest.raises(UnknownHandle, match="destroyed"):
+            again()
     host.create(eapp("echo_server"), name="gone", type=SERVER)   # the name is free again
 
 
@@ -102,7 +119,7 @@ def test_monitor_death_is_reported_and_nothing_survives(tmp_path):
         host.shmget(0x1000)
         host.create(eapp("echo_server"), name="s", type=SERVER)
         enc = host.create(eapp("waiter"), name="w", shm=host.shmget(0x1000))
-        kids = mp.children(recursive=True)
+        # zygote, server, waiter
         assert wait_until(lambda: len(mp.children(recursive=True)) >= 3, 5)
         kids = mp.children(recursive=True)
         mon.proc.send_signal(signal.SIGKILL)
@@ -117,18 +134,28 @@ def test_monitor_death_is_reported_and_nothing_survives(tmp_path):
     assert shm_names() <= before
 
 
-def test_monitor_sigterm_exits_zero_and_cleans(tmp_path):
+def test_monitor_sigterm_exits_zero_and_cleans():
+    before = shm_names()
     mon = EmbeddedMonitor().start()
     mp = psutil.Process(mon.pid)
-    host = Host.connect(mon.path, embedded=False)
-    host.create(eapp("echo_server"), name="s", type=SERVER)
-    wait_until(lambda: len(mp.children(recursive=True)) >= 2, 5)
-    kids = mp.children(recursive=True)
-    assert mon.stop() == 0
-    gone, alive = psutil.wait_procs(kids, timeout=5)
-    assert not alive
-    assert not os.path.exists(os.path.join(tmp_path, "x"))
-    host.close()
+    sock = mon.path
+    host = Host.connect(sock, embedded=False)
+    try:
+        host.create(eapp("echo_server"), name="s", type=SERVER)
+        host.schrodinger_get(0x1000)
+        assert wait_until(lambda: len(mp.children(recursive=True)) >= 2, 5)  # zygote, server
+        kids = mp.children(recursive=True)
+        mon.proc.send_signal(signal.SIGTERM)        # not mon.stop(): it removes the socket
+        assert mon.proc.wait(20) == 0
+        assert not os.path.exists(sock), "the monitor left its socket behind"
+        gone, alive = psutil.wait_procs(kids, timeout=5)
+        assert not alive, f"survived the monitor: {alive}"
+        with pytest.raises(MonitorGone):
+            host.create(eapp("echo_server"), name="late", type=SERVER)
+    finally:
+        host.close()
+        mon.stop()
+    assert shm_names() <= before
 
 
 def test_one_process_cannot_mix_two_monitors(host):

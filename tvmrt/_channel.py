@@ -2,20 +2,22 @@
 
 Every request carries an id (``rid``) and its reply names it, so any number of
 threads may call at once and each gets its own reply.  Whichever waiting thread
-holds the *read turn* receives the next message and hands it out: a reply to the
-thread that waits for its rid (a reply nobody waits for any more -- a request that
-timed out -- is dropped), an unsolicited message (``start``, ``call``, a refused
-``ret``) to :meth:`Channel.next_event`.  Grants and drops riding on any message are
-applied to the region table at once, by the reader, whoever the message is for.
+holds the *read turn* (a lock) receives **one** message, applies it and hands it
+out, then gives the turn back: a reply goes to the thread that waits for its rid
+(a reply nobody waits for any more -- its request timed out -- is dropped), an
+unsolicited message (``start``, ``call``, a refused ``ret``) to
+:meth:`Channel.next_event`.  Grants and drops riding on any message are applied to
+the region table at once, by the reader, whoever the message is for.
 
-No thread is added to the call path: the waiting thread reads its own reply.  A
-region that comes back while nobody waits (a loan returned after an intermediate
-server died) is applied
+No thread is added to the call path: the waiting thread reads its own reply (a
+reader thread handing replies over costs 2-3x more per call here: see
+``tools/bench_channel.py`` and docs/design.md).  A region that comes back while
+nobody waits (a loan returned after an intermediate server died) is applied
 
 * when a view or lookup misses (:attr:`RegionTable.refresh` drains the socket
   without blocking), and
-* by a *watcher* thread that exists only while this process has lent a region
-  whose way back no request covers, so that raw pointer access works too.
+* by a *watcher* thread that exists only while this process has lent a region that
+  no reply brought back, so that raw pointer access works too.
 
 Every wait has a deadline; :meth:`Channel.close` from any thread wakes every
 waiter with :class:`ChannelClosed`; a monitor that goes away wakes them with
@@ -24,7 +26,6 @@ waiter with :class:`ChannelClosed`; a monitor that goes away wakes them with
 from __future__ import annotations
 
 import itertools
-import os
 import select
 import socket
 import threading
@@ -33,15 +34,28 @@ from collections import deque
 
 from . import _wire
 from ._regions import Loan, RegionTable
-from .errors import (ChannelClosed, ChannelError, MonitorGone, RemoteProtocolError, Timeout,
-                     TvmError, error_for)
+from .errors import (
+    ChannelClosed,
+    ChannelError,
+    MonitorGone,
+    RemoteProtocolError,
+    Timeout,
+    TvmError,
+    error_for,
+)
 
 #: extra seconds a client waits beyond a deadline the monitor enforces itself
 BACKSTOP = 5.0
+#: how long one blocking wait for the read turn lasts before conditions are re-checked
+_TURN_SLICE = 0.5
 
 
 class Channel:
-    """Requests, replies and unsolicited messages over one SOCK_SEQPACKET socket."""
+    """Requests, replies and unsolicited messages over one SOCK_SEQPACKET socket.
+
+    Thread-safe.  A SEQPACKET ``send`` is one atomic message, so senders need no
+    lock; readers take turns through ``_turn``.
+    """
 
     def __init__(self, sock: socket.socket, table: RegionTable, name: str = "monitor"):
         self.sock = sock
@@ -49,19 +63,17 @@ class Channel:
         self.name = name
         table.refresh = self.drain
         self._fd = sock.fileno()
-        self._send_lock = threading.Lock()
-        self._cv = threading.Condition(threading.Lock())
+        self._turn = threading.Lock()
         self._ids = itertools.count(1)
         self._replies: dict[int, dict] = {}
         self._waiting: set[int] = set()
         self._events: deque[dict] = deque(maxlen=4096)
-        self._reading = False             # someone holds the read turn
-        self._waiters = 0                 # threads inside _wait
-        self._broken: ChannelError | RemoteProtocolError | None = None
+        self._broken: TvmError | None = None
         self._closed = False
         self._watcher: threading.Thread | None = None
-        self._watching = False            # the watcher holds the read turn
-        self._wake_r = self._wake_w = -1
+        self._watch_lock = threading.Lock()
+        self._cv = threading.Condition(threading.Lock())
+        self._followers = 0               # threads waiting on _cv for the turn or a reply
         #: seconds this side waits past a deadline the monitor enforces itself
         self.backstop = BACKSTOP
 
@@ -75,33 +87,25 @@ class Channel:
         :class:`Timeout` itself.  ``loan`` is rolled back if the request cannot be
         sent; once sent, only the monitor's grants move the region.
         """
+        if self._closed or self._broken is not None:
+            if loan is not None:
+                loan.rollback()
+            self._raise_down()
         rid = next(self._ids)
         msg["rid"] = rid
-        cv = self._cv
-        with cv:
-            self._check_open()
-            self._waiting.add(rid)
-            self._waiters += 1
+        waiting = self._waiting
+        waiting.add(rid)
         try:
             try:
-                with self._send_lock:
-                    _wire.send(self.sock, msg, fds)
+                _wire.send(self.sock, msg, fds)
             except BaseException:
                 if loan is not None:
                     loan.rollback()
                 raise
             deadline = None if timeout is None else time.monotonic() + timeout + self.backstop
             reply = self._wait(rid, deadline)
-        except MonitorGone:
-            if self._closed:
-                raise ChannelClosed(f"the connection to the {self.name} was closed") from None
-            raise
         finally:
-            with cv:
-                self._waiting.discard(rid)
-                self._waiters -= 1
-                if self._replies:
-                    self._replies.pop(rid, None)
+            waiting.discard(rid)
         if self.table.lent and self._watcher is None:
             self._start_watcher()
         if reply["op"] == "e":
@@ -110,104 +114,126 @@ class Channel:
 
     def notify(self, msg: dict) -> None:
         """Send a notification (no reply expected)."""
-        with self._cv:
-            self._check_open()
-        with self._send_lock:
-            _wire.send(self.sock, msg)
+        if self._closed or self._broken is not None:
+            self._raise_down()
+        _wire.send(self.sock, msg)
 
     def next_event(self, timeout: float | None = None) -> dict:
         """The next unsolicited message that is not a bare grant (``start``, ``call``,
         a refused ``ret``), waiting for it."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cv:
-            self._waiters += 1
-        try:
-            return self._wait(None, deadline)
-        finally:
-            with self._cv:
-                self._waiters -= 1
+        return self._wait(None, deadline)
 
-    def _check_open(self) -> None:
+    def _raise_down(self):
         if self._closed:
             raise ChannelClosed(f"the connection to the {self.name} is closed")
-        if self._broken is not None:
-            raise type(self._broken)(self._broken.reason)
+        b = self._broken
+        if b is not None:
+            raise type(b)(b.reason)
 
     # ------------------------------------------------------------------ reading
     def _wait(self, rid: int | None, deadline: float | None) -> dict:
-        """Wait (the caller counted itself in ``_waiters``) for reply ``rid``, or for
-        the next event when ``rid`` is None; read while nobody else does."""
-        cv = self._cv
+        """Wait for reply ``rid`` (or the next event when ``rid`` is None), reading
+        whenever the read turn is free.
+
+        Uncontended (one thread), this is a non-blocking lock acquire around one
+        ``recv``.  A thread that finds the turn taken waits on ``_cv``; the reader
+        wakes it after handing a message out or giving the turn back.
+        """
+        turn = self._turn
+        replies = self._replies
+        events = self._events
+        remaining = None
         while True:
-            with cv:
-                while True:
-                    if rid is not None:
-                        if self._replies:
-                            r = self._replies.pop(rid, None)
-                            if r is not None:
-                                return r
-                    elif self._events:
-                        return self._events.popleft()
-                    self._check_open()
-                    remaining = None
-                    if deadline is not None:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            raise Timeout(f"no answer from the {self.name} in time")
-                    if not self._reading:
-                        self._reading = True
-                        break
-                    if self._watching:
-                        self._wake_watcher()
-                    cv.wait(remaining)
-            mine = self._read_one(remaining, rid)
+            if rid is not None:
+                if replies:
+                    r = replies.pop(rid, None)
+                    if r is not None:
+                        return r
+            elif events:
+                return events.popleft()
+            if self._closed or self._broken is not None:
+                self._raise_down()
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"no answer from the {self.name} in time")
+            if not turn.acquire(False):
+                self._follow(rid, remaining)
+                continue
+            mine = None
+            try:
+                # holding the turn: what we wait for may have arrived meanwhile
+                if rid is not None:
+                    mine = replies.pop(rid, None) if replies else None
+                elif events:
+                    mine = events.popleft()
+                if mine is None and not (self._closed or self._broken is not None):
+                    msg = self._read_one(remaining)
+                    if msg is not None:
+                        r = msg.get("rid")
+                        if rid is not None and r == rid:
+                            mine = msg
+                        elif rid is None and r is None and msg.get("op") != "grant":
+                            mine = msg
+                        else:
+                            self._hand_out(msg)
+            finally:
+                turn.release()
+                if self._followers:
+                    with self._cv:
+                        self._cv.notify_all()
             if mine is not None:
                 return mine
 
-    def _read_one(self, remaining: float | None, rid: int | None = None) -> dict | None:
-        """Holding the read turn: receive at most one message, apply it, hand it out,
-        give the turn back.  Returns the message if it is the reply ``rid`` (or the
-        event, for ``rid`` None) that the reading thread itself waits for."""
-        msg = None
-        mine = None
+    def _follow(self, rid: int | None, remaining: float | None) -> None:
+        """Wait until the reader hands something out or gives the turn back."""
+        cv = self._cv
+        with cv:
+            self._followers += 1
+            try:
+                if rid is not None:
+                    ready = rid in self._replies
+                else:
+                    ready = bool(self._events)
+                if not (ready or self._closed or self._broken is not None
+                        or not self._turn.locked()):
+                    cv.wait(_TURN_SLICE if remaining is None else min(remaining, _TURN_SLICE))
+            finally:
+                self._followers -= 1
+
+    def _read_one(self, remaining: float | None, nonblock: bool = False) -> dict | None:
+        """Holding the turn: receive one message and apply its grants.  None when
+        nothing came in ``remaining`` seconds (or at once, ``nonblock``); marks the
+        channel broken when the monitor went away or sent garbage."""
         try:
             if remaining is not None:
                 ready, _, _ = select.select((self._fd,), (), (), max(remaining, 0.0))
                 if not ready:
                     return None
-            msg, fds = _wire.recv(self.sock, want_fds=True)
+            msg, fds = _wire.recv(self.sock, want_fds=True, nonblock=nonblock)
             self.table.apply(msg, fds)
-        except (MonitorGone, RemoteProtocolError, OSError, ValueError) as exc:
-            with self._cv:
-                if self._broken is None:
-                    if isinstance(exc, RemoteProtocolError):
-                        self._broken = exc
-                    elif self._closed:
-                        self._broken = ChannelClosed(f"the connection to the {self.name} "
-                                                     f"was closed")
-                    else:
-                        self._broken = MonitorGone(f"the {self.name} closed the connection")
-            msg = None
-        finally:
-            with self._cv:
-                self._reading = False
-                if msg is not None:
-                    r = msg.get("rid")
-                    if r is not None and r == rid:
-                        mine = msg
-                    elif rid is None and r is None and msg.get("op") != "grant":
-                        mine = msg
-                    else:
-                        self._hand_out(msg)
-                if self._waiters > 1 or self._watcher is not None:
-                    self._cv.notify_all()
-        return mine
+            return msg
+        except BlockingIOError:
+            return None
+        except RemoteProtocolError as exc:
+            if self._broken is None:
+                self._broken = exc
+        except (MonitorGone, OSError, ValueError):
+            if self._broken is None:
+                self._broken = (
+                    ChannelClosed(f"the connection to the {self.name} was closed")
+                    if self._closed else
+                    MonitorGone(f"the {self.name} closed the connection"))
+        return None
 
     def _hand_out(self, msg: dict) -> None:
         rid = msg.get("rid")
         if rid is not None:
             if rid in self._waiting:
                 self._replies[rid] = msg
+                if rid not in self._waiting:          # it gave up meanwhile
+                    self._replies.pop(rid, None)
             # else: a reply whose request gave up (timed out): its grants are applied,
             # the rest is dropped
         elif msg.get("op") != "grant":
@@ -215,106 +241,80 @@ class Channel:
 
     def drain(self) -> None:
         """Apply every message already waiting, without blocking (a view missed)."""
-        with self._cv:
-            if self._reading or self._closed or self._broken is not None:
-                return
-            self._reading = True
+        if self._closed or self._broken is not None:
+            return
+        if not self._turn.acquire(False):
+            return                    # someone is reading: it applies what comes
         try:
             while True:
-                try:
-                    msg, fds = _wire.recv(self.sock, want_fds=True, nonblock=True)
-                except BlockingIOError:
+                msg = self._read_one(None, nonblock=True)
+                if msg is None:
                     break
-                self.table.apply(msg, fds)
-                with self._cv:
-                    self._hand_out(msg)
-        except (TvmError, OSError):
-            pass                      # the next waiter meets the same condition and says so
+                self._hand_out(msg)
         finally:
-            with self._cv:
-                self._reading = False
-                self._cv.notify_all()
+            self._turn.release()
+            if self._followers:
+                with self._cv:
+                    self._cv.notify_all()
 
     # ------------------------------------------------------------------ the watcher
     def _start_watcher(self) -> None:
-        with self._cv:
+        with self._watch_lock:
             if self._watcher is not None or self._closed:
                 return
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._watcher = threading.Thread(target=self._watch, daemon=True,
                                              name=f"tvmrt-{self.name}-watcher")
-        self._watcher.start()
-
-    def _wake_watcher(self) -> None:
-        try:
-            os.write(self._wake_w, b"w")
-        except OSError:
-            pass
+            self._watcher.start()
 
     def _watch(self) -> None:
-        """Apply grants while this process has lent regions and nobody else reads."""
-        cv = self._cv
+        """While this process has lent regions that no reply brought back, apply what
+        arrives even when no thread waits (raw pointers then work at once)."""
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while True:
-            with cv:
-                while not self._closed and self._broken is None and (
-                        self._reading or self._waiters or not self.table.lent):
-                    cv.wait()
-                if self._closed or self._broken is not None:
-                    return
-                self._reading = self._watching = True
-            msg = None
-            try:
-                events = dict(poller.poll())
-                if events.get(self._wake_r):
-                    try:
-                        os.read(self._wake_r, 512)
-                    except OSError:
-                        pass
-                if events.get(self._fd):
-                    msg, fds = _wire.recv(self.sock, want_fds=True, nonblock=True)
-                    self.table.apply(msg, fds)
-            except BlockingIOError:
-                pass
-            except (TvmError, OSError, ValueError):
-                with cv:
-                    if self._broken is None and not self._closed:
-                        self._broken = MonitorGone(f"the {self.name} closed the connection")
-            finally:
-                with cv:
-                    self._reading = self._watching = False
+        turn = self._turn
+        try:
+            while self.table.lent and not self._closed and self._broken is None:
+                if not poller.poll(_TURN_SLICE * 1000):
+                    continue
+                if not turn.acquire(False):
+                    self._follow(-1, None)    # a waiting thread reads: let it finish
+                    continue
+                try:
+                    msg = self._read_one(None, nonblock=True)
                     if msg is not None:
                         self._hand_out(msg)
-                    cv.notify_all()
+                finally:
+                    turn.release()
+                    if self._followers:
+                        with self._cv:
+                            self._cv.notify_all()
+        finally:
+            with self._watch_lock:
+                self._watcher = None
+            if self.table.lent and not self._closed and self._broken is None:
+                self._start_watcher()          # lent again right as we stopped
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
         """Close from any thread: every waiter wakes with :class:`ChannelClosed`."""
+        if self._closed:
+            return
+        self._closed = True
         with self._cv:
-            if self._closed:
-                return
-            self._closed = True
             self._cv.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)      # wakes a reader blocked in recv
         except OSError:
             pass
-        if self._wake_w != -1:
-            self._wake_watcher()
         w = self._watcher
         if w is not None and w is not threading.current_thread():
-            w.join(5.0)
-        # the fd itself goes when no thread can be inside recv on it any more
-        with self._cv:
-            while self._reading:
-                self._cv.wait(1.0)
-        self.sock.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd != -1:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+            w.join(2 * _TURN_SLICE + 1)
+        # the fd itself goes once no thread can be inside recv on it any more
+        if self._turn.acquire(True, 5.0):
+            try:
+                self.sock.close()
+            finally:
+                self._turn.release()
 
     @property
     def closed(self) -> bool:

@@ -36,7 +36,6 @@ from . import _wire
 from ._regions import Loan, RegionTable
 from .errors import (
     ChannelClosed,
-    ChannelError,
     MonitorGone,
     RemoteProtocolError,
     Timeout,

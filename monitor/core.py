@@ -599,9 +599,10 @@ class Core:
         dest = send.peer
         msg = dict(send.msg)
         g = [x for x in msg.get("g", ()) if x[0] != seg]
-        if r is None:
-            msg["g"] = g
-            fx.append(Send(dest, msg, [s for s in send.segs if s != seg]))
+        if r is None:             # freed meanwhile: just leave the grant out
+            if g or msg.get("op") != "grant":
+                msg["g"] = g
+                fx.append(Send(dest, msg, [s for s in send.segs if s != seg]))
             return fx
         if r.prev is not None:
             suspects = {r.prev}        # who held it before this handoff (maybe dest itself)
@@ -616,7 +617,10 @@ class Core:
             d.segs.discard(seg)
             r.mappers.discard(dest)
         self._free(fx, r)
-        if dest not in suspects and self._alive(dest):
+        if msg.get("op") == "grant" and not g:
+            if d is not None and msg.get("d"):
+                d.drops = msg["d"] + d.drops    # they ride on its next message instead
+        elif dest not in suspects and self._alive(dest):
             msg["g"] = g
             if msg.get("op") == "r":
                 rid = msg.get("rid")
@@ -727,8 +731,9 @@ class Core:
             host.enclaves.discard(p.id)
         self.peers.pop(p.id, None)
 
-    def _settle(self, fx, e: Enclave):
-        """Enclave ``e`` is finished or dead: unwind every frame and region it touches."""
+    def _settle(self, fx, e: Enclave, retval=None):
+        """Enclave ``e`` is finished or dead: unwind every frame and region it touches
+        (``retval``: it ended its run with EAPP_RETURN and this value)."""
         if e.state == DONE:
             return
         p = self.peers[e.peer]
@@ -770,7 +775,9 @@ class Core:
         f = e.frame_in
         if f is not None:
             e.frame_in = None
-            if f.kind == "run":
+            if f.kind == "run" and retval is not None:
+                self._finish_run(fx, f, retval)
+            elif f.kind == "run":
                 run_cls = cls if issubclass(cls, (E.EnclaveFault, E.IsolationViolation)) \
                     else E.EnclaveFault
                 self._finish_run(fx, f, None, run_cls(why))
@@ -1292,11 +1299,8 @@ def _n_exit(core, fx, p, e, msg, now):
     if e.type != NORMAL or e.state != RUNNING:
         raise E.BadState("EAPP_RETURN outside a run")
     v = get_u64(msg, "v")
-    f = e.frame_in
-    e.frame_in = None
-    core._finish_run(fx, f, v)
     e.end = (E.BadState, f"enclave {e.name!r} has exited with value {v}")
-    core._settle(fx, e)
+    core._settle(fx, e, v)      # its outstanding calls are withdrawn, then the run ends
     fx.append(Kill(e.peer))
 
 

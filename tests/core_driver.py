@@ -103,6 +103,7 @@ class Driver:
         self.freed: set[int] = set()
         self.failed: set[int] = set()         # segments the shell could not create
         self.tamper: set[int] = set()         # segments to report resized at their next grant
+        self.tamper_closed: set[int] = set()  # peers cut off for tampering
         self.hold: dict[int, int] = {}        # seg -> peer it was last given to
         self.open: set[int] = set()           # peers whose socket the shell holds
         self.closed: set[int] = set()         # peers the core closed (or failed to spawn)
@@ -152,6 +153,8 @@ class Driver:
         if not was_alive:
             return fx
         op = msg.get("op")
+        if own is None and peer in self.closed:
+            return fx             # the core cut the peer off (e.g. a tampered segment)
         if own is None:
             if is_host:
                 _assert(op in ("run", "create"), f"host request {msg!r:.200} got no reply")
@@ -212,8 +215,12 @@ class Driver:
                 bad = [g[0] for g in eff.msg.get("g", ()) if g[0] in self.tamper]
                 if bad:
                     self.tamper.discard(bad[0])
-                    done += self._apply(self.core.segment_tampered(bad[0], eff), src)
+                    res = self.core.segment_tampered(bad[0], eff)
+                    self.tamper_closed.update(e.peer for e in res if type(e) is Close)
+                    done += self._apply(res, src)
                     continue
+                if eff.peer in self.tamper_closed:
+                    continue      # a send of this batch to a violator the shell cut off
                 self._on_send(eff, src)
             elif t is NewSeg:
                 seg, size, arena = eff
@@ -288,7 +295,8 @@ class Driver:
         # exit (the shell drops them); after the core closed a socket, nothing may go to it.
         _assert(peer in self.hosts or peer in self.enclaves, f"send to unknown peer {peer}")
         _assert(peer not in self.closed, f"send to peer {peer} after the core closed it: "
-                f"{msg!r:.200}")
+                f"{msg!r:.200}; its history: "
+                f"{[e for e in self.effects if getattr(e, 'peer', None) == peer][-8:]!r:.3000}")
         _assert(peer not in self.gone, f"send to host {peer} that is gone: {msg!r:.200}")
         _assert(isinstance(msg, dict) and isinstance(msg.get("op"), str), f"bad msg {msg!r}")
         mapped = self.mapped[peer]
@@ -327,7 +335,7 @@ class Driver:
             _assert(peer in self.enclaves and self.enclaves[peer]["type"] == C.NORMAL,
                     "start sent to a non-normal enclave")
         elif op == "grant":
-            _assert("rid" not in msg and msg.get("g"), "a grant carries grants and no rid")
+            _assert("rid" not in msg and msg.get("g"), f"a grant carries grants and no rid: {msg}")
         if op in REPLY_OPS:
             self._account_reply(peer, msg, src)
         self.inbox[peer].append(msg)

@@ -28,15 +28,22 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule, run_state_machine_as_test)
 
-from core_driver import Driver
+from core_driver import Driver, snapshot
+from tvmrt import errors as E
 from tvmrt._layout import ARENAS, PAGE
 from tvmrt.monitor import core as C
+from tvmrt.monitor.config import Config
+from tvmrt.monitor.effects import Kill
 
 ARENA_PAGES = 16
 NAMES = ["a", "b", "c"]
 FIELDS = ["rid", "size", "id", "name", "type", "code", "path", "shm", "handle", "mem", "nonce",
-          "vaddr", "a", "nb", "timeout", "v", "why"]
-OPS = sorted(C._HOST_OPS) + sorted(C._ENCLAVE_OPS) + ["r", "e", "grant", "start", "", "OP"]
+          "vaddr", "a", "nb", "timeout", "v", "why", "c"]
+OPS = (sorted(C._HOST_OPS) + sorted(C._ENCLAVE_OPS) + sorted(C._ENCLAVE_NOTES)
+       + ["r", "e", "grant", "start", "", "OP"])
+NOTES = tuple(C._ENCLAVE_NOTES)
+# a refused event changes nothing, except these refusals, which end something on purpose
+CHANGING_ERRORS = {E.BadReturn.code, E.IsolationViolation.code}
 
 # what msgpack can decode: nil, bool, ints of 64 bits, floats, str, bin, arrays, maps
 scalars = (st.none() | st.booleans() | st.integers(-3, 70000)
@@ -53,12 +60,11 @@ garbage = st.builds(
 
 
 def small_core():
-    core = C.Core(key=b"m" * 32, limits=C.Limits(
-        max_regions=6, max_bytes=10 * PAGE, max_region=4 * PAGE, queue_timeout=5.0,
-        max_enclaves=6))
-    for name, (base, _size) in ARENAS.items():
-        core.arenas[name] = C.VaAllocator(base, ARENA_PAGES * PAGE)
-    return core
+    return C.Core(Config(
+        key=b"m" * 32, max_regions=6, max_bytes=10 * PAGE, max_region=4 * PAGE,
+        queue_timeout=5.0, create_timeout=4.0, eof_grace=1.0, max_enclaves=5,
+        max_enclaves_total=8, max_tombstones=3,
+        arenas={name: (base, ARENA_PAGES * PAGE) for name, (base, _size) in ARENAS.items()}))
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -102,19 +108,34 @@ class CoreMachine(RuleBasedStateMachine):
             return self.pick(data, good)
         return self.pick(data, list(good) + list(rest))
 
-    def hsend(self, host, op, **kw):
-        self.d.message(host, {"op": op, "rid": next(self.rids), **kw})
+    def send(self, peer, msg):
+        """Deliver ``msg``; a refused event (an error reply) must have changed nothing."""
+        before = snapshot(self.core)
+        tampered = len(self.d.tamper)
+        self.d.message(peer, msg)
         rep = self.d.last_reply
+        # (a resized segment found in a handoff kills its violator: not a mere refusal)
+        if (rep is not None and rep.get("op") == "e" and rep.get("c") not in CHANGING_ERRORS
+                and len(self.d.tamper) == tampered):
+            after = snapshot(self.core)
+            assert after == before, (
+                f"refused {msg!r:.200} ({rep!r:.200}) changed the core: "
+                + ", ".join(k for k in before if before[k] != after[k]))
         if rep is not None and rep.get("op") == "r" and "handle" in rep:
             self.handles.add(rep["handle"])
+        for m in self.d.inbox.get(peer, ()):
+            if m.get("op") == "r" and "handle" in m:
+                self.handles.add(m["handle"])
         return rep
 
+    def hsend(self, host, op, **kw):
+        return self.send(host, {"op": op, "rid": next(self.rids), **kw})
+
     def esend(self, peer, op, **kw):
-        self.d.message(peer, {"op": op, **kw})
-        rep = self.d.last_reply
-        if rep is not None and rep.get("op") == "r" and "handle" in rep:
-            self.handles.add(rep["handle"])
-        return rep
+        msg = {"op": op, **kw}
+        if op not in NOTES:
+            msg["rid"] = next(self.rids)
+        return self.send(peer, msg)
 
     def regions(self, pred=lambda r: True):
         return [r for r in self.core.regions.values() if pred(r)]
@@ -135,14 +156,16 @@ class CoreMachine(RuleBasedStateMachine):
         kw, runkw = {}, {}
         if memory == 1:
             rep = self.hsend(h, "sget", size=data.draw(st.integers(1, 2)) * PAGE)
-            if rep["op"] == "r":
+            if rep is not None and rep["op"] == "r":
                 runkw["mem"] = [rep["id"], 0, rep["size"]]
         elif memory == 2:
             rep = self.hsend(h, "shmget", size=PAGE)
-            if rep["op"] == "r":
+            if rep is not None and rep["op"] == "r":
                 kw["shm"] = [rep["id"], 0, PAGE]
         rep = self.hsend(h, "create", name="n", type=C.NORMAL, code=b"n", **kw)
-        if rep["op"] == "r":
+        if rep is not None and rep["op"] == "r":
+            if data.draw(st.integers(0, 3)) == 0:
+                runkw["timeout"] = data.draw(st.sampled_from([0, 1, 3]))
             self.hsend(h, "run", handle=rep["handle"], **runkw)
 
     @precondition(lambda self: self.hosts())
@@ -177,14 +200,36 @@ class CoreMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.hosts())
     @rule(data=st.data(), server=st.booleans(), name=st.sampled_from(NAMES),
-          window=st.booleans(), fail=st.integers(0, 7))
-    def create(self, data, server, name, window, fail):
+          window=st.booleans(), fail=st.integers(0, 7), ready=st.integers(0, 2),
+          timeout=st.sampled_from([None, None, 0, 2]), stdio=st.sampled_from([0, 0, 2, 1]))
+    def create(self, data, server, name, window, fail, ready, timeout, stdio):
         h = self.pick(data, self.hosts())
         kw = self._window(data, h, "shm") if window else {}
+        if timeout is not None:
+            kw["timeout"] = timeout
         self.d.fail_next_spawn = fail == 0
-        self.hsend(h, "create", name=name, type=C.SERVER if server else C.NORMAL,
-                   code=name.encode(), **kw)
+        self.d.auto_ready = ready != 0
+        msg = {"op": "create", "rid": next(self.rids), "name": name,
+               "type": C.SERVER if server else C.NORMAL, "code": name.encode(), **kw}
+        before = snapshot(self.core)
+        self.d.message(h, msg, nfds=stdio)
+        rep = self.d.last_reply
+        if rep is not None and rep["op"] == "e" and rep["c"] != E.EnclaveFault.code:
+            assert snapshot(self.core) == before, rep
+        if rep is not None and rep["op"] == "r":
+            self.handles.add(rep["handle"])
+            assert self.d.stdio[max(self.d.enclaves)] == ("message" if stdio == 2 else "null")
         self.d.fail_next_spawn = False
+        self.d.auto_ready = True
+
+    @precondition(lambda self: self.enclaves(lambda e: e.state == C.STARTING))
+    @rule(data=st.data())
+    def ready(self, data):
+        p = self.pick(data, self.enclaves(lambda e: e.state == C.STARTING))
+        self.esend(p, "ready")
+        for m in self.d.inbox.get(self.enc(p).host if self.enc(p) else -1, ()):
+            if m.get("op") == "r" and "handle" in m:
+                self.handles.add(m["handle"])
 
     def _window(self, data, h, kind):
         """``{"shm"|"mem": [id, offset, size]}`` over one of host h's regions, or {}."""
@@ -289,13 +334,13 @@ class CoreMachine(RuleBasedStateMachine):
     def call(self, **kw):
         """Any enclave calls (often a running one, often a registered server)."""
         self._call(callers=self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
-                                         and e.frame_out is None),
+                                         and len(e.out) < 2),
                    servers=self._servers, **kw)
 
     @precondition(lambda self: self.enclaves())
     @rule(**CALL_ARGS)
     def call_from_normal(self, **kw):
-        self._call(callers=self.enclaves(lambda e: e.state == C.RUNNING and e.frame_out is None),
+        self._call(callers=self.enclaves(lambda e: e.state == C.RUNNING and len(e.out) < 2),
                    servers=self._servers, **kw)
 
     @precondition(lambda self: self.enclaves())
@@ -304,10 +349,10 @@ class CoreMachine(RuleBasedStateMachine):
         """A server inside a call (put there first, by a call with a region from a running
         enclave, if need be) calls another server, often passing its loan on."""
         data = kw["data"]
-        serving = self.enclaves(lambda e: e.state == C.SERVING and e.frame_out is None)
+        serving = self.enclaves(lambda e: e.state == C.SERVING and len(e.out) < 2)
         if not serving and len(self.core.servers) >= 2:
             callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
-                                    and e.frame_out is None)
+                                    and len(e.out) < 2)
             idle = [e.peer for e in self.core.servers.values() if e.state == C.IDLE]
             first = self.pick(data, callers)
             s = self.pick(data, [p for p in idle if p != first])
@@ -324,7 +369,7 @@ class CoreMachine(RuleBasedStateMachine):
         another enclave, if need be): the call queues, or is refused with nb."""
         data = kw["data"]
         callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
-                                and e.frame_out is None)
+                                and len(e.out) < 2)
         idle = [e for e in self.core.servers.values() if e.state == C.IDLE]
         if len(callers) >= 2 and idle and not [
                 e for e in self.core.servers.values() if e.state == C.SERVING]:
@@ -339,7 +384,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     def _ret(self, data, resp_val, with_resp):
         p = self.prefer(data, self.enclaves(
-            lambda e: e.state == C.SERVING and e.frame_out is None), self.enclaves())
+            lambda e: e.state == C.SERVING and not e.out), self.enclaves())
         vaddr = size = 0
         if with_resp:
             mine = [r.vaddr for r in self.regions(lambda r: r.owner == p)]
@@ -362,14 +407,22 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(data=st.data(), v=st.integers(0, 3))
     def exit(self, data, v):
         p = self.prefer(data, self.enclaves(
-            lambda e: e.state == C.RUNNING and e.frame_out is None), self.enclaves())
+            lambda e: e.state == C.RUNNING and len(e.out) < 2), self.enclaves())
         self.esend(p, "exit", v=v)
 
     @precondition(lambda self: self.enclaves())
+    @rule(data=st.data(), c=st.sampled_from([None, -17, -31, -25, -13, "x"]))
+    def fault(self, data, c):
+        p = self.prefer(data, self.enclaves(lambda e: e.state in (C.SERVING, C.STARTING)),
+                        self.enclaves())
+        kw = {} if c is None else {"c": c}
+        self.esend(p, "fault", why="boom", **kw)
+
+    @precondition(lambda self: self.d.live)
     @rule(data=st.data())
-    def fault(self, data):
-        p = self.prefer(data, self.enclaves(lambda e: e.state == C.SERVING), self.enclaves())
-        self.esend(p, "fault", why="boom")
+    def tamper(self, data):
+        """A holder resizes a segment: the shell finds it at its next handoff."""
+        self.d.tamper.add(self.pick(data, list(self.d.live)))
 
     # ------------------------------------------------------------------ deaths, time, shell
     def _mortal(self):
@@ -392,10 +445,10 @@ class CoreMachine(RuleBasedStateMachine):
     def tick(self, dt):
         self.d.tick(dt)
 
-    @precondition(lambda self: self.core.queued)
+    @precondition(lambda self: self.core.timers)
     @rule(late=st.booleans())
     def deadline_passes(self, late):
-        """Time runs to the next deadline of a queued call (or just before it)."""
+        """Time runs to the next deadline (or just before it)."""
         self.d.tick(max(0.0, self.core.next_deadline() - self.d.now + (1e-6 if late else -0.25)))
 
     @rule(n=st.integers(0, 7))
@@ -405,7 +458,7 @@ class CoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.hosts() or self.enclaves())
     @rule(data=st.data(), msg=garbage)
     def garbage(self, data, msg):
-        self.d.message(self.pick(data, self.hosts() + self.enclaves()), msg)
+        self.send(self.pick(data, self.hosts() + self.enclaves()), msg)
 
     # ------------------------------------------------------------------ checks
     @invariant()
@@ -426,12 +479,12 @@ class ShutdownMachine(CoreMachine):
         assert not self.core.regions and not self.d.live
         assert set(self.d.created) == self.d.freed
         # the shell stops here (it drops every socket): every enclave must be finished
-        assert not self.core.servers and not self.core.queued
+        assert not self.core.servers and not self.core.timers
         assert all(e is None or e.state == C.DONE for e in self.core.slots)
         assert not [p for p in self.core.peers.values() if p.alive]
         for p in sorted(self.d.enclaves):
             if p in self.d.procs and p in self.core.peers:
-                assert ("kill", p) in self.d.effects
+                assert any(type(e) is Kill and e.peer == p for e in self.d.effects)
 
 
 _settings = settings(max_examples=150, stateful_step_count=40, deadline=None,

@@ -21,14 +21,15 @@ import traceback
 import posix_ipc
 
 from tvmrt import _memory as memory, _wire as wire
-from tvmrt.errors import MonitorGone, ProtocolError, TvmError
 from tvmrt._paths import default_socket_path
+from tvmrt.errors import MonitorGone, ProtocolError, TvmError
 
 from . import zygote
-from .core import Core, Limits
+from .config import Config
+from .core import Core
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
-EOF_GRACE = 1.0     # seconds to wait for EOF after an enclave process was reaped
 
 
 def prepare_socket_dir(path: str) -> None:
@@ -78,19 +79,18 @@ class Daemon:
     """Run the monitor on ``path`` until SIGINT/SIGTERM (or :meth:`stop`)."""
 
     def __init__(self, path: str | None = None, verbose: bool = False,
-                 limits: Limits | None = None):
+                 config: Config | None = None):
         self.path = path or default_socket_path()
         self.verbose = verbose
-        self.core = Core(secrets.token_bytes(32), limits)
+        self.core = Core(config or Config(key=secrets.token_bytes(32)))
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
         self.segs: dict[int, posix_ipc.SharedMemory] = {}
-        self.eof_deadline: dict[int, float] = {}
         self.running = False
-        self.zpid = None
-        self.zsock = None
-        self._fds = []         # fds that came with the message being handled
-        self._rid = None
+        self.zpid: int | None = None
+        self.zsock: socket.socket | None = None
+        self._fds: list[int] = []   # fds that came with the message being handled
+        self._seg_prefix = f"/tvmrt.{os.getpid()}."
 
     # ------------------------------------------------------------------ set-up
     def _start_zygote(self):
@@ -147,11 +147,12 @@ class Daemon:
         os.set_blocking(wake_w, False)
         old_wakeup = signal.set_wakeup_fd(wake_w)
         stop_sigs = (signal.SIGINT, signal.SIGTERM)
+        # running first: a stop signal that arrives from here on is never lost
+        self.running = True
         old_handlers = {s: signal.signal(s, self._on_signal) for s in stop_sigs}
         sel.register(self.listener, ("listen", None))
         sel.register(self.zsock, ("zygote", None))
         sel.register(wake_r, ("wake", None))
-        self.running = True
         if announce:
             print(f"tvmrt monitor {os.getpid()} listening on {self.path}", flush=True)
         if ready_fd is not None:
@@ -160,8 +161,8 @@ class Daemon:
         try:
             core = self.core
             while self.running:
-                timed = self.eof_deadline or core.queued
-                timeout = self._timeout() if timed else None
+                d = core.next_deadline()
+                timeout = None if d is None else max(0.0, d - time.monotonic())
                 for kind, peer, fileobj in sel.poll(timeout):
                     if kind == "peer":
                         self._on_peer(peer, fileobj)
@@ -174,8 +175,9 @@ class Daemon:
                             os.read(wake_r, 4096)
                         except BlockingIOError:
                             pass
-                if timed or self.eof_deadline or core.queued:
-                    self._on_time()
+                d = core.next_deadline()
+                if d is not None and d <= time.monotonic():
+                    self._apply(core.tick(time.monotonic()))
         finally:
             self._shutdown()
             for s, h in old_handlers.items():
@@ -193,25 +195,6 @@ class Daemon:
         self.running = False
 
     # ------------------------------------------------------------------ events
-    def _timeout(self):
-        ds = list(self.eof_deadline.values())
-        d = self.core.next_deadline()
-        if d is not None:
-            ds.append(d)
-        if not ds:
-            return None
-        return max(0.0, min(ds) - time.monotonic())
-
-    def _on_time(self):
-        now = time.monotonic()
-        for peer, d in list(self.eof_deadline.items()):
-            if d <= now:
-                self.eof_deadline.pop(peer, None)
-                self._apply(self.core.disconnected(peer))
-        d = self.core.next_deadline()
-        if d is not None and d <= now:
-            self._apply(self.core.tick(now))
-
     def _on_accept(self):
         try:
             conn, _ = self.listener.accept()
@@ -251,7 +234,9 @@ class Daemon:
 
     def _on_peer(self, peer, sock):
         try:
-            # only hosts send fds (their stdio at create); an enclave's would be dropped
+            # Only hosts send fds (their stdio at create); an enclave's would be dropped.
+            # wire.recv itself reads on past ECONNRESET (a dying peer's last frames are
+            # still queued): what comes out here is EOF, garbage or a real error.
             msg, fds = wire.recv(sock, want_fds=peer in self.hosts)
         except BlockingIOError:
             return
@@ -259,8 +244,6 @@ class Daemon:
             self._cut_off(peer, exc)
             return
         self._fds = fds
-        rid = msg.get("rid")
-        self._rid = rid if isinstance(rid, int) else None
         try:
             self._apply(self.core.message(peer, msg, len(fds), time.monotonic()))
         except Exception:
@@ -277,7 +260,6 @@ class Daemon:
             return
         except Exception:
             self._log("the zygote went away; stopping")
-            self.zpid_dead = True
             self.running = False
             return
         wire.close_all(fds)
@@ -288,47 +270,46 @@ class Daemon:
             self._drop_sock(peer)
             self._apply(self.core.spawn_failed(peer, msg.get("why", "?")))
         elif op == "exited":
-            if peer in self.socks:
-                self.eof_deadline[peer] = time.monotonic() + EOF_GRACE
-            self._apply(self.core.exited(peer, msg.get("how", "?")))
+            self._apply(self.core.exited(peer, msg.get("how", "?"), time.monotonic()))
 
     # ------------------------------------------------------------------ effects
     def _apply(self, fx):
-        i = 0
-        while i < len(fx):
-            eff = fx[i]
-            i += 1
-            kind = eff[0]
-            if kind == "send":
-                self._send(eff[1], eff[2], eff[3])
-            elif kind == "new_seg":
-                if not self._new_seg(eff[1], eff[2]):
-                    # the core answers with an error instead of the reply it queued
-                    fx = self.core.segment_failed(eff[1], "cannot create shared memory",
-                                                  self._rid, fx[i:])
-                    i = 0
-            elif kind == "free_seg":
-                shm = self.segs.pop(eff[1], None)
+        core = self.core
+        for eff in fx:
+            t = type(eff)
+            if t is Send:
+                self._send(eff)
+            elif t is NewSeg:
+                why = self._new_seg(eff.seg, eff.size)
+                # the result goes back to the core at once: it answers the request
+                self._apply(core.segment_created(eff.seg) if why is None
+                            else core.segment_failed(eff.seg, why))
+            elif t is FreeSeg:
+                shm = self.segs.pop(eff.seg, None)
                 if shm is not None:
                     shm.close_fd()
-            elif kind == "spawn":
-                self._spawn(eff[1], eff[2], eff[3])
-            elif kind == "kill":
-                self._zsend({"op": "kill", "k": eff[1]})
-            elif kind == "close":
-                self.eof_deadline.pop(eff[1], None)
-                self._drop_sock(eff[1])
-            elif kind == "log":
-                self._log(eff[1])
+            elif t is Spawn:
+                self._spawn(eff)
+            elif t is Kill:
+                self._zsend({"op": "kill", "k": eff.peer})
+            elif t is Close:
+                self._drop_sock(eff.peer)
+            elif t is Log:
+                self._log(eff.text)
 
-    def _send(self, peer, msg, segs):
+    def _send(self, eff):
+        peer, msg, segs = eff
         sock = self.socks.get(peer)
         if sock is None:
             return
-        fds = [self.segs[s].fd for s in segs if s in self.segs] if segs else ()
         g = msg.get("g")
         if g:
-            self._check_sizes(g)
+            bad = self._resized(g)
+            if bad is not None:
+                # a holder truncated or grew it (a SIGBUS weapon): the core decides
+                self._apply(self.core.segment_tampered(bad, eff))
+                return
+        fds = [self.segs[s].fd for s in segs if s in self.segs] if segs else ()
         try:
             wire.send(sock, msg, fds)
         except (MonitorGone, BlockingIOError, OSError) as exc:
@@ -337,46 +318,55 @@ class Daemon:
             self._drop_sock(peer)
             self._apply(self.core.disconnected(peer))
 
-    def _check_sizes(self, grants):
-        """A holder of a segment fd could truncate it, so that the next owner dies of
-        SIGBUS; put the size back before the segment changes hands (one fstat each)."""
-        for seg, _vaddr, length, _has_fd in grants:
-            shm = self.segs.get(seg)
+    def _resized(self, grants):
+        """The first granted segment whose size is not its region's (one fstat each)."""
+        for grant in grants:
+            shm = self.segs.get(grant[0])
             if shm is None:
                 continue
             try:
-                if os.fstat(shm.fd).st_size != length:
-                    self._log(f"segment {seg} was resized by a holder; restoring it")
-                    os.ftruncate(shm.fd, length)
+                if os.fstat(shm.fd).st_size != grant[2]:
+                    return grant[0]
             except OSError:
-                pass
+                return grant[0]
+        return None
 
-    def _new_seg(self, seg, size) -> bool:
+    def _new_seg(self, seg, size) -> str | None:
+        """Create segment ``seg``; None, or why it could not be created."""
         try:
-            shm = posix_ipc.SharedMemory(None, posix_ipc.O_CREX, mode=0o600, size=size)
+            shm = posix_ipc.SharedMemory(self._seg_prefix + secrets.token_hex(8),
+                                         posix_ipc.O_CREX, mode=0o600, size=size)
         except Exception as exc:
             self._log(f"cannot create a segment of {size} bytes: {exc}")
-            return False
+            return f"{exc.__class__.__name__}: {exc}"
         try:
             shm.unlink()        # nothing can open it by name; the kernel frees it with us
         except Exception:
             pass
         self.segs[seg] = shm
-        return True
+        return None
 
-    def _spawn(self, peer, spec, shm_seg):
+    def _spawn(self, eff):
+        peer, spec, shm_seg, stdio = eff
         mine, theirs = wire.seqpacket_pair()
         mine.setblocking(False)
         self.socks[peer] = mine
         self.sel.register(mine, ("peer", peer))
-        stdio = self._fds[:2] if len(self._fds) >= 2 else [1, 2]
-        fds = [theirs.fileno()] + list(stdio)
+        null = None
+        if stdio == "message" and len(self._fds) >= 2:
+            out = self._fds[:2]
+        else:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            out = [null, null]
+        fds = [theirs.fileno()] + list(out)
         if shm_seg is not None and shm_seg in self.segs:
             fds.append(self.segs[shm_seg].fd)
         try:
             self._zsend({"op": "spawn", "k": peer, "spec": spec}, fds)
         finally:
             theirs.close()
+            if null is not None:
+                os.close(null)
 
     def _zsend(self, msg, fds=()):
         try:

@@ -90,6 +90,10 @@ FAULT_CLASSES: dict[int, type[E.TvmError]] = {
 }
 
 
+#: what a run may fail with (else EnclaveFault)
+_RUN_ERRORS = frozenset(FAULT_CLASSES.values()) | {E.IsolationViolation}
+
+
 class CoreBug(Exception):
     """An illegal transition was attempted: a bug in the core, not a peer's fault."""
 
@@ -778,8 +782,7 @@ class Core:
             if f.kind == "run" and retval is not None:
                 self._finish_run(fx, f, retval)
             elif f.kind == "run":
-                run_cls = cls if issubclass(cls, (E.EnclaveFault, E.IsolationViolation)) \
-                    else E.EnclaveFault
+                run_cls = cls if cls in _RUN_ERRORS else E.EnclaveFault
                 self._finish_run(fx, f, None, run_cls(why))
             else:
                 self._finish_call(fx, f, None, None, call_exc)

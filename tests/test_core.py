@@ -13,6 +13,7 @@ import pytest
 from core_driver import Driver, snapshot
 from tvmrt import errors as E
 from tvmrt._layout import ARENAS, PAGE
+from tvmrt.monitor import core as C
 from tvmrt.monitor.config import Config
 from tvmrt.monitor.core import NORMAL, SERVER, Core, measure
 from tvmrt.monitor.effects import Close, FreeSeg, Kill, NewSeg, Send, Spawn
@@ -895,3 +896,616 @@ def test_loan_returns_to_the_nearest_live_lender(d):
     assert one(d, c) == {"op": "grant", "g": [[seg, v, PAGE, 0, "relay"]]}
     assert owner(d, v) == c and d.core.by_vaddr[v].stack == []
     ok(ereq(d, c, "unmap", vaddr=v, size=PAGE))
+
+
+# ---------------------------------------------------------------------- purity and shape
+def test_core_imports_no_io_modules():
+    """The core is sans-IO: importing it pulls in neither ctypes, socket nor msgpack."""
+    import subprocess
+    import sys
+    probe = ("import sys, tvmrt.monitor.core; "
+             "bad = {'ctypes', 'socket', 'msgpack'} & set(sys.modules); "
+             "assert not bad, sorted(bad)")
+    pkg = subprocess.run([sys.executable, "-c", "import sys, tvmrt; print(sorted("
+                          "{'ctypes', 'socket', 'msgpack'} & set(sys.modules)))"],
+                         capture_output=True, text=True, timeout=30)
+    if pkg.stdout.strip() != "[]":
+        pytest.xfail(f"the tvmrt package itself imports {pkg.stdout.strip()} "
+                     f"(tvmrt/__init__.py must import its modules lazily)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_core_modules_import_only_pure_modules():
+    """What the core's own modules import (read from their source)."""
+    import ast
+    from pathlib import Path
+    allowed = {"__future__", "hashlib", "hmac", "collections", "collections.abc", "typing",
+               "dataclasses", "tvmrt", "tvmrt._layout", "tvmrt.errors"}
+    mon = Path(C.__file__).parent
+    for name in ("core.py", "config.py", "effects.py", "validate.py"):
+        tree = ast.parse((mon / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [] if node.level else [node.module]
+            else:
+                continue
+            for m in mods:
+                assert m in allowed, f"monitor/{name} imports {m}"
+
+
+def test_docstring_lists_every_effect():
+    import re
+
+    from tvmrt.monitor import effects as fx_mod
+    doc = C.__doc__
+    section = doc[doc.index("Effects:"):doc.index("Every change of ownership")]
+    listed = set(re.findall(r"^\s{4}([A-Z][A-Za-z]+)\(", section, re.M))
+    defined = {c.__name__ for c in fx_mod.ALL}
+    src = open(C.__file__).read()
+    used = {n for n in defined if re.search(rf"\b{n}\(", src)}
+    assert listed == defined == used
+
+
+def test_core_needs_a_config_with_a_key():
+    with pytest.raises(TypeError):
+        Core(key=KEY)                                   # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        Config(key=b"")
+    with pytest.raises(TypeError):
+        Config()                                        # type: ignore[call-arg]
+
+
+def test_illegal_transitions_are_refused(d):
+    h = d.connect()
+    peer, handle = create(d, h, "n")
+    e = d.core.peers[peer].enclave
+    with pytest.raises(C.CoreBug):
+        d.core._set_state(e, C.SERVING)
+    v = None
+    c, _ = running(d, h, "c")
+    v = mmap(d, c)
+    r = d.core.by_vaddr[v]
+    with pytest.raises(C.CoreBug):
+        d.core._lend(r, h, c)                          # h does not own it
+    with pytest.raises(C.CoreBug):
+        d.core._take(r, c)                             # not in escrow
+    assert set(C.TRANSITIONS) == {C.STARTING, C.CREATED, C.RUNNING, C.IDLE, C.SERVING, C.DONE}
+
+
+# ---------------------------------------------------------------------- v2: calls
+def test_several_outstanding_calls_from_one_enclave(d):
+    h = d.connect()
+    (s1, h1), (s2, h2) = server(d, h, "s1"), server(d, h, "s2")
+    c, _ = running(d, h, "c")
+    v1, v2 = mmap(d, c), mmap(d, c)
+    c.__class__  # noqa: B018
+    d.message(c, {"op": "call", "rid": 501, "handle": h1, "a": [1, 0, v1, PAGE, 0, 0]})
+    d.message(c, {"op": "call", "rid": 502, "handle": h2, "a": [2, 0, v2, PAGE, 0, 0]})
+    d.message(c, {"op": "call", "rid": 503, "handle": h1, "a": [3, 0, 0, 0, 0, 0]})   # queued
+    assert set(d.core.peers[c].enclave.out) == {501, 502, 503}
+    # a rid still in use is refused
+    d.message(c, {"op": "call", "rid": 502, "handle": h2, "a": [0] * 6})
+    err(d.last_reply, E.LocalProtocolError)
+    assert one(d, s1)["a"][0] == 1 and one(d, s2)["a"][0] == 2
+    ereq(d, s2, "ret", a=[2, 22, v2, PAGE, 0, 0])
+    rep = one(d, c)
+    assert rep["rid"] == 502 and rep["a"][1] == 22 and grants(rep)[0][1] == v2
+    ereq(d, s1, "ret", a=[1, 11, v1, PAGE, 0, 0])
+    rep = one(d, c)
+    assert rep["rid"] == 501 and rep["a"][1] == 11
+    assert one(d, s1)["a"][0] == 3                     # the queued one now
+    ereq(d, s1, "ret", a=[3, 33, 0, 0, 0, 0])
+    assert one(d, c)["rid"] == 503
+    assert not d.core.peers[c].enclave.out
+
+
+def test_cycle_detection_walks_every_outgoing_call(d):
+    h = d.connect()
+    (s1, h1), (s2, h2), (s3, h3) = (server(d, h, n) for n in ("s1", "s2", "s3"))
+    c, _ = running(d, h, "c")
+    call(d, c, h1, [0] * 6)
+    d.take(s1)
+    call(d, s1, h3, [0] * 6)          # s1 waits for s3 (one thread) ...
+    call(d, s1, h2, [0] * 6)          # ... and for s2 (another)
+    d.take(s2), d.take(s3)
+    before = snapshot(d.core)
+    err(call(d, s2, h1, [0] * 6), E.CallCycle)
+    err(call(d, s3, h1, [0] * 6), E.CallCycle)
+    assert snapshot(d.core) == before
+    # s2 returns while s1 still waits for s3: s1 may not return yet
+    ereq(d, s2, "ret", a=[0] * 6)
+    d.take(s1)
+    err(ereq(d, s1, "ret", a=[0] * 6), E.BadState)
+    ereq(d, s3, "ret", a=[0] * 6)
+    d.take(s1)
+    ereq(d, s1, "ret", a=[0] * 6)
+    assert one(d, c)["op"] == "r"
+
+
+@pytest.mark.parametrize("why", ["cycle", "unknown", "notserver", "busy", "badsize"])
+def test_refused_call_regrants_the_request_region(d, why):
+    h = d.connect()
+    s, sh = server(d, h, "s")
+    c, ch = running(d, h, "c")
+    other, _ = running(d, h, "o")
+    v = mmap(d, c, 2 * PAGE)
+    seg = seg_at(d, v)
+    handle, size, kw = sh, 2 * PAGE, {}
+    if why == "busy":
+        call(d, other, sh, [0] * 6)
+        kw = {"nb": True}
+    elif why == "unknown":
+        handle = 0xDEAD
+    elif why == "notserver":
+        handle = ch
+    elif why == "badsize":
+        size = PAGE
+    elif why == "cycle":
+        call(d, c, sh, [0] * 6)
+        d.take(s)
+        ereq(d, s, "ret", a=[0] * 6)
+        d.take(c)
+        # s serving c, and c... calls s again from another thread while s calls c? use s
+        call(d, c, sh, [0] * 6)
+        d.take(s)
+        handle = d.core.peers[s].enclave.handle
+        v = mmap(d, s, PAGE)
+        seg, size = seg_at(d, v), PAGE
+        before = snapshot(d.core)
+        rep = err(call(d, s, handle, [0, 0, v, size, 0, 0]), E.CallCycle)
+        assert rep["g"] == [[seg, v, size, 0, "relay"]]
+        assert snapshot(d.core) == before
+        return
+    before = snapshot(d.core)
+    rep = call(d, c, handle, [0, 0, v, size, 0, 0], **kw)
+    assert rep["op"] == "e" and rep["g"] == [[seg, v, 2 * PAGE, 0, "relay"]], rep
+    assert snapshot(d.core) == before
+
+
+def test_refused_run_regrants_an_attached_schrodinger_region(d):
+    h = d.connect()
+    sid = ok(hreq(d, h, "sget", size=PAGE))["id"]
+    seg = ok(hreq(d, h, "sat", id=sid))["g"][0][0]
+    vaddr = d.core.regions[sid].vaddr
+    _, sh = server(d, h, "s")
+    rep = err(hreq(d, h, "run", handle=sh, mem=[sid, 0, PAGE]), E.BadState)
+    assert rep["g"] == [[seg, vaddr, PAGE, 0, "relay"]]
+    rep = err(hreq(d, h, "run", handle=0xBEEF, mem=[sid, 0, PAGE]), E.UnknownHandle)
+    assert rep["g"] == [[seg, vaddr, PAGE, 0, "relay"]]
+    ok(hreq(d, h, "sdt", id=sid))
+    rep = err(hreq(d, h, "run", handle=sh, mem=[sid, 0, PAGE]), E.BadState)
+    assert "g" not in rep                                 # detached: nothing to restore
+
+
+def test_call_timeout_while_dispatched(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c)
+    seg = seg_at(d, v)
+    d.message(c, {"op": "call", "rid": 900, "handle": sh, "a": [0, 0, v, PAGE, 0, 0],
+                  "timeout": 2})
+    assert one(d, s)["op"] == "call"
+    assert d.core.next_deadline() == 2.0
+    d.tick(1.0)
+    assert d.take(c) == []
+    d.tick(1.5)
+    rep = err(one(d, c), E.Timeout)
+    assert rep["rid"] == 900 and not rep.get("g")        # the loan is still with s
+    assert owner(d, v) == s and d.core.next_deadline() is None
+    # the caller may call again (another server is busy ... s is): a new call queues
+    r = mmap(d, s, PAGE)
+    rseg = seg_at(d, r)
+    n = len(d.effects)
+    ereq(d, s, "ret", a=[0, 5, v, PAGE, r, PAGE])         # late: discarded
+    assert one(d, c) == {"op": "grant", "g": [[seg, v, PAGE, 0, "relay"]]}
+    assert has(d.effects[n:], FreeSeg(rseg))              # the response region is freed
+    assert owner(d, v) == c and d.core.peers[s].enclave.state == "idle"
+
+
+def test_call_timeout_then_server_dies(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c)
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0], timeout=1)
+    d.take(s)
+    d.tick(2)
+    err(one(d, c), E.Timeout)
+    d.die(s)
+    assert one(d, c) == {"op": "grant", "g": [[seg_at(d, v), v, PAGE, 0, "relay"]]}
+
+
+def test_server_returns_while_its_nested_call_timed_out(d):
+    """A -> S1 -> S2 with A's region lent on; S1's call to S2 times out and S1 returns to A:
+    the region skips S1 and goes straight to A when S2 returns."""
+    h, a, [(s1, h1), (s2, h2)] = _world(d, 2)
+    v = mmap(d, a)
+    seg = seg_at(d, v)
+    call(d, a, h1, [0, 0, v, PAGE, 0, 0])
+    d.take(s1)
+    call(d, s1, h2, [0, 0, v, PAGE, 0, 0], timeout=1)
+    d.take(s2)
+    d.tick(1.5)
+    err(one(d, s1), E.Timeout)
+    ereq(d, s1, "ret", a=[0, 1, 0, 0, 0, 0])
+    rep = one(d, a)
+    assert rep["op"] == "r" and rep["g"] == []             # still with s2
+    assert d.core.by_vaddr[v].stack == [a]
+    ereq(d, s2, "ret", a=[0] * 6)
+    assert d.take(s1) == []
+    assert one(d, a) == {"op": "grant", "g": [[seg, v, PAGE, 0, "relay"]]}
+    assert owner(d, v) == a
+
+
+def test_run_timeout(d):
+    h = d.connect()
+    sid = ok(hreq(d, h, "sget", size=PAGE))["id"]
+    seg = ok(hreq(d, h, "sat", id=sid))["g"][0][0]
+    vaddr = d.core.regions[sid].vaddr
+    peer, handle = create(d, h)
+    d.message(h, {"op": "run", "rid": 700, "handle": handle, "mem": [sid, 0, PAGE],
+                  "timeout": 3})
+    d.take(peer)
+    d.tick(3)
+    rep = err(one(d, h), E.Timeout)
+    assert rep["rid"] == 700
+    assert d.core.regions[sid].owner == peer               # the enclave goes on
+    ereq(d, peer, "exit", v=9)
+    assert one(d, h) == {"op": "grant", "g": [[seg, vaddr, PAGE, 0, "relay"]]}
+    assert d.core.regions[sid].owner == h
+
+
+def test_exit_with_outstanding_calls(d):
+    h = d.connect()
+    (s1, h1), (s2, h2) = server(d, h, "s1"), server(d, h, "s2")
+    c, _ = running(d, h, "c")
+    busy, _ = running(d, h, "b")
+    call(d, busy, h2, [0] * 6)
+    v1, v2 = mmap(d, c), mmap(d, c)
+    seg2 = seg_at(d, v2)
+    call(d, c, h1, [0, 0, v1, PAGE, 0, 0])                # running
+    call(d, c, h2, [0, 0, v2, PAGE, 0, 0])                # queued
+    d.take(s1), d.take(s2)
+    ereq(d, c, "exit", v=4)
+    assert one(d, h)["retval"] == 4
+    assert v2 not in d.core.by_vaddr and has(d.effects, FreeSeg(seg2))   # withdrawn
+    assert owner(d, v1) == s1
+    n = len(d.effects)
+    ereq(d, s1, "ret", a=[0] * 6)                          # finishes; its loan is freed
+    assert v1 not in d.core.by_vaddr
+    assert not [e for e in d.effects[n:] if type(e) is Send and e.peer == c]
+    ereq(d, s2, "ret", a=[0] * 6)
+    assert one(d, busy)["op"] == "r"
+    assert d.take(s2) == []                               # the withdrawn call never comes
+
+
+# ---------------------------------------------------------------------- v2: create
+def test_create_is_answered_at_ready(d):
+    d.auto_ready = False
+    h = d.connect()
+    d.message(h, {"op": "create", "rid": 40, "name": "n", "type": NORMAL, "code": b"x"})
+    assert d.last_reply is None
+    (spawn,) = effects(d, Spawn)
+    e = d.core.peers[spawn.peer].enclave
+    assert e.state == C.STARTING
+    err(hreq(d, h, "run", handle=e.handle), E.BadState)
+    d.ready(spawn.peer)
+    rep = one(d, h)
+    assert rep["op"] == "r" and rep["rid"] == 40 and rep["handle"] == e.handle
+    assert e.state == C.CREATED
+    err(ereq(d, spawn.peer, "ready"), E.BadState)          # once only
+
+
+def test_calls_to_a_starting_server_queue(d):
+    h = d.connect()
+    c, _ = running(d, h, "c")
+    d.auto_ready = False
+    d.message(h, {"op": "create", "rid": 41, "name": "s", "type": SERVER, "code": b"x"})
+    sp = effects(d, Spawn)[-1].peer
+    # registered at once: a second server of that name is refused now
+    err(hreq(d, h, "create", name="s", type=SERVER, code=b""), E.NameInUse)
+    sh = ok(ereq(d, c, "acquire", name="s"))["handle"]
+    err(call(d, c, sh, [0] * 6, nb=True), E.ServerBusy)
+    assert call(d, c, sh, [7, 0, 0, 0, 0, 0]) is None
+    assert d.take(sp) == []
+    d.ready(sp)
+    assert one(d, h)["rid"] == 41
+    assert one(d, sp)["a"] == [7, 0, 0]
+
+
+@pytest.mark.parametrize("how", ["fault", "die", "timeout", "fault-c"])
+def test_create_fails_before_ready(d, how):
+    h = d.connect()
+    c, _ = running(d, h, "c")
+    d.auto_ready = False
+    d.message(h, {"op": "create", "rid": 42, "name": "s", "type": SERVER, "code": b"x(",
+                  "timeout": 5})
+    sp = effects(d, Spawn)[-1].peer
+    sh = d.core.peers[sp].enclave.handle
+    call(d, c, sh, [0] * 6)                                # queued on the starting server
+    if how == "fault":
+        ereq(d, sp, "fault", why="SyntaxError: '(' was never closed")
+        rep = err(one(d, h), E.EnclaveFault)
+        assert "SyntaxError" in rep["why"]
+    elif how == "fault-c":
+        ereq(d, sp, "fault", why="no main", c=E.BadExitValue.code)
+        err(one(d, h), E.BadExitValue)
+    elif how == "die":
+        d.die(sp, how="exited with status 1")
+        rep = err(one(d, h), E.EnclaveFault)
+        assert "status 1" in rep["why"]
+    else:
+        d.tick(4)
+        assert d.take(h) == []
+        d.tick(1)
+        err(one(d, h), E.Timeout)
+        assert has(d.effects, Kill(sp))
+    assert one(d, c)["c"] in (E.PeerDied.code,)
+    assert "s" not in d.core.servers
+    d.die(sp)
+
+
+def test_stdio_decision(d):
+    h = d.connect()
+    for nfds, want in ((2, "message"), (0, "null")):
+        n = len(d.effects)
+        d.message(h, {"op": "create", "rid": next(_rids), "name": "x", "type": NORMAL,
+                      "code": b""}, nfds=nfds)
+        ok(d.last_reply)
+        (spawn,) = [e for e in d.effects[n:] if type(e) is Spawn]
+        assert spawn.stdio == want
+    before = snapshot(d.core)
+    d.message(h, {"op": "create", "rid": next(_rids), "name": "x", "type": NORMAL,
+                  "code": b""}, nfds=1)
+    err(d.last_reply, E.InvalidArgument)
+    assert snapshot(d.core) == before
+
+
+# ---------------------------------------------------------------------- v2: faults, tombstones
+@pytest.mark.parametrize("c,cls", [(None, E.EnclaveFault), (-17, E.EnclaveFault),
+                                   (-31, E.BadExitValue), (-25, E.BadReturn),
+                                   (-13, E.EnclaveFault), ("x", E.EnclaveFault)])
+def test_fault_codes(d, c, cls):
+    h, cl, [(s, sh)] = _world(d)
+    kw = {} if c is None else {"c": c}
+    call(d, cl, sh, [0] * 6)
+    d.take(s)
+    ereq(d, s, "fault", why="bad thing", **kw)              # in a call: the server survives
+    rep = err(one(d, cl), cls)
+    assert "bad thing" in rep["why"]
+    peer, handle = create(d, h, "n")
+    d.message(h, {"op": "run", "rid": 88, "handle": handle})
+    d.take(peer)
+    ereq(d, peer, "fault", why="main said no", **kw)
+    rep = err(one(d, h), cls)
+    assert rep["rid"] == 88 and "main said no" in rep["why"]
+    assert err(hreq(d, h, "attest", handle=handle, nonce=1), cls)["why"] == rep["why"]
+
+
+def test_tombstones(d):
+    h = d.connect()
+    other = d.connect()
+    c, _ = running(d, h, "c")
+    ended = {}
+    p1, h1 = running(d, h, "ex")
+    ereq(d, p1, "exit", v=3)
+    ended[h1] = (E.BadState, "enclave 'ex' has exited with value 3")
+    p2, h2 = running(d, h, "ft")
+    ereq(d, p2, "fault", why="ZeroDivisionError: boom")
+    ended[h2] = (E.EnclaveFault, "enclave 'ft': ZeroDivisionError: boom")
+    p3, h3 = create(d, h, "ds")
+    ok(hreq(d, h, "destroy", handle=h3))
+    ended[h3] = (E.UnknownHandle, "enclave 'ds' was destroyed by its host")
+    p4, h4 = server(d, h, "kl")
+    d.die(p4, how="killed by signal 9")
+    ended[h4] = (E.EnclaveFault, "enclave 'kl': killed by signal 9")
+    d.take(h)
+    for p in (p1, p2, p3):
+        d.die(p)
+    for handle, (cls, why) in ended.items():
+        for op, kw in (("run", {}), ("attest", {"nonce": 1}), ("destroy", {})):
+            rep = err(hreq(d, h, op, handle=handle, **kw), cls)
+            assert rep["why"] == why, (op, rep)
+        rep = err(call(d, c, handle, [0] * 6), cls)
+        assert rep["why"] == why
+        # another host's request learns nothing
+        err(hreq(d, other, "attest", handle=handle, nonce=1), E.UnknownHandle)
+    # slots are reused with the next generation; the tombstones stay with the old handles
+    p5, h5 = create(d, h, "new")
+    assert h5 & 0xFFFFFFFF in {x & 0xFFFFFFFF for x in ended}
+    ok(hreq(d, h, "attest", handle=h5, nonce=1))
+    d.disconnected(h)
+    assert not d.core.tombs
+
+
+def test_tombstones_are_bounded():
+    d = Driver(new_core(max_tombstones=2))
+    h = d.connect()
+    handles = []
+    for i in range(4):
+        p, handle = create(d, h, f"e{i}")
+        ok(hreq(d, h, "destroy", handle=handle))
+        d.die(p)
+        handles.append(handle)
+    assert len(d.core.tombs) == 2
+    assert "destroyed" in err(hreq(d, h, "run", handle=handles[3]), E.UnknownHandle)["why"]
+    assert "destroyed" not in err(hreq(d, h, "run", handle=handles[0]),
+                                  E.UnknownHandle)["why"]
+    d.check()
+
+
+# ---------------------------------------------------------------------- v2: schrodinger states
+SCHRODINGER_OPS = ("sat", "sdt", "sctl", "run", "finish")
+
+
+def _schrodinger_step(d, h, sid, peer_handle, model, op):
+    """Apply ``op``; check the reply against the (owner, attached) model; return it."""
+    owner_, attached, running_ = model["owner"], model["attached"], model["running"]
+    if owner_ == "gone":
+        if op in ("sat", "sdt", "sctl"):
+            err(hreq(d, h, op, id=sid), E.UnknownId)
+        return
+    if op == "sat":
+        rep = hreq(d, h, "sat", id=sid)
+        if owner_ != "host":
+            err(rep, E.RegionLoaned)
+        elif attached:
+            err(rep, E.BadState)
+        else:
+            assert ok(rep)["g"][0][3] == 1
+            model["attached"] = True
+    elif op == "sdt":
+        rep = hreq(d, h, "sdt", id=sid)
+        if not attached:
+            err(rep, E.BadState)
+        else:
+            assert ok(rep)["d"] == [d.core.regions[sid].seg]
+            model["attached"] = False
+    elif op == "sctl":
+        rep = hreq(d, h, "sctl", id=sid)
+        if owner_ != "host":
+            err(rep, E.RegionLoaned)
+        elif attached:
+            err(rep, E.BadState)
+        else:
+            ok(rep)
+            model["owner"] = "gone"
+    elif op == "run":
+        if running_:
+            return
+        peer, handle = create(d, h, "r")
+        rid = next(_rids)
+        d.message(h, {"op": "run", "rid": rid, "handle": handle, "mem": [sid, 0, PAGE]})
+        if owner_ != "host":
+            err(d.last_reply, E.RegionLoaned)
+            ok(hreq(d, h, "destroy", handle=handle))
+            d.die(peer)
+            return
+        assert d.last_reply is None
+        d.take(peer)
+        model.update(owner="enclave", running=(peer, rid))
+    elif op == "finish":
+        if not running_:
+            return
+        peer, rid = running_
+        ereq(d, peer, "exit", v=1)
+        rep = one(d, h)
+        assert rep["rid"] == rid and rep["retval"] == 1
+        seg = d.core.regions[sid].seg
+        if attached:
+            assert rep["g"] == [[seg, d.core.regions[sid].vaddr, PAGE, 0, "relay"]]
+        else:
+            assert rep["g"] == []                 # a detached region stays detached
+        d.die(peer)
+        model.update(owner="host", running=None)
+    assert d.core.regions.get(sid) is None or (
+        (d.core.regions[sid].owner == h) == (model["owner"] == "host"))
+
+
+@pytest.mark.parametrize("seq", list(itertools.product(SCHRODINGER_OPS, repeat=4)))
+def test_schrodinger_attach_detach_ctl_run_in_every_order(seq):
+    d = Driver(new_core())
+    h = d.connect()
+    sid = ok(hreq(d, h, "sget", size=PAGE))["id"]
+    model = {"owner": "host", "attached": False, "running": None}
+    for op in seq:
+        _schrodinger_step(d, h, sid, None, model, op)
+        d.check()
+    d.finish()
+
+
+def test_shm_attach_states(d):
+    h = d.connect()
+    sid = ok(hreq(d, h, "shmget", size=PAGE))["id"]
+    err(hreq(d, h, "shmdt", id=sid), E.BadState)
+    ok(hreq(d, h, "shmat", id=sid))
+    err(hreq(d, h, "shmat", id=sid), E.BadState)
+    err(hreq(d, h, "shmctl", id=sid), E.BadState)
+    assert ok(hreq(d, h, "shmdt", id=sid))["d"] == [d.core.regions[sid].seg]
+    ok(hreq(d, h, "shmctl", id=sid))
+
+
+# ---------------------------------------------------------------------- v2: the shell's reports
+def test_segment_tampered_kills_the_violator(d):
+    h, c, [(s, sh)] = _world(d)
+    v = mmap(d, c)
+    seg = seg_at(d, v)
+    call(d, c, sh, [0, 0, v, PAGE, 0, 0])
+    d.take(s)
+    c2, _ = running(d, h, "c2")
+    call(d, c2, sh, [5, 0, 0, 0, 0, 0])                   # queued behind c
+    d.tamper.add(seg)                                      # s resized it
+    n = len(d.effects)
+    ereq(d, s, "ret", a=[0] * 6)
+    fx = d.effects[n:]
+    assert has(fx, Kill(s)) and has(fx, FreeSeg(seg))
+    rep = err(one(d, c), E.IsolationViolation)
+    assert rep["g"] == [] and rep["d"] == [seg]           # nobody gets the segment
+    assert v not in d.core.by_vaddr
+    err(one(d, c2), E.IsolationViolation)                  # whoever waited on s
+    rep = err(call(d, c, sh, [0] * 6), E.IsolationViolation)    # its tombstone
+    assert "violation" in rep["why"]
+    d.die(s)
+
+
+def test_segment_tampered_by_a_host_disconnects_it(d):
+    h = d.connect()
+    sid = ok(hreq(d, h, "sget", size=PAGE))["id"]
+    seg = ok(hreq(d, h, "sat", id=sid))["g"][0][0]
+    peer, handle = create(d, h)
+    d.tamper.add(seg)
+    d.message(h, {"op": "run", "rid": 5, "handle": handle, "mem": [sid, 0, PAGE]})
+    assert h in d.closed and has(d.effects, Kill(peer))
+    assert not d.core.regions
+
+
+def test_segment_creation_is_answered_after_its_result(d):
+    h, c, _ = _world(d)
+    fx = d.core.message(c, {"op": "mmap", "rid": 61, "size": PAGE}, 0, 0.0)
+    assert [type(e) for e in fx] == [NewSeg]                # no reply before the result
+    seg = fx[0].seg
+    d.live[seg] = PAGE
+    d.created.append(seg)
+    d.hold[seg] = c
+    fx2 = d.core.segment_created(seg)
+    (send,) = fx2
+    assert send.msg["rid"] == 61 and send.msg["g"][0][:2] == [seg, send.msg["vaddr"]]
+    d.pending[c][61] += 1
+    d._apply(fx2)
+    fx = d.core.message(c, {"op": "mmap", "rid": 62, "size": PAGE}, 0, 0.0)
+    d.failed.add(fx[0].seg)
+    (send,) = d.core.segment_failed(fx[0].seg, "ENOSPC")
+    assert send.msg["op"] == "e" and send.msg["rid"] == 62 and "ENOSPC" in send.msg["why"]
+    assert d.core.segment_failed(fx[0].seg, "again") == []
+
+
+def test_eof_grace_is_a_core_deadline(d):
+    h, c, _ = _world(d)
+    d.now = 10.0
+    d.exited(c, "exited with status 0")
+    assert d.core.next_deadline() == 11.0 and c in d.core.peers
+    d.tick(0.5)
+    assert c in d.core.peers
+    n = len(d.effects)
+    d.tick(0.6)
+    assert has(d.effects[n:], Close(c)) and c not in d.core.peers
+    rep = err(one(d, h), E.EnclaveFault)
+    assert "status 0" in rep["why"]
+    d.open.discard(c)
+    # EOF in time: no deadline left behind
+    c2, _ = running(d, h, "c2")
+    d.exited(c2)
+    d.disconnected(c2)
+    assert d.core.next_deadline() is None
+
+
+def test_enclave_quota_is_per_host():
+    d = Driver(new_core(max_enclaves=2, max_enclaves_total=3))
+    h1, h2 = d.connect(), d.connect()
+    create(d, h1, "a")
+    create(d, h1, "b")
+    err(hreq(d, h1, "create", name="c", type=NORMAL, code=b""), E.QuotaExceeded)
+    create(d, h2, "c")                     # another host is not affected
+    err(hreq(d, h2, "create", name="d", type=NORMAL, code=b""), E.QuotaExceeded)   # global
+    d.check()

@@ -112,7 +112,7 @@ class Peer:
         self.drops: list[int] = []    # segments it must unmap, piggybacked on the next message
         self.regions = 0              # quota accounting (regions created by this peer)
         self.bytes = 0
-        self.enclave: Enclave | None = None   # for enclave peers
+        self.enclave: Enclave = None          # type: ignore[assignment]  # enclave peers only
         self.enclaves: set[int] = set()       # enclave peers created by this host
         self.eof = False              # enclave socket reached EOF
         self.how: str | None = None   # exit description from the zygote
@@ -492,11 +492,11 @@ class Core:
                 handler(self, fx, p, msg, rid, nfds, now)
                 return fx
             e = p.enclave
-            handler = _ENCLAVE_OPS.get(op)
-            if handler is not None:
+            request = _ENCLAVE_OPS.get(op)
+            if request is not None:
                 if rid is None:
                     raise E.LocalProtocolError(f"request {op!r} without a valid rid")
-                handler(self, fx, p, e, msg, rid, now)
+                request(self, fx, p, e, msg, rid, now)
                 return fx
             note = _ENCLAVE_NOTES.get(op)
             if note is None:
@@ -776,8 +776,9 @@ class Core:
             f.answered = True
         e.out.clear()
         # the call or run it is serving fails; what it holds on loan goes back
-        f = e.frame_in
-        if f is not None:
+        fi = e.frame_in
+        if fi is not None:
+            f = fi
             e.frame_in = None
             if f.kind == "run" and retval is not None:
                 self._finish_run(fx, f, retval)
@@ -812,7 +813,8 @@ class Core:
         """
         if not loans:
             return []
-        back, other = [], {}
+        back: list[Region] = []
+        other: dict[int, list[Region]] = {}
         for r in loans:
             if r.id not in self.regions:
                 continue
@@ -907,7 +909,7 @@ class Core:
                 back.append(resp)
             else:
                 self._free(fx, resp)
-        if not live:
+        if not live or c is None:
             return
         c.enclave.out.pop(f.rid, None)
         g, segs = self._grants(f.caller, back) if back else ([], ())

@@ -88,7 +88,7 @@ class Daemon:
         self.segs: dict[int, posix_ipc.SharedMemory] = {}
         self.running = False
         self.zpid: int | None = None
-        self.zsock: socket.socket | None = None
+        self.zsock: socket.socket = None      # type: ignore[assignment]  # set by run()
         self._fds: list[int] = []   # fds that came with the message being handled
         self._seg_prefix = f"/tvmrt.{os.getpid()}."
 

@@ -92,7 +92,7 @@ def serve(sock: socket.socket, monitor_pid: int) -> None:
 
     while True:
         try:
-            ready, _, _ = select.select([sock, wake_r], [], [])
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         except InterruptedError:
             ready = []
         if wake_r in ready:
@@ -101,7 +101,7 @@ def serve(sock: socket.socket, monitor_pid: int) -> None:
             except BlockingIOError:
                 pass
         reap()
-        if sock not in ready:
+        if sock.fileno() not in ready:
             continue
         try:
             msg, fds = wire.recv(sock, want_fds=True)
@@ -123,10 +123,10 @@ def serve(sock: socket.socket, monitor_pid: int) -> None:
             by_peer[peer] = pid
             wire.send(sock, {"op": "spawned", "k": peer, "pid": pid})
         elif op == "kill":
-            pid = by_peer.get(msg.get("k"))
-            if pid is not None:
+            kpid = by_peer.get(msg.get("k"))
+            if kpid is not None:
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(kpid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         elif op == "exit":

@@ -132,24 +132,30 @@ class Daemon:
 
     def run(self, ready_fd: int | None = None, announce: bool = True) -> int:
         """Serve until stopped; returns the exit code (0 on a clean stop)."""
-        # The monitor maps nothing, but it reserves the arenas like every tvmrt process:
-        # the zygote and every enclave inherit the reservation through fork.
-        memory.reserve_arenas()
-        self._start_zygote()
+        # Stop signals first: one that arrives while the daemon sets up (the socket path
+        # exists before the loop runs) is recorded and honoured, never lost.
+        self.running = True
+        stop_sigs = (signal.SIGINT, signal.SIGTERM)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in stop_sigs}
         try:
-            self.listener = self._listen()
+            # The monitor maps nothing, but it reserves the arenas like every tvmrt
+            # process: the zygote and every enclave inherit the reservation through fork.
+            memory.reserve_arenas()
+            self._start_zygote()
+            try:
+                self.listener = self._listen()
+            except BaseException:
+                self._stop_zygote()
+                raise
         except BaseException:
-            self._stop_zygote()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
             raise
         sel = self.sel = _Epoll()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        stop_sigs = (signal.SIGINT, signal.SIGTERM)
-        # running first: a stop signal that arrives from here on is never lost
-        self.running = True
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in stop_sigs}
         sel.register(self.listener, ("listen", None))
         sel.register(self.zsock, ("zygote", None))
         sel.register(wake_r, ("wake", None))

@@ -1,0 +1,68 @@
+"""The daemon (the I/O shell) against real processes, over raw protocol-v2 sockets."""
+from __future__ import annotations
+
+import array
+import os
+import socket
+
+import msgpack
+import pytest
+
+from conftest import eapp
+from test_protocol import PAGE, _create, _raw, _recv, _request
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_segments_carry_the_monitor_name(clean):
+    """Segments are created as /tvmrt.<monitor pid>.<hex> (and unlinked at once)."""
+    s = _raw(clean.path)
+    try:
+        rep = _request(s, {"op": "shmget", "rid": 1, "size": PAGE})
+        assert rep["op"] == "r"
+        names = []
+        fd_dir = f"/proc/{clean.pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                names.append(os.readlink(os.path.join(fd_dir, fd)))
+            except OSError:
+                pass
+        ours = [n for n in names if n.startswith(f"/dev/shm/tvmrt.{clean.pid}.")]
+        assert ours and all(n.endswith("(deleted)") for n in ours), names
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"tvmrt.{clean.pid}.")]
+        assert _request(s, {"op": "shmctl", "rid": 2, "id": rep["id"]})["op"] == "r"
+    finally:
+        s.close()
+
+
+def test_a_host_that_resizes_its_region_is_cut_off(clean):
+    """The shell fstats a segment before it changes hands; a holder that truncated it
+    (a SIGBUS weapon) is a violator: here the host, which is disconnected."""
+    bystander = _raw(clean.path)
+    s = _raw(clean.path)
+    try:
+        sid = _request(s, {"op": "sget", "rid": 1, "size": 2 * PAGE})["id"]
+        s.sendall(msgpack.packb({"op": "sat", "rid": 2, "id": sid}))
+        fds = array.array("i")
+        data, anc, _f, _a = s.recvmsg(1 << 20, socket.CMSG_SPACE(4 * fds.itemsize))
+        for level, kind, blob in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(blob[:len(blob) - len(blob) % fds.itemsize])
+        assert len(fds) == 1
+        os.ftruncate(fds[0], PAGE)                  # shrink it under the next owner
+        os.close(fds[0])
+        rep = _create(s, 3, eapp("shm_rw"), "victim", stdio=False)
+        assert rep["op"] == "r", rep
+        s.send(msgpack.packb({"op": "run", "rid": 4, "handle": rep["handle"],
+                              "mem": [sid, 0, 2 * PAGE]}))
+        while True:                                  # cut off: EOF
+            msg, _ = _recv(s)
+            if msg is None:
+                break
+            assert msg.get("rid") != 4, msg
+    finally:
+        s.close()
+    # the monitor serves on, and the bystander noticed nothing
+    rep = _request(bystander, {"op": "ps", "rid": 1})
+    assert rep["op"] == "r"
+    bystander.close()

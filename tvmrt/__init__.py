@@ -4,23 +4,46 @@ Public surface:
     tvmrt.host      Pythonic host API (Host, Enclave, SharedMemory, Schrodinger)
     tvmrt.eapp      enclave API with Penglai's names (for eapps)
     tvmrt.penglai   Penglai's host SDK names with C-style returns
-    tvmrt.errors    the error hierarchy (TvmError and distinct codes)
+    tvmrt.errors    the error tree (TvmError, categories, distinct codes)
+
+The names below are re-exported here and imported on first use, so that importing a
+pure part of the package (the monitor's core, the error tree) pulls in no I/O module.
 """
-from ._callarg import CallArg, call_enclave_arg_t
-from .errors import (ALL_CODES, BadReturn, BadSize, BadState, CallCycle, EnclaveFault,
-                     InvalidArgument, MonitorGone, NameInUse, NoMemory, NoSuchServer,
-                     NotOwned, NotPermitted, PeerDied, ProtocolError, QuotaExceeded,
-                     RegionLoaned, ServerBusy, Timeout, TvmError, Unaligned, UnknownHandle,
-                     UnknownId, error_for)
-from .host import NORMAL, SERVER, Enclave, Host, Schrodinger, SharedMemory
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CallArg", "call_enclave_arg_t", "Host", "Enclave", "SharedMemory", "Schrodinger",
-    "NORMAL", "SERVER", "TvmError", "ALL_CODES", "error_for", "BadReturn", "BadSize",
-    "BadState", "CallCycle", "EnclaveFault", "InvalidArgument", "MonitorGone", "NameInUse",
-    "NoMemory", "NoSuchServer", "NotOwned", "NotPermitted", "PeerDied", "ProtocolError",
-    "QuotaExceeded", "RegionLoaned", "ServerBusy", "Timeout", "Unaligned", "UnknownHandle",
-    "UnknownId",
-]
+_HOST = ("Host", "Enclave", "SharedMemory", "Schrodinger", "NORMAL", "SERVER")
+_CALLARG = ("CallArg", "call_enclave_arg_t")
+_ERRORS = (
+    "TvmError", "ALL_CODES", "ALL_ERRORS", "error_for",
+    "ArgumentError", "InvalidArgument", "Unaligned", "BadSize", "UnknownHandle", "UnknownId",
+    "NoSuchServer", "NameInUse",
+    "OwnershipError", "NotOwned", "NotPermitted", "RegionLoaned",
+    "StateError", "BadState", "CallCycle", "ServerBusy",
+    "PeerError", "EnclaveFault", "BadExitValue", "PeerDied", "BadReturn", "IsolationViolation",
+    "ChannelError", "ChannelClosed", "MonitorGone",
+    "Timeout",
+    "ResourceExhausted", "QuotaExceeded", "NoMemory",
+    "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
+)
+
+_WHERE = {**{n: ".host" for n in _HOST}, **{n: "._callarg" for n in _CALLARG},
+          **{n: ".errors" for n in _ERRORS}}
+
+__all__ = list(_CALLARG + _HOST + _ERRORS)
+
+
+def __getattr__(name: str):
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'tvmrt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -124,6 +124,13 @@ class Schrodinger(_Region):
         enclave)."""
         return self.attached and self.host.table.owns(self.address)
 
+    def remove(self) -> None:
+        """Detach if attached, then revoke the id.  RegionLoaned, with nothing
+        changed, while an enclave holds it."""
+        if self.attached and not self.host.table.owns(self.address):
+            raise RegionLoaned(f"schrodinger region {self.id:#x} is held by an enclave")
+        super().remove()
+
 
 class Enclave:
     """An enclave created by this host (a process started by the monitor)."""

@@ -253,7 +253,7 @@ def test_request_that_cannot_be_encoded_rolls_the_loan_back(chan):
     ctypes.c_int.from_address(BASE).value = 1             # RW again
 
 
-def test_stale_views_raise_instead_of_crashing(chan):
+def test_views_raise_while_the_region_is_away(chan):
     ch, peer = chan
     grant(peer, BASE)
     v = ch.table.view(BASE, PAGE)
@@ -270,8 +270,11 @@ def test_stale_views_raise_instead_of_crashing(chan):
         ch.table.view(BASE, 4)
     send(peer, {"op": "grant", "g": [[1, BASE, PAGE, 0, "relay"]]})
     assert ch.table.view(BASE, 4).cast("i")[0] == 3       # back: a new view works
+    assert ints[0] == 3 and part[0] == 0                  # and the old ones, like a C pointer
+    send(peer, {"op": "grant", "d": [1]})
+    ch.drain()
     with pytest.raises(ValueError):
-        ints[0]                                           # the old one stays dead
+        ints[0]                                           # unmapped: dead for good
 
 
 def test_drop_kills_views(chan):

@@ -51,9 +51,7 @@ def test_schrodinger_round_trip(host):
     enc.set_mem_arg(rel)
     enc.run()
     assert rel.owned
-    with pytest.raises(ValueError):
-        r[1]                       # the view taken before the run died when it left
-    assert rel.view.cast("i")[1] == 42   # the enclave's write, zero copy, same address
+    assert r[1] == 42              # the enclave's write, zero copy, same address
 
 
 def test_schrodinger_revoked_during_run_in_process(host):

@@ -146,6 +146,12 @@ def kill_view(mv: memoryview) -> None:
         _flags_of(mv).value |= _MBUF_RELEASED
 
 
+def revive_view(mv: memoryview) -> None:
+    """Undo :func:`kill_view`: the same memory is this process's again."""
+    if _KILL_WORKS:
+        _flags_of(mv).value &= ~_MBUF_RELEASED
+
+
 def _probe_kill() -> bool:
     buf = ctypes.create_string_buffer(64)
     root = _from_memory(ctypes.addressof(buf), 64, _PyBUF_WRITE)

@@ -12,8 +12,10 @@ address space and is the **only** code that changes protections:
   :meth:`Loan.rollback` restores it.
 
 Views handed out (:meth:`RegionTable.view`) share one managed buffer per region;
-when the region leaves this process every one of them is made unusable (it raises
-``ValueError`` instead of crashing the interpreter with SIGSEGV).  A lookup that
+while the region is away from this process every one of them is unusable (it raises
+``ValueError`` instead of crashing the interpreter with SIGSEGV); when the same
+segment comes back to the same address they work again, like a C pointer into the
+relay page; when the segment is unmapped (freed, detached) they are dead for good.  A lookup that
 misses asks the channel to apply what is already waiting in the socket first
 (``refresh``), so a region that has just come back is usable at once.
 """
@@ -73,6 +75,7 @@ class RegionTable:
         self._starts: list[int] = []                   # sorted starts of owned + shared
         self._stale = False
         self._roots: dict[int, memoryview] = {}        # vaddr -> root view handed out
+        self._parked: dict[int, tuple[int, memoryview]] = {}   # away: vaddr -> (seg, root)
         #: called (without the lock) when a lookup misses: apply what is waiting
         self.refresh: Callable[[], None] | None = None
 
@@ -119,6 +122,10 @@ class RegionTable:
                                     f"grant of segment {seg} that is not mapped here")
                             memory.protect(vaddr, length, memory.PROT_RW)
                         self.lent.pop(vaddr, None)
+                        parked = self._parked.pop(vaddr, None)
+                        if parked is not None and parked[0] == seg:
+                            memory.revive_view(parked[1])
+                            self._roots[vaddr] = parked[1]
                         if kind == "shm":
                             self.shared[vaddr] = length
                         else:
@@ -134,6 +141,9 @@ class RegionTable:
             return
         vaddr, length = m
         self._kill(vaddr)
+        parked = self._parked.pop(vaddr, None)
+        if parked is not None:
+            memory.kill_view(parked[1])
         if self.owned.get(vaddr, (None,))[0] == seg:
             del self.owned[vaddr]
         if self.lent.get(vaddr, (None,))[0] == seg:
@@ -193,10 +203,10 @@ class RegionTable:
                     if size != length:
                         raise BadSize(f"req_size {size:#x} must cover the whole region "
                                       f"({length:#x})")
+                    self._park(vaddr, seg)      # views raise before the page goes away
                     memory.protect(vaddr, length, memory.PROT_NONE)
                     del self.owned[vaddr]
                     self.lent[vaddr] = o
-                    self._kill(vaddr)
                     self._stale = True
                     return Loan(self, vaddr, seg, length)
             if attempt == 0 and self.refresh is not None:
@@ -208,6 +218,10 @@ class RegionTable:
             if self.lent.get(loan.vaddr) != (loan.seg, loan.length):
                 return                    # the monitor has spoken since: its word holds
             memory.protect(loan.vaddr, loan.length, memory.PROT_RW)
+            parked = self._parked.pop(loan.vaddr, None)
+            if parked is not None:
+                memory.revive_view(parked[1])
+                self._roots[loan.vaddr] = parked[1]
             del self.lent[loan.vaddr]
             self.owned[loan.vaddr] = (loan.seg, loan.length)
             self._stale = True
@@ -220,8 +234,8 @@ class RegionTable:
             o = self.owned.pop(vaddr, None)
             if o is None:
                 return False
+            self._park(vaddr, o[0])
             memory.protect(vaddr, o[1], memory.PROT_NONE)
-            self._kill(vaddr)
             self._stale = True
             return True
 
@@ -296,6 +310,12 @@ class RegionTable:
                 self.refresh()
         self._lookup(addr, size)            # raises the precise error
         raise NotOwned(f"this process does not own {addr:#x}")
+
+    def _park(self, vaddr: int, seg: int) -> None:
+        root = self._roots.pop(vaddr, None)
+        if root is not None:
+            memory.kill_view(root)
+            self._parked[vaddr] = (seg, root)
 
     def _kill(self, vaddr: int) -> None:
         root = self._roots.pop(vaddr, None)

@@ -143,8 +143,10 @@ def mem(addr: int, size: int) -> memoryview:
     """A writable byte view of ``[addr, addr+size)``; raises NotOwned unless this
     enclave owns that range (a relay region) or maps it (its shared memory).
 
-    The view raises ``ValueError`` once the region has left this enclave (loaned,
-    returned, freed): a stale view never touches memory that is not ours."""
+    The view raises ``ValueError`` while the region is away from this enclave (on
+    loan, returned to its lender) and works again when it comes back to the same
+    address, like a C pointer; once the region is freed it is dead for good.  A
+    stale view never touches memory that is not ours."""
     return _rt().table.view(addr, size)
 
 

@@ -86,9 +86,10 @@ class _Region:
         """Writable memoryview of the whole region.
 
         Checked: raises NotOwned if this process may not touch it now.  The view
-        (and every slice or cast of it) raises ``ValueError`` once the region leaves
-        this process (a run, a detach, a remove): it never touches memory that is not
-        ours."""
+        (and every slice or cast of it) raises ``ValueError`` while the region is
+        away (an enclave runs with it) and works again when it is back, like a C
+        pointer; once the region is detached or removed it is dead for good.  It
+        never touches memory that is not ours."""
         if not self.attached:
             raise NotOwned(f"{self.kind} region {self.id:#x} is not attached here")
         return self.host.table.view(self.address, self.size)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from tvmrt import errors as E
@@ -214,6 +215,9 @@ class VaAllocator:
             del free[i]
 
 
+_tuple_new = tuple.__new__      # builds a NamedTuple without its Python-level __new__
+
+
 def _err(exc, rid=None):
     msg = {"op": "e", "c": exc.code, "why": exc.reason}
     if rid is not None:
@@ -237,16 +241,6 @@ def _timeout(msg, default):
     if type(t) not in (int, float) or not 0 <= t < 1e9:
         raise Invalid("timeout must be a non-negative number of seconds")
     return t
-
-
-def _args6(msg):
-    a = msg.get("a")
-    if type(a) is not list or len(a) != 6:
-        raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
-    for v in a:
-        if type(v) is not int or v < 0 or v > U64:
-            check_u64(v, "call_enclave_arg_t field")
-    return a
 
 
 class Core:
@@ -357,7 +351,7 @@ class Core:
         self.peers[p.id] = p
         return p
 
-    def _send(self, fx, peer_id, msg, segs=()):
+    def _send(self, fx, peer_id, msg, segs: Sequence[int] = ()):
         """Queue a send, piggybacking pending unmaps for that peer."""
         p = self.peers.get(peer_id)
         if p is None or not p.alive:
@@ -366,7 +360,7 @@ class Core:
             d = msg.get("d")
             msg["d"] = p.drops + d if d else p.drops
             p.drops = []
-        fx.append(Send(peer_id, msg, list(segs)))
+        fx.append(_tuple_new(Send, (peer_id, msg, segs)))
 
     def _grants(self, peer_id, regions):
         """Grant list for ``regions`` to ``peer_id`` and the segments whose fds must go.
@@ -902,7 +896,8 @@ class Core:
             self.timers.pop(f, None)
         c = self.peers.get(f.caller)
         live = not f.answered and c is not None and c.alive
-        back = self._give_back(fx, f.loans, f.server.peer, f.caller if live else None)
+        back = self._give_back(fx, f.loans, f.server.peer, f.caller if live else None) \
+            if f.loans else []
         if resp is not None and resp not in f.loans:
             if live:
                 self._give(resp, f.server.peer, f.caller)
@@ -1177,18 +1172,19 @@ def _e_acquire(core, fx, p, e, msg, rid, now):
 
 
 def _e_call(core, fx, p, e, msg, rid, now):
-    a = msg.get("a")
-    back = None
-    if type(a) is list and len(a) == 6:
-        r = core.by_vaddr.get(a[2])
-        if r is not None and r.kind == "relay" and r.owner == p.id and r.seg in p.segs:
-            back = r          # refused: re-grant it (the client revoked it before sending)
     try:
-        a = _args6(msg)
+        a = msg.get("a")
+        if type(a) is not list or len(a) != 6:
+            raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
+        for v in a:
+            if type(v) is not int or v < 0 or v > U64:
+                check_u64(v, "call_enclave_arg_t field")
         nb = msg.get("nb", False)
         if nb is not False and nb is not True:
             raise Invalid("field 'nb' must be a boolean")
-        timeout = _timeout(msg, None)
+        timeout = msg.get("timeout")
+        if timeout is not None:
+            timeout = _timeout(msg, None)
         if e.state not in (RUNNING, SERVING):
             raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
         if rid in e.out:
@@ -1218,8 +1214,13 @@ def _e_call(core, fx, p, e, msg, rid, now):
         if nb and not free:
             raise E.ServerBusy(f"server {s.name!r} is busy")
     except (Invalid, E.TvmError) as exc:
-        if back is not None:
-            exc.regrant = back      # type: ignore[union-attr]
+        # refused before anything moved: re-grant the request region the caller owns
+        # (its runtime revoked it before sending)
+        a = msg.get("a")
+        if type(a) is list and len(a) == 6 and type(a[2]) is int:
+            r = core.by_vaddr.get(a[2])
+            if r is not None and r.kind == "relay" and r.owner == p.id and r.seg in p.segs:
+                exc.regrant = r     # type: ignore[union-attr]
         raise
     f = Frame("call", p.id, s, loans, a, rid)
     e.out[rid] = f
@@ -1277,7 +1278,12 @@ def _n_ret(core, fx, p, e, msg, now):
         raise E.BadState("SERVER_RETURN outside a call")
     if e.out:
         raise E.BadState("SERVER_RETURN while waiting for a nested call")
-    a = _args6(msg)
+    a = msg.get("a")
+    if type(a) is not list or len(a) != 6:
+        raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
+    for v in a:
+        if type(v) is not int or v < 0 or v > U64:
+            check_u64(v, "call_enclave_arg_t field")
     resp_vaddr = a[4]
     resp = None
     bad = None

@@ -5,6 +5,7 @@ dispatches on ``type(effect)``.  :data:`ALL` lists every class.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 
@@ -16,7 +17,7 @@ class Send(NamedTuple):
     """
     peer: int
     msg: dict[str, Any]
-    segs: list[int]
+    segs: Sequence[int]
 
 
 class Spawn(NamedTuple):

@@ -179,16 +179,25 @@ def call_enclave(handle: int, arg: CallArg, nonblocking: bool = False,
     late answer is discarded.  Several threads may call at once.
     Returns 0 or a negative error code (the exception is in :func:`last_error`).
     """
-    rt = _rt()
+    rt = _rtmod.current
+    if rt is None:
+        _rt()
     try:
-        if not isinstance(arg, CallArg):
+        if type(arg) is not CallArg and not isinstance(arg, CallArg):
             raise InvalidArgument(f"call_enclave takes a call_enclave_arg_t, not "
                                   f"{type(arg).__name__}")
-        fields = [check_u64(v, f) for v, f in zip(arg.to_list(), FIELDS, strict=True)]
-        if isinstance(handle, bool) or not isinstance(handle, int):
-            raise InvalidArgument(f"handle must be an int, not {handle!r:.40}")
-        if not -(1 << 63) <= handle <= U64:
-            raise UnknownHandle(f"no enclave answers to handle {handle:#x}")
+        fields = [arg.req_arg, arg.resp_val, arg.req_vaddr, arg.req_size, arg.resp_vaddr,
+                  arg.resp_size]
+        for v in fields:
+            if type(v) is not int or v < 0 or v > U64:
+                fields = [check_u64(x, f) for x, f in zip(fields, FIELDS, strict=True)]
+                break
+        if type(handle) is not int or not -(1 << 63) <= handle <= U64:
+            if isinstance(handle, bool) or not isinstance(handle, int):
+                raise InvalidArgument(f"handle must be an int, not {handle!r:.40}")
+            if not -(1 << 63) <= handle <= U64:
+                raise UnknownHandle(f"no enclave answers to handle {handle:#x}")
+            handle = int(handle)
         msg = {"op": "call", "handle": handle, "a": fields}
         if nonblocking:
             msg["nb"] = True
@@ -199,11 +208,10 @@ def call_enclave(handle: int, arg: CallArg, nonblocking: bool = False,
                                       f"{timeout!r:.40}")
             msg["timeout"] = float(timeout)
         loan = rt.table.lend(fields[2], fields[3]) if fields[2] else None
+        m = rt.chan.request(msg, (), timeout, loan)
     except TvmError as exc:
-        return _refuse(rt, exc).code
-    m = _ask(rt, msg, timeout=timeout, loan=loan)
-    if isinstance(m, TvmError):
-        return m.code
+        rt.last_error = exc
+        return exc.code
     arg.set_from(m["a"])
     return 0
 

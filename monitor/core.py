@@ -499,6 +499,8 @@ class Core:
             note(self, fx, p, e, msg, now)
         except (Invalid, E.TvmError) as exc:
             back = getattr(exc, "regrant", None)
+            if getattr(exc, "norid", False):
+                rid = None
             if isinstance(exc, Invalid):
                 exc = E.InvalidArgument(str(exc))
             reply = _err(exc, rid)
@@ -1188,7 +1190,10 @@ def _e_call(core, fx, p, e, msg, rid, now):
         if e.state not in (RUNNING, SERVING):
             raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
         if rid in e.out:
-            raise E.LocalProtocolError(f"rid {rid} is already in use by a call")
+            # answered without a rid: a reply naming it would reach the first call's waiter
+            dup = E.LocalProtocolError(f"rid {rid} is already in use by a call")
+            dup.norid = True        # type: ignore[attr-defined]
+            raise dup
         s = core._enclave(get_int(msg, "handle"))
         if s.type != SERVER:
             raise E.UnknownHandle(f"enclave {s.name!r} is not a server")

@@ -273,7 +273,6 @@ class Daemon:
         if op == "spawned":
             self._apply(self.core.spawned(peer, msg.get("pid")))
         elif op == "spawn_failed":
-            self._drop_sock(peer)
             self._apply(self.core.spawn_failed(peer, msg.get("why", "?")))
         elif op == "exited":
             self._apply(self.core.exited(peer, msg.get("how", "?"), time.monotonic()))

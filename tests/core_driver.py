@@ -348,8 +348,9 @@ class Driver:
                 return
             if rid is None:
                 _assert(msg["op"] == "e", "a rid-less reply must be an error")
-                _assert(src["rid"] is None,
-                        f"a request with a rid was answered without one: {msg!r:.200}")
+                _assert(src["rid"] is None or self.pending[peer][src["rid"]] > 0,
+                        f"a request with a (fresh) rid was answered without one: "
+                        f"{msg!r:.200}")
                 src["own"] = msg
                 return
         _assert(rid is not None, f"a rid-less error outside the peer's own message: "

@@ -54,8 +54,17 @@ from tvmrt import errors as E
 
 from .config import Config
 from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn
-from .validate import (U64, Invalid, check_u64, get_bytes, get_int, get_name,
-                       get_opt_window, get_str, get_u64)
+from .validate import (
+    U64,
+    Invalid,
+    check_u64,
+    get_bytes,
+    get_int,
+    get_name,
+    get_opt_window,
+    get_str,
+    get_u64,
+)
 
 NORMAL = 0
 SERVER = 1

@@ -15,12 +15,17 @@ import time
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import eapp
-from tvmrt.errors import (BadSize, EnclaveFault, InvalidArgument, LocalProtocolError,
-                          UnknownHandle, UnknownId)
+from tvmrt.errors import (
+    BadSize,
+    EnclaveFault,
+    InvalidArgument,
+    LocalProtocolError,
+    UnknownHandle,
+    UnknownId,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -118,7 +118,7 @@ def view(addr: int, length: int) -> memoryview:
     """A writable byte memoryview over ``[addr, addr+length)`` (no checks: see callers).
 
     Every view sliced or cast from it shares its managed buffer, so that
-    :func:`kill_view` makes all of them unusable at once.
+    :func:`flag_of` gives the word that makes all of them unusable at once.
     """
     return _from_memory(addr, length, _PyBUF_WRITE)
 
@@ -140,16 +140,11 @@ def _flags_of(mv: memoryview) -> ctypes.c_int:
     return ctypes.c_int.from_address(mbuf + _FLAGS_OFF)
 
 
-def kill_view(mv: memoryview) -> None:
-    """Make ``mv`` and every view cut from it raise ValueError on use (see above)."""
-    if _KILL_WORKS:
-        _flags_of(mv).value |= _MBUF_RELEASED
-
-
-def revive_view(mv: memoryview) -> None:
-    """Undo :func:`kill_view`: the same memory is this process's again."""
-    if _KILL_WORKS:
-        _flags_of(mv).value &= ~_MBUF_RELEASED
+def flag_of(mv: memoryview) -> ctypes.c_int | None:
+    """The released flag word shared by ``mv`` and every view cut from it (None where
+    this interpreter's layout is not the one checked at import).  Setting bit 0 kills
+    them all, clearing it revives them."""
+    return _flags_of(mv) if _KILL_WORKS else None
 
 
 def _probe_kill() -> bool:

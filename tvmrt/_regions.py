@@ -22,6 +22,7 @@ misses asks the channel to apply what is already waiting in the socket first
 from __future__ import annotations
 
 import bisect
+import ctypes
 import os
 import threading
 from collections.abc import Callable
@@ -67,15 +68,17 @@ class RegionTable:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()     # never held while calling out (refresh)
         self.mapped: dict[int, tuple[int, int]] = {}   # seg -> (vaddr, length)
         self.owned: dict[int, tuple[int, int]] = {}    # relay: vaddr -> (seg, length)
         self.shared: dict[int, int] = {}               # shm windows: vaddr -> length
         self.lent: dict[int, tuple[int, int]] = {}     # revoked by lend: vaddr -> (seg, len)
         self._starts: list[int] = []                   # sorted starts of owned + shared
         self._stale = False
-        self._roots: dict[int, memoryview] = {}        # vaddr -> root view handed out
-        self._parked: dict[int, tuple[int, memoryview]] = {}   # away: vaddr -> (seg, root)
+        # root view handed out per region start, with its released-flag word:
+        self._roots: dict[int, tuple[memoryview, ctypes.c_int | None]] = {}
+        # the same while the region is away: vaddr -> (seg, root, flag)
+        self._parked: dict[int, tuple[int, memoryview, ctypes.c_int | None]] = {}
         #: called (without the lock) when a lookup misses: apply what is waiting
         self.refresh: Callable[[], None] | None = None
 
@@ -122,10 +125,8 @@ class RegionTable:
                                     f"grant of segment {seg} that is not mapped here")
                             memory.protect(vaddr, length, memory.PROT_RW)
                         self.lent.pop(vaddr, None)
-                        parked = self._parked.pop(vaddr, None)
-                        if parked is not None and parked[0] == seg:
-                            memory.revive_view(parked[1])
-                            self._roots[vaddr] = parked[1]
+                        if self._parked:
+                            self._unpark(vaddr, seg)
                         if kind == "shm":
                             self.shared[vaddr] = length
                         else:
@@ -141,9 +142,7 @@ class RegionTable:
             return
         vaddr, length = m
         self._kill(vaddr)
-        parked = self._parked.pop(vaddr, None)
-        if parked is not None:
-            memory.kill_view(parked[1])
+        self._parked.pop(vaddr, None)                  # its flag is set already: dead
         if self.owned.get(vaddr, (None,))[0] == seg:
             del self.owned[vaddr]
         if self.lent.get(vaddr, (None,))[0] == seg:
@@ -189,8 +188,12 @@ class RegionTable:
         :class:`Unaligned`, :class:`BadSize` (zero, not whole pages, not the whole
         region), :class:`NotOwned`.  Returns the :class:`Loan`.
         """
-        vaddr = check_u64(vaddr, "req_vaddr")
-        size = check_u64(size, "req_size")
+        if type(vaddr) is not int or type(size) is not int:
+            vaddr = check_u64(vaddr, "req_vaddr")
+            size = check_u64(size, "req_size")
+        elif not (0 <= vaddr <= U64 and 0 <= size <= U64):
+            check_u64(vaddr, "req_vaddr")
+            check_u64(size, "req_size")
         if vaddr % PAGE:
             raise Unaligned(f"req_vaddr {vaddr:#x} is not page aligned")
         if size == 0 or size % PAGE:
@@ -218,10 +221,7 @@ class RegionTable:
             if self.lent.get(loan.vaddr) != (loan.seg, loan.length):
                 return                    # the monitor has spoken since: its word holds
             memory.protect(loan.vaddr, loan.length, memory.PROT_RW)
-            parked = self._parked.pop(loan.vaddr, None)
-            if parked is not None:
-                memory.revive_view(parked[1])
-                self._roots[loan.vaddr] = parked[1]
+            self._unpark(loan.vaddr, loan.seg)
             del self.lent[loan.vaddr]
             self.owned[loan.vaddr] = (loan.seg, loan.length)
             self._stale = True
@@ -301,9 +301,11 @@ class RegionTable:
                 f = self._find(addr, size)
                 if f is not None:
                     start, length = f
-                    root = self._roots.get(start)
-                    if root is None or len(root) != length:
-                        root = self._roots[start] = memory.view(start, length)
+                    r = self._roots.get(start)
+                    if r is None or len(r[0]) != length:
+                        mv = memory.view(start, length)
+                        r = self._roots[start] = (mv, memory.flag_of(mv))
+                    root = r[0]
                     off = addr - start
                     return root[off:off + size]
             if attempt == 0 and self.refresh is not None:
@@ -312,15 +314,25 @@ class RegionTable:
         raise NotOwned(f"this process does not own {addr:#x}")
 
     def _park(self, vaddr: int, seg: int) -> None:
-        root = self._roots.pop(vaddr, None)
-        if root is not None:
-            memory.kill_view(root)
-            self._parked[vaddr] = (seg, root)
+        """The region leaves: its views raise until the same segment comes back."""
+        r = self._roots.pop(vaddr, None)
+        if r is not None:
+            if r[1] is not None:
+                r[1].value |= 1
+            self._parked[vaddr] = (seg, r[0], r[1])
+
+    def _unpark(self, vaddr: int, seg: int) -> None:
+        p = self._parked.pop(vaddr, None)
+        if p is not None and p[0] == seg:
+            if p[2] is not None:
+                p[2].value &= ~1
+            self._roots[vaddr] = (p[1], p[2])
 
     def _kill(self, vaddr: int) -> None:
-        root = self._roots.pop(vaddr, None)
-        if root is not None:
-            memory.kill_view(root)
+        """The mapping goes: its views are dead for good."""
+        r = self._roots.pop(vaddr, None)
+        if r is not None and r[1] is not None:
+            r[1].value |= 1
 
 
 def memory_close(fds) -> None:

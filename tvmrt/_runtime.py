@@ -119,18 +119,27 @@ class Runtime:
                 self.chan.notify({"op": "fault", "why": _why(exc)})
                 self.caller_id = -1
                 continue
-            if ret is None:
-                ret = CallArg()
-            try:
-                vals = return_fields(ret)
-            except BadReturn as exc:
-                print(f"tvmrt: server {self.name!r}: {exc.reason}", file=sys.stderr,
-                      flush=True)
+            if type(ret) is CallArg:
+                vals = [ret.req_arg, ret.resp_val, ret.req_vaddr, ret.req_size,
+                        ret.resp_vaddr, ret.resp_size]
+                for x in vals:
+                    if type(x) is not int or x < 0 or x > U64:
+                        vals = None
+                        break
+            else:
+                vals = None
+            if vals is None:
+                try:
+                    vals = return_fields(CallArg() if ret is None else ret)
+                except BadReturn as exc:
+                    print(f"tvmrt: server {self.name!r}: {exc.reason}", file=sys.stderr,
+                          flush=True)
+                    self._give_up(loans)
+                    self.chan.notify({"op": "fault", "why": exc.reason, "c": exc.code})
+                    self.caller_id = -1
+                    continue
+            if loans:
                 self._give_up(loans)
-                self.chan.notify({"op": "fault", "why": exc.reason, "c": exc.code})
-                self.caller_id = -1
-                continue
-            self._give_up(loans)
             resp = vals[4]
             if resp and resp not in loans:
                 table.revoke_owned(resp)

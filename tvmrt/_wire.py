@@ -116,30 +116,48 @@ def recv(sock: socket.socket, want_fds: bool = False, nonblock: bool = False):
     last words (a final ``exit`` or ``fault``), so keep reading until real EOF.
     """
     buf = _rxbuf()
-    flags = socket.MSG_DONTWAIT if nonblock else 0
+    try:
+        if want_fds:
+            n, anc, _flags, _ = sock.recvmsg_into([buf], _ANC, _DONTWAIT if nonblock else 0)
+        else:
+            n = sock.recv_into(buf, 0, _DONTWAIT) if nonblock else sock.recv_into(buf)
+            anc = None
+    except ConnectionResetError:
+        n, anc = _after_reset(sock, buf, want_fds, nonblock)
+    except BrokenPipeError:
+        n, anc = 0, None
+    if anc:
+        fds = fds_from_ancillary(anc)
+        if not n:
+            close_all(fds)
+            raise MonitorGone("connection closed")
+        try:
+            return decode(buf[:n]), fds
+        except ProtocolError:
+            close_all(fds)
+            raise
+    if not n:
+        raise MonitorGone("connection closed")
+    return decode(buf[:n]), []
+
+
+_DONTWAIT = socket.MSG_DONTWAIT
+
+
+def _after_reset(sock: socket.socket, buf, want_fds: bool, nonblock: bool):
+    """ECONNRESET was reported (once): read what the peer sent before it closed."""
+    flags = _DONTWAIT if nonblock else 0
     for _ in range(_RESET_RETRIES):
         try:
-            if not want_fds:
-                n = sock.recv_into(buf, 0, flags)
-                anc = ()
-            else:
-                n, anc, _flags, _ = sock.recvmsg_into([buf], _ANC, flags)
+            if want_fds:
+                n, anc, _f, _a = sock.recvmsg_into([buf], _ANC, flags)
+                return n, anc
+            return sock.recv_into(buf, 0, flags), None
         except ConnectionResetError:
-            continue            # reported once; the queued frames follow
+            continue
         except BrokenPipeError:
-            n, anc = 0, ()
-        break
-    else:
-        n, anc = 0, ()
-    fds = fds_from_ancillary(anc) if anc else []
-    if not n:
-        close_all(fds)
-        raise MonitorGone("connection closed")
-    try:
-        return decode(buf[:n]), fds
-    except ProtocolError:
-        close_all(fds)
-        raise
+            break
+    return 0, None
 
 
 #: ECONNRESET is reported once per reset; a few retries cover any kernel's variant

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 
 from . import _runtime as _rtmod
 from ._callarg import FIELDS, CallArg, call_enclave_arg_t
@@ -165,6 +166,9 @@ def acquire_enclave(name: str) -> int:
     return m.code if isinstance(m, TvmError) else m["handle"]
 
 
+_PACK7 = struct.Struct("<7Q").pack
+
+
 def call_enclave(handle: int, arg: CallArg, nonblocking: bool = False,
                  timeout: float | None = None) -> int:
     """Synchronous call of server ``handle`` with ``arg`` (updated in place).
@@ -188,15 +192,14 @@ def call_enclave(handle: int, arg: CallArg, nonblocking: bool = False,
                                   f"{type(arg).__name__}")
         fields = [arg.req_arg, arg.resp_val, arg.req_vaddr, arg.req_size, arg.resp_vaddr,
                   arg.resp_size]
-        for v in fields:
-            if type(v) is not int or v < 0 or v > U64:
-                fields = [check_u64(x, f) for x, f in zip(fields, FIELDS, strict=True)]
-                break
-        if type(handle) is not int or not -(1 << 63) <= handle <= U64:
+        try:
+            _PACK7(handle, *fields)         # one C call checks all seven are u64 ints
+        except (struct.error, TypeError):
+            fields = [check_u64(x, f) for x, f in zip(fields, FIELDS, strict=True)]
             if isinstance(handle, bool) or not isinstance(handle, int):
-                raise InvalidArgument(f"handle must be an int, not {handle!r:.40}")
-            if not -(1 << 63) <= handle <= U64:
-                raise UnknownHandle(f"no enclave answers to handle {handle:#x}")
+                raise InvalidArgument(f"handle must be an int, not {handle!r:.40}") from None
+            if not 0 <= handle <= U64:
+                raise UnknownHandle(f"no enclave answers to handle {handle:#x}") from None
             handle = int(handle)
         msg = {"op": "call", "handle": handle, "a": fields}
         if nonblocking:

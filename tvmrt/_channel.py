@@ -88,7 +88,7 @@ class Channel:
         """
         if self._closed or self._broken is not None:
             if loan is not None:
-                loan.rollback()
+                self.table.rollback(loan)
             self._raise_down()
         rid = next(self._ids)
         msg["rid"] = rid
@@ -99,7 +99,7 @@ class Channel:
                 _wire.send(self.sock, msg, fds)
             except BaseException:
                 if loan is not None:
-                    loan.rollback()
+                    self.table.rollback(loan)
                 raise
             if timeout is None:
                 # the usual case, one thread: read our own reply right away

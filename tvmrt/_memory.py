@@ -142,8 +142,8 @@ def _flags_of(mv: memoryview) -> ctypes.c_int:
 
 def flag_of(mv: memoryview) -> ctypes.c_int | None:
     """The released flag word shared by ``mv`` and every view cut from it (None where
-    this interpreter's layout is not the one checked at import).  Setting bit 0 kills
-    them all, clearing it revives them."""
+    this interpreter's layout is not the one checked at import).  Setting it to 1 kills
+    them all, 0 revives them (a view made by :func:`view` has no other flag bit set)."""
     return _flags_of(mv) if _KILL_WORKS else None
 
 

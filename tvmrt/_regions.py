@@ -9,7 +9,7 @@ address space and is the **only** code that changes protections:
   (integer ranges, alignment, sizes, ownership), then revokes (``PROT_NONE``) and
   returns a :class:`Loan`; the request is then sent, and either the monitor's grants
   bring the region back (commit) or, if the request never left this process,
-  :meth:`Loan.rollback` restores it.
+  :meth:`RegionTable.rollback` restores it.
 
 Views handed out (:meth:`RegionTable.view`) share one managed buffer per region;
 while the region is away from this process every one of them is unusable (it raises
@@ -32,23 +32,12 @@ from ._layout import PAGE, U64
 from .errors import BadSize, InvalidArgument, NotOwned, RemoteProtocolError, Unaligned
 
 
-class Loan:
-    """A region revoked for a request that has not been answered yet."""
+class Loan(tuple):
+    """A region revoked for a request that has not been answered yet:
+    ``(vaddr, seg, length)``.  Undo it with :meth:`RegionTable.rollback` if the request
+    never reached the monitor."""
 
-    __slots__ = ("table", "vaddr", "seg", "length", "settled")
-
-    def __init__(self, table: RegionTable, vaddr: int, seg: int, length: int):
-        self.table = table
-        self.vaddr = vaddr
-        self.seg = seg
-        self.length = length
-        self.settled = False
-
-    def rollback(self) -> None:
-        """The request never reached the monitor: the region is ours again."""
-        if not self.settled:
-            self.settled = True
-            self.table._restore(self)
+    __slots__ = ()
 
 
 def check_u64(value, what: str) -> int:
@@ -103,9 +92,13 @@ class RegionTable:
                     for seg in drops:
                         self._drop(seg)
                 if grants:
+                    mapped = self.mapped
+                    parked = self._parked
                     for g in grants:
-                        seg, vaddr, length, has_fd = g[0], g[1], g[2], g[3]
-                        kind = g[4] if len(g) > 4 else "relay"
+                        try:
+                            seg, vaddr, length, has_fd, kind = g
+                        except (TypeError, ValueError):
+                            raise RemoteProtocolError(f"malformed grant {g!r:.80}") from None
                         if has_fd:
                             if fi >= len(fds):
                                 raise RemoteProtocolError("grant without its fd")
@@ -120,12 +113,13 @@ class RegionTable:
                                 os.close(fd)
                             self.mapped[seg] = (vaddr, length)
                         else:
-                            if self.mapped.get(seg) != (vaddr, length):
+                            if mapped.get(seg) != (vaddr, length):
                                 raise RemoteProtocolError(
                                     f"grant of segment {seg} that is not mapped here")
                             memory.protect(vaddr, length, memory.PROT_RW)
-                        self.lent.pop(vaddr, None)
-                        if self._parked:
+                        if self.lent:
+                            self.lent.pop(vaddr, None)
+                        if parked:
                             self._unpark(vaddr, seg)
                         if kind == "shm":
                             self.shared[vaddr] = length
@@ -188,42 +182,56 @@ class RegionTable:
         :class:`Unaligned`, :class:`BadSize` (zero, not whole pages, not the whole
         region), :class:`NotOwned`.  Returns the :class:`Loan`.
         """
-        if type(vaddr) is not int or type(size) is not int:
-            vaddr = check_u64(vaddr, "req_vaddr")
-            size = check_u64(size, "req_size")
-        elif not (0 <= vaddr <= U64 and 0 <= size <= U64):
-            check_u64(vaddr, "req_vaddr")
-            check_u64(size, "req_size")
+        if type(vaddr) is int and type(size) is int and 0 < size <= U64 \
+                and not (vaddr | size) & (PAGE - 1):
+            with self._lock:
+                o = self.owned.get(vaddr)
+                if o is not None and o[1] == size:
+                    seg = o[0]
+                    r = self._roots.pop(vaddr, None)
+                    if r is not None:               # views raise before the page goes
+                        if r[1] is not None:
+                            r[1].value = 1
+                        self._parked[vaddr] = (seg, r[0], r[1])
+                    memory.protect(vaddr, size, memory.PROT_NONE)
+                    del self.owned[vaddr]
+                    self.lent[vaddr] = o
+                    self._stale = True
+                    return Loan((vaddr, seg, size))
+        return self._lend_slow(vaddr, size)
+
+    def _lend_slow(self, vaddr, size) -> Loan:
+        vaddr = check_u64(vaddr, "req_vaddr")
+        size = check_u64(size, "req_size")
         if vaddr % PAGE:
             raise Unaligned(f"req_vaddr {vaddr:#x} is not page aligned")
         if size == 0 or size % PAGE:
             raise BadSize(f"req_size {size:#x} must be a non-zero page multiple")
-        for attempt in (0, 1):
+        with self._lock:
+            o = self.owned.get(vaddr)
+            if o is not None and o[1] != size:
+                raise BadSize(f"req_size {size:#x} must cover the whole region ({o[1]:#x})")
+        if o is None and self.refresh is not None:
+            self.refresh()                  # a grant waiting in the socket?
             with self._lock:
                 o = self.owned.get(vaddr)
-                if o is not None:
-                    seg, length = o
-                    if size != length:
-                        raise BadSize(f"req_size {size:#x} must cover the whole region "
-                                      f"({length:#x})")
-                    self._park(vaddr, seg)      # views raise before the page goes away
-                    memory.protect(vaddr, length, memory.PROT_NONE)
-                    del self.owned[vaddr]
-                    self.lent[vaddr] = o
-                    self._stale = True
-                    return Loan(self, vaddr, seg, length)
-            if attempt == 0 and self.refresh is not None:
-                self.refresh()
-        raise NotOwned(f"this process does not own a region at {vaddr:#x}")
+        if o is None:
+            raise NotOwned(f"this process does not own a region at {vaddr:#x}")
+        if o[1] != size:
+            raise BadSize(f"req_size {size:#x} must cover the whole region ({o[1]:#x})")
+        return self.lend(vaddr, size)
 
-    def _restore(self, loan: Loan) -> None:
+    def rollback(self, loan: Loan) -> None:
+        """The request carrying ``loan`` never reached the monitor: the region is ours
+        again (unless the monitor has spoken about it since: its word holds)."""
+        vaddr, seg, length = loan
         with self._lock:
-            if self.lent.get(loan.vaddr) != (loan.seg, loan.length):
-                return                    # the monitor has spoken since: its word holds
-            memory.protect(loan.vaddr, loan.length, memory.PROT_RW)
-            self._unpark(loan.vaddr, loan.seg)
-            del self.lent[loan.vaddr]
-            self.owned[loan.vaddr] = (loan.seg, loan.length)
+            if self.lent.get(vaddr) != (seg, length):
+                return
+            memory.protect(vaddr, length, memory.PROT_RW)
+            self._unpark(vaddr, seg)
+            del self.lent[vaddr]
+            self.owned[vaddr] = (seg, length)
             self._stale = True
 
     def revoke_owned(self, vaddr: int) -> bool:
@@ -293,9 +301,17 @@ class RegionTable:
     def view(self, addr: int, size: int) -> memoryview:
         """Checked memoryview over ``[addr, addr+size)``.
 
-        The view (and any view sliced or cast from it) raises ``ValueError`` once the
-        region has left this process.  Raises :class:`NotOwned` if it is not here now.
+        The view (and any view sliced or cast from it) raises ``ValueError`` while the
+        region is away.  Raises :class:`NotOwned` if it is not here now.
         """
+        # Fast path without the lock: a root in _roots is a region that is here; if it
+        # leaves right after this lookup, its flag makes the returned slice raise.
+        r = self._roots.get(addr)
+        if r is not None and type(size) is int and 0 <= size <= len(r[0]):
+            return r[0][:size]
+        return self._view_slow(addr, size)
+
+    def _view_slow(self, addr, size) -> memoryview:
         for attempt in (0, 1):
             with self._lock:
                 f = self._find(addr, size)
@@ -305,9 +321,8 @@ class RegionTable:
                     if r is None or len(r[0]) != length:
                         mv = memory.view(start, length)
                         r = self._roots[start] = (mv, memory.flag_of(mv))
-                    root = r[0]
                     off = addr - start
-                    return root[off:off + size]
+                    return r[0][off:off + size]
             if attempt == 0 and self.refresh is not None:
                 self.refresh()
         self._lookup(addr, size)            # raises the precise error
@@ -318,21 +333,21 @@ class RegionTable:
         r = self._roots.pop(vaddr, None)
         if r is not None:
             if r[1] is not None:
-                r[1].value |= 1
+                r[1].value = 1
             self._parked[vaddr] = (seg, r[0], r[1])
 
     def _unpark(self, vaddr: int, seg: int) -> None:
         p = self._parked.pop(vaddr, None)
         if p is not None and p[0] == seg:
             if p[2] is not None:
-                p[2].value &= ~1
+                p[2].value = 0
             self._roots[vaddr] = (p[1], p[2])
 
     def _kill(self, vaddr: int) -> None:
         """The mapping goes: its views are dead for good."""
         r = self._roots.pop(vaddr, None)
         if r is not None and r[1] is not None:
-            r[1].value |= 1
+            r[1].value = 1
 
 
 def memory_close(fds) -> None:

@@ -14,8 +14,7 @@ import threading
 
 import msgpack
 
-from .errors import InvalidArgument, MonitorGone
-from .errors import RemoteProtocolError as ProtocolError
+from .errors import InvalidArgument, MonitorGone, RemoteProtocolError as ProtocolError
 
 #: largest frame accepted (an eapp's source travels in CREATE)
 MAX_FRAME = 2 * 1024 * 1024
@@ -49,7 +48,7 @@ def encode(msg: dict) -> bytes:
         raise
 
 
-def decode(data: bytes) -> dict:
+def decode(data: bytes | memoryview) -> dict:
     """Unpack one message; raise :class:`ProtocolError` unless it is a map with a str op."""
     if len(data) > MAX_FRAME:
         raise ProtocolError("frame too large")

@@ -253,7 +253,7 @@ ALL_CODES = tuple(sorted(_BY_CODE))
 ALL_ERRORS = tuple(_BY_CODE[c] for c in ALL_CODES)
 
 
-def error_for(code: int, reason: str = "") -> TvmError:
+def error_for(code: object, reason: str = "") -> TvmError:
     """The exception instance for ``code`` with ``reason``.
 
     An unknown code (a newer or broken peer) gives a :class:`RemoteProtocolError`

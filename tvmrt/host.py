@@ -24,14 +24,12 @@ import socket
 import threading
 from pathlib import Path
 
-from . import _memory as memory
-from . import _wire as wire
+from . import _memory as memory, _wire as wire
 from ._channel import Channel
 from ._layout import U64
 from ._paths import default_socket_path
 from ._regions import RegionTable, check_u64
-from .errors import (BadSize, ChannelError, InvalidArgument, MonitorGone, NotOwned,
-                     RegionLoaned)
+from .errors import BadSize, ChannelError, InvalidArgument, MonitorGone, NotOwned, RegionLoaned
 
 NORMAL = 0
 SERVER = 1
@@ -233,7 +231,7 @@ class Host:
 
     @classmethod
     def connect(cls, path: str | None = None, embedded: bool | None = None,
-                verbose: bool = False) -> "Host":
+                verbose: bool = False) -> Host:
         """Connect to the monitor at ``path`` (default: :func:`default_socket_path`).
 
         ``embedded=None`` starts a private monitor when none answers, ``True`` always

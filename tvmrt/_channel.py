@@ -106,8 +106,13 @@ class Channel:
                 reply = None
                 turn = self._turn
                 if turn.acquire(False):
+                    m = None
                     try:
-                        m = self._read_one(None)
+                        m, rfds = _wire.recv(self.sock, True)
+                        self.table.apply(m, rfds)
+                    except (TvmError, OSError, ValueError) as exc:
+                        m = None
+                        self._mark_broken(exc)
                     finally:
                         turn.release()
                         if self._followers:
@@ -248,16 +253,20 @@ class Channel:
             return msg
         except BlockingIOError:
             return None
-        except RemoteProtocolError as exc:
-            if self._broken is None:
-                self._broken = exc
-        except (MonitorGone, OSError, ValueError):
-            if self._broken is None:
-                self._broken = (
-                    ChannelClosed(f"the connection to the {self.name} was closed")
-                    if self._closed else
-                    MonitorGone(f"the {self.name} closed the connection"))
+        except (TvmError, OSError, ValueError) as exc:
+            self._mark_broken(exc)
         return None
+
+    def _mark_broken(self, exc: BaseException) -> None:
+        """The socket gave EOF, an error or garbage: every waiter learns why."""
+        if isinstance(exc, BlockingIOError) or self._broken is not None:
+            return
+        if isinstance(exc, RemoteProtocolError):
+            self._broken = exc
+        elif self._closed:
+            self._broken = ChannelClosed(f"the connection to the {self.name} was closed")
+        else:
+            self._broken = MonitorGone(f"the {self.name} closed the connection")
 
     def _hand_out(self, msg: dict) -> None:
         rid = msg.get("rid")

@@ -101,7 +101,8 @@ class Runtime:
                 continue
             if op != "call":
                 continue
-            loans = [g[1] for g in m.get("g", ())]
+            g = m.get("g")
+            loans = [x[1] for x in g] if g else ()
             a0, a1, a2 = m["a"]
             args = [0] * 32
             args[10], args[11], args[12] = a0, a1, a2

@@ -114,10 +114,7 @@ class Channel:
                         m = None
                         self._mark_broken(exc)
                     finally:
-                        turn.release()
-                        if self._followers:
-                            with self._cv:
-                                self._cv.notify_all()
+                        self._release_turn()
                     if m is not None:
                         if m.get("rid") == rid:
                             reply = m
@@ -150,10 +147,7 @@ class Channel:
                 try:
                     m = self._read_one(None)
                 finally:
-                    turn.release()
-                    if self._followers:
-                        with self._cv:
-                            self._cv.notify_all()
+                    self._release_turn()
                 if m is not None:
                     if m.get("rid") is None and m.get("op") != "grant":
                         return m
@@ -216,12 +210,16 @@ class Channel:
                         else:
                             self._hand_out(msg)
             finally:
-                turn.release()
-                if self._followers:
-                    with self._cv:
-                        self._cv.notify_all()
+                self._release_turn()
             if mine is not None:
                 return mine
+
+    def _release_turn(self) -> None:
+        """Give the read turn back and wake whoever waits for it or for a reply."""
+        self._turn.release()
+        if self._followers:
+            with self._cv:
+                self._cv.notify_all()
 
     def _follow(self, rid: int | None, remaining: float | None) -> None:
         """Wait until the reader hands something out or gives the turn back."""
@@ -293,10 +291,7 @@ class Channel:
                     break
                 self._hand_out(msg)
         finally:
-            self._turn.release()
-            if self._followers:
-                with self._cv:
-                    self._cv.notify_all()
+            self._release_turn()
 
     # ------------------------------------------------------------------ the watcher
     def _start_watcher(self) -> None:
@@ -325,10 +320,7 @@ class Channel:
                     if msg is not None:
                         self._hand_out(msg)
                 finally:
-                    turn.release()
-                    if self._followers:
-                        with self._cv:
-                            self._cv.notify_all()
+                    self._release_turn()
         finally:
             with self._watch_lock:
                 self._watcher = None

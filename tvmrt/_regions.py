@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from . import _memory as memory
 from ._layout import PAGE, U64
+from ._wire import close_all
 from .errors import BadSize, InvalidArgument, NotOwned, RemoteProtocolError, Unaligned
 
 
@@ -83,7 +84,7 @@ class RegionTable:
         grants = msg.get("g")
         if not drops and not grants:
             if fds:
-                memory_close(fds)
+                close_all(fds)
             return
         fi = 0
         try:
@@ -128,7 +129,7 @@ class RegionTable:
                     self._stale = True
         finally:
             if fi < len(fds):
-                memory_close(fds[fi:])      # fds no grant used (none, from an honest monitor)
+                close_all(fds[fi:])      # fds no grant used (none, from an honest monitor)
 
     def _drop(self, seg: int) -> None:
         m = self.mapped.pop(seg, None)
@@ -348,11 +349,3 @@ class RegionTable:
         r = self._roots.pop(vaddr, None)
         if r is not None and r[1] is not None:
             r[1].value = 1
-
-
-def memory_close(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -26,7 +26,7 @@ The tree, by what a user catches (each category is also the matching builtin)::
     │   ├── BadState                          -20  (e.g. run twice, attach twice)
     │   ├── CallCycle                         -15  the server is on the caller's chain
     │   └── ServerBusy                        -2   Penglai's -ESERVERBUSY (non-blocking)
-    ├── PeerError                             -43  the peer failed
+    ├── PeerError            RuntimeError     -43  the peer failed
     │   ├── EnclaveFault                      -17  the enclave raised, exited or was killed
     │   │   └── BadExitValue                  -31  main returned a non-integer / out of range
     │   ├── PeerDied                          -16  the server died during the call
@@ -36,7 +36,7 @@ The tree, by what a user catches (each category is also the matching builtin)::
     │   ├── ChannelClosed                     -30  closed by this process
     │   └── MonitorGone                       -27  the monitor is unreachable or went away
     ├── Timeout              TimeoutError     -21  a deadline passed
-    ├── ResourceExhausted                     -45  out of a resource
+    ├── ResourceExhausted    OSError          -45  out of a resource
     │   ├── QuotaExceeded                     -18  a per-host quota would be exceeded
     │   └── NoMemory                          -23  no memory / address space / segments
     └── ProtocolError                         -46  a malformed or unexpected message
@@ -149,7 +149,7 @@ class ServerBusy(StateError):
 
 
 # ---------------------------------------------------------------- the peer failed
-class PeerError(TvmError):
+class PeerError(TvmError, RuntimeError):
     """the peer enclave failed"""
     code = -43
 
@@ -202,7 +202,7 @@ class Timeout(TvmError, TimeoutError):
 
 
 # ---------------------------------------------------------------- resources
-class ResourceExhausted(TvmError):
+class ResourceExhausted(TvmError, OSError):
     """a resource is exhausted"""
     code = -45
 

@@ -9,19 +9,28 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import sys
 import threading
 import time
 
 import msgpack
 import pytest
 
-from tvmrt import _memory as memory
-from tvmrt import _wire as wire
+from tvmrt import _memory as memory, _wire as wire
 from tvmrt._channel import Channel
 from tvmrt._layout import ARENAS, PAGE
 from tvmrt._regions import RegionTable
-from tvmrt.errors import (BadSize, ChannelClosed, InvalidArgument, MonitorGone, NotOwned,
-                          PeerDied, RemoteProtocolError, Timeout, Unaligned)
+from tvmrt.errors import (
+    BadSize,
+    ChannelClosed,
+    InvalidArgument,
+    MonitorGone,
+    NotOwned,
+    PeerDied,
+    RemoteProtocolError,
+    Timeout,
+    Unaligned,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -302,3 +311,42 @@ def test_frames_are_msgpack_maps():
         wire.recv(a)
     a.close()
     b.close()
+
+
+def test_many_threads_many_requests_none_lost(chan):
+    """Four threads, 300 requests each, answered as they come: every thread gets every
+    reply (a reply handed out by another reader must never be waited for in recv)."""
+    ch, peer = chan
+    n, k = 300, 4
+    stop = threading.Event()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)             # switch threads as often as possible
+
+    def monitor():
+        while not stop.is_set():
+            try:
+                m = recv(peer)
+            except Exception:          # noqa: BLE001 - the channel closed: done
+                return
+            send(peer, {"op": "r", "rid": m["rid"], "i": m["i"]})
+
+    t = threading.Thread(target=monitor, daemon=True)
+    t.start()
+    bad = []
+
+    def client(j):
+        for i in range(n):
+            if ch.request({"op": "echo", "i": j * n + i})["i"] != j * n + i:
+                bad.append((j, i))
+
+    threads = [threading.Thread(target=client, args=(j,)) for j in range(k)]
+    for th in threads:
+        th.start()
+    try:
+        for th in threads:
+            th.join(20)
+    finally:
+        sys.setswitchinterval(old)
+        stop.set()
+    assert not any(th.is_alive() for th in threads), "a thread is stuck waiting"
+    assert bad == []

@@ -14,8 +14,16 @@ import pytest
 
 from conftest import eapp, wait_until
 from tvmrt import SERVER
-from tvmrt.errors import (BadExitValue, BadSize, BadState, ChannelClosed, EnclaveFault,
-                          InvalidArgument, PeerDied, Timeout)
+from tvmrt.errors import (
+    BadExitValue,
+    BadSize,
+    BadState,
+    ChannelClosed,
+    EnclaveFault,
+    InvalidArgument,
+    PeerDied,
+    Timeout,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -277,6 +285,7 @@ def test_sigterm_right_after_start_is_not_lost(tmp_path):
                               "--quiet"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         # signal as early as the process can have installed anything
-        wait_until(lambda: os.path.exists(path) or p.poll() is not None, 10, 0.0005)
+        wait_until(lambda path=path, p=p: os.path.exists(path) or p.poll() is not None,
+                   10, 0.0005)
         p.send_signal(signal.SIGTERM)
         assert p.wait(10) == 0

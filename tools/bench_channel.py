@@ -91,7 +91,7 @@ def timed(fn, n):
 
 def main():
     samples: dict[str, list] = {"raw": [], "plain": [], "channel": [], "thread": []}
-    for rnd in range(ROUNDS):
+    for _round in range(ROUNDS):
         for kind in samples:
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()

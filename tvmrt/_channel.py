@@ -106,20 +106,22 @@ class Channel:
                 reply = None
                 turn = self._turn
                 if turn.acquire(False):
-                    m = None
                     try:
-                        m, rfds = _wire.recv(self.sock, True)
-                        self.table.apply(m, rfds)
+                        # another reader may have handed our reply out already: never
+                        # block in recv for a reply that is waiting in the dict
+                        if self._replies:
+                            reply = self._replies.pop(rid, None)
+                        if reply is None and not (self._closed or self._broken is not None):
+                            m, rfds = _wire.recv(self.sock, True)
+                            self.table.apply(m, rfds)
+                            if m.get("rid") == rid:
+                                reply = m
+                            else:
+                                self._hand_out(m)   # before the turn goes: then wake
                     except (TvmError, OSError, ValueError) as exc:
-                        m = None
                         self._mark_broken(exc)
                     finally:
                         self._release_turn()
-                    if m is not None:
-                        if m.get("rid") == rid:
-                            reply = m
-                        else:
-                            self._hand_out(m)
                 if reply is None:
                     reply = self._wait(rid, None)
             else:
@@ -144,14 +146,18 @@ class Channel:
         if timeout is None:
             turn = self._turn
             if not self._events and turn.acquire(False):
+                m = None
                 try:
-                    m = self._read_one(None)
+                    if not self._events:            # none handed out meanwhile
+                        m = self._read_one(None)
+                        if m is not None and (m.get("rid") is not None
+                                              or m.get("op") == "grant"):
+                            self._hand_out(m)       # before the turn goes: then wake
+                            m = None
                 finally:
                     self._release_turn()
                 if m is not None:
-                    if m.get("rid") is None and m.get("op") != "grant":
-                        return m
-                    self._hand_out(m)
+                    return m
             return self._wait(None, None)
         return self._wait(None, time.monotonic() + timeout)
 

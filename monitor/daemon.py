@@ -166,9 +166,13 @@ class Daemon:
             os.close(ready_fd)
         try:
             core = self.core
+            timers = core.timers
             while self.running:
-                d = core.next_deadline()
-                timeout = None if d is None else max(0.0, d - time.monotonic())
+                if timers:
+                    d = core.next_deadline()
+                    timeout = None if d is None else max(0.0, d - time.monotonic())
+                else:
+                    timeout = None              # the call path: no deadline pending
                 for kind, peer, fileobj in sel.poll(timeout):
                     if kind == "peer":
                         self._on_peer(peer, fileobj)
@@ -181,9 +185,10 @@ class Daemon:
                             os.read(wake_r, 4096)
                         except BlockingIOError:
                             pass
-                d = core.next_deadline()
-                if d is not None and d <= time.monotonic():
-                    self._apply(core.tick(time.monotonic()))
+                if timers:
+                    d = core.next_deadline()
+                    if d is not None and d <= time.monotonic():
+                        self._apply(core.tick(time.monotonic()))
         finally:
             self._shutdown()
             for s, h in old_handlers.items():

@@ -279,7 +279,7 @@ class Host:
 
     # -- enclaves --------------------------------------------------------------
     def create(self, eapp, name: str, type: int = NORMAL, shm=None,
-               timeout: float | None = None) -> Enclave:
+               timeout: float | None = None, path: str | None = None) -> Enclave:
         """Start an enclave running ``eapp`` (bytes, a path, or a bundled eapp name).
 
         ``shm`` is a SharedMemory (whole) or ``(SharedMemory, offset, size)``; it is
@@ -288,13 +288,15 @@ class Host:
 
         Returns once the eapp's module code has run; an eapp that does not compile,
         raises at import or has no ``main`` raises EnclaveFault here, with the reason.
+        ``path`` names the code in tracebacks when ``eapp`` is bytes.
         """
         if not isinstance(name, str):
             raise InvalidArgument(f"enclave name must be a str, not {name!r:.40}")
         if type not in (NORMAL, SERVER):
             raise InvalidArgument(f"enclave type must be NORMAL (0) or SERVER (1), "
                                   f"not {type!r:.40}")
-        code, path = resolve_eapp(eapp)
+        code, shown = resolve_eapp(eapp)
+        path = path if isinstance(path, str) else shown   # what tracebacks name
         msg = {"op": "create", "name": name, "type": type, "code": code, "path": path}
         if timeout is not None:
             msg["timeout"] = _seconds(timeout)

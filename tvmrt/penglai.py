@@ -36,6 +36,7 @@ class elf_args:
 
     def __init__(self):
         self.filename = None
+        self.path = None          # where the bytes came from (tracebacks name it)
         self.ptr = None
         self.size = 0
         self.fd = -1
@@ -139,7 +140,7 @@ def _fail(fn: str, exc: TvmError) -> int:
 def elf_args_init(elf: elf_args, filename: str) -> None:
     elf.filename = filename
     try:
-        elf.ptr, _ = resolve_eapp(filename)
+        elf.ptr, elf.path = resolve_eapp(filename)
         elf.size = len(elf.ptr)
         elf.fd = 0
     except TvmError as exc:
@@ -184,7 +185,8 @@ def PLenclave_create(enclave: PLenclave, elffile: elf_args, args: enclave_args) 
             return _fail("PLenclave_create", UnknownId(f"no shm id {args.shmid:#x}"))
         shm = (region, args.shm_offset, args.shm_size)
     try:
-        enc = dev.host.create(elffile.ptr, name=args.name, type=args.type, shm=shm)
+        enc = dev.host.create(elffile.ptr, name=args.name, type=args.type, shm=shm,
+                              path=getattr(elffile, "path", None) or elffile.filename)
     except TvmError as exc:
         return _fail("PLenclave_create", exc)
     enclave.elffile = elffile

@@ -113,7 +113,8 @@ class Channel:
                             reply = self._replies.pop(rid, None)
                         if reply is None and not (self._closed or self._broken is not None):
                             m, rfds = _wire.recv(self.sock, True)
-                            self.table.apply(m, rfds)
+                            if rfds or m.get("g") or m.get("d"):
+                                self.table.apply(m, rfds)
                             if m.get("rid") == rid:
                                 reply = m
                             else:
@@ -253,7 +254,8 @@ class Channel:
                 if not ready:
                     return None
             msg, fds = _wire.recv(self.sock, want_fds=True, nonblock=nonblock)
-            self.table.apply(msg, fds)
+            if fds or msg.get("g") or msg.get("d"):
+                self.table.apply(msg, fds)
             return msg
         except BlockingIOError:
             return None

@@ -101,32 +101,9 @@ class Channel:
                 if loan is not None:
                     self.table.rollback(loan)
                 raise
-            if timeout is None:
-                # the usual case, one thread: read our own reply right away
-                reply = None
-                turn = self._turn
-                if turn.acquire(False):
-                    try:
-                        # another reader may have handed our reply out already: never
-                        # block in recv for a reply that is waiting in the dict
-                        if self._replies:
-                            reply = self._replies.pop(rid, None)
-                        if reply is None and not (self._closed or self._broken is not None):
-                            m, rfds = _wire.recv(self.sock, True)
-                            if rfds or m.get("g") or m.get("d"):
-                                self.table.apply(m, rfds)
-                            if m.get("rid") == rid:
-                                reply = m
-                            else:
-                                self._hand_out(m)   # before the turn goes: then wake
-                    except (TvmError, OSError, ValueError) as exc:
-                        self._mark_broken(exc)
-                    finally:
-                        self._release_turn()
-                if reply is None:
-                    reply = self._wait(rid, None)
-            else:
-                reply = self._wait(rid, time.monotonic() + timeout + self.backstop)
+            deadline = None if timeout is None else \
+                time.monotonic() + timeout + self.backstop
+            reply = self._wait(rid, deadline)
         finally:
             waiting.discard(rid)
         if self.table.lent and self._watcher is None:
@@ -144,23 +121,7 @@ class Channel:
     def next_event(self, timeout: float | None = None) -> dict:
         """The next unsolicited message that is not a bare grant (``start``, ``call``,
         a refused ``ret``), waiting for it."""
-        if timeout is None:
-            turn = self._turn
-            if not self._events and turn.acquire(False):
-                m = None
-                try:
-                    if not self._events:            # none handed out meanwhile
-                        m = self._read_one(None)
-                        if m is not None and (m.get("rid") is not None
-                                              or m.get("op") == "grant"):
-                            self._hand_out(m)       # before the turn goes: then wake
-                            m = None
-                finally:
-                    self._release_turn()
-                if m is not None:
-                    return m
-            return self._wait(None, None)
-        return self._wait(None, time.monotonic() + timeout)
+        return self._wait(None, None if timeout is None else time.monotonic() + timeout)
 
     def _raise_down(self):
         if self._closed:
@@ -174,48 +135,46 @@ class Channel:
         """Wait for reply ``rid`` (or the next event when ``rid`` is None), reading
         whenever the read turn is free.
 
-        Uncontended (one thread), this is a non-blocking lock acquire around one
-        ``recv``.  A thread that finds the turn taken waits on ``_cv``; the reader
+        Uncontended (one thread), this is one pass: a non-blocking lock acquire around
+        one ``recv``.  A thread that finds the turn taken waits on ``_cv``; the reader
         wakes it after handing a message out or giving the turn back.
         """
-        turn = self._turn
-        replies = self._replies
-        events = self._events
         remaining = None
         while True:
+            # lock-free look first: a follower must find what was handed out to it
             if rid is not None:
-                if replies:
-                    r = replies.pop(rid, None)
+                if self._replies:
+                    r = self._replies.pop(rid, None)
                     if r is not None:
                         return r
-            elif events:
-                return events.popleft()
+            elif self._events:
+                return self._events.popleft()
             if self._closed or self._broken is not None:
                 self._raise_down()
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Timeout(f"no answer from the {self.name} in time")
-            if not turn.acquire(False):
+            if not self._turn.acquire(False):
                 self._follow(rid, remaining)
                 continue
             mine = None
             try:
-                # holding the turn: what we wait for may have arrived meanwhile
+                # holding the turn: never block in recv for what another reader has
+                # handed out meanwhile
                 if rid is not None:
-                    mine = replies.pop(rid, None) if replies else None
-                elif events:
-                    mine = events.popleft()
+                    mine = self._replies.pop(rid, None) if self._replies else None
+                elif self._events:
+                    mine = self._events.popleft()
                 if mine is None and not (self._closed or self._broken is not None):
                     msg = self._read_one(remaining)
                     if msg is not None:
                         r = msg.get("rid")
-                        if rid is not None and r == rid:
-                            mine = msg
-                        elif rid is None and r is None and msg.get("op") != "grant":
+                        if (r == rid) if rid is not None else (
+                                r is None and msg.get("op") != "grant"):
                             mine = msg
                         else:
-                            self._hand_out(msg)
+                            self._hand_out(msg)     # before the turn goes: then wake
             finally:
                 self._release_turn()
             if mine is not None:
@@ -265,7 +224,7 @@ class Channel:
 
     def _mark_broken(self, exc: BaseException) -> None:
         """The socket gave EOF, an error or garbage: every waiter learns why."""
-        if isinstance(exc, BlockingIOError) or self._broken is not None:
+        if self._broken is not None:
             return
         if isinstance(exc, RemoteProtocolError):
             self._broken = exc

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable
 
 from . import _memory as memory
+from ._args import check_u64
 from ._layout import PAGE, U64
 from ._wire import close_all
 from .errors import BadSize, InvalidArgument, NotOwned, RemoteProtocolError, Unaligned
@@ -39,15 +40,6 @@ class Loan(tuple):
     never reached the monitor."""
 
     __slots__ = ()
-
-
-def check_u64(value, what: str) -> int:
-    """``value`` if it is an int in 0..2**64-1, else :class:`InvalidArgument`."""
-    if type(value) is not int or value < 0 or value > U64:
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U64:
-            return int(value)
-        raise InvalidArgument(f"{what} must be an unsigned 64-bit integer, not {value!r:.40}")
-    return value
 
 
 class RegionTable:
@@ -159,21 +151,11 @@ class RegionTable:
             self.shared.clear()
             self.lent.clear()
 
-    def add_shared(self, vaddr: int, length: int, seg: int = -1) -> None:
+    def add_shared(self, vaddr: int, length: int) -> None:
         """Note a shared window mapped outside :meth:`apply` (an enclave's at start)."""
         with self._lock:
             self.shared[vaddr] = length
-            if seg != -1:
-                self.mapped[seg] = (vaddr, length)
             self._stale = True
-
-    def seg_at(self, vaddr: int) -> int | None:
-        """The segment mapped at ``vaddr`` here, or None."""
-        with self._lock:
-            for seg, (v, _) in self.mapped.items():
-                if v == vaddr:
-                    return seg
-        return None
 
     # ------------------------------------------------------------------ the loan
     def lend(self, vaddr, size) -> Loan:
@@ -189,11 +171,7 @@ class RegionTable:
                 o = self.owned.get(vaddr)
                 if o is not None and o[1] == size:
                     seg = o[0]
-                    r = self._roots.pop(vaddr, None)
-                    if r is not None:               # views raise before the page goes
-                        if r[1] is not None:
-                            r[1].value = 1
-                        self._parked[vaddr] = (seg, r[0], r[1])
+                    self._park(vaddr, seg)          # views raise before the page goes
                     memory.protect(vaddr, size, memory.PROT_NONE)
                     del self.owned[vaddr]
                     self.lent[vaddr] = o
@@ -202,24 +180,20 @@ class RegionTable:
         return self._lend_slow(vaddr, size)
 
     def _lend_slow(self, vaddr, size) -> Loan:
+        """Why the fast path refused, as the precise error; or lend after all when a
+        grant waiting in the socket makes the region ours."""
         vaddr = check_u64(vaddr, "req_vaddr")
         size = check_u64(size, "req_size")
         if vaddr % PAGE:
             raise Unaligned(f"req_vaddr {vaddr:#x} is not page aligned")
         if size == 0 or size % PAGE:
             raise BadSize(f"req_size {size:#x} must be a non-zero page multiple")
-        with self._lock:
-            o = self.owned.get(vaddr)
-            if o is not None and o[1] != size:
-                raise BadSize(f"req_size {size:#x} must cover the whole region ({o[1]:#x})")
-        if o is None and self.refresh is not None:
-            self.refresh()                  # a grant waiting in the socket?
-            with self._lock:
-                o = self.owned.get(vaddr)
+        o = self.owned.get(vaddr) if self.owns(vaddr) else None   # owns() drains first
         if o is None:
             raise NotOwned(f"this process does not own a region at {vaddr:#x}")
-        if o[1] != size:
-            raise BadSize(f"req_size {size:#x} must cover the whole region ({o[1]:#x})")
+        length = o[1]
+        if size != length:
+            raise BadSize(f"req_size {size:#x} must cover the whole region ({length:#x})")
         return self.lend(vaddr, size)
 
     def rollback(self, loan: Loan) -> None:
@@ -313,21 +287,18 @@ class RegionTable:
         return self._view_slow(addr, size)
 
     def _view_slow(self, addr, size) -> memoryview:
-        for attempt in (0, 1):
-            with self._lock:
-                f = self._find(addr, size)
-                if f is not None:
-                    start, length = f
-                    r = self._roots.get(start)
-                    if r is None or len(r[0]) != length:
-                        mv = memory.view(start, length)
-                        r = self._roots[start] = (mv, memory.flag_of(mv))
-                    off = addr - start
-                    return r[0][off:off + size]
-            if attempt == 0 and self.refresh is not None:
-                self.refresh()
-        self._lookup(addr, size)            # raises the precise error
-        raise NotOwned(f"this process does not own {addr:#x}")
+        self._lookup(addr, size)            # applies what is waiting; the precise error
+        with self._lock:
+            f = self._find(addr, size)
+            if f is None:
+                raise NotOwned(f"the region at {addr:#x} has just left this process")
+            start, length = f
+            r = self._roots.get(start)
+            if r is None or len(r[0]) != length:
+                mv = memory.view(start, length)
+                r = self._roots[start] = (mv, memory.flag_of(mv))
+            off = addr - start
+            return r[0][off:off + size]
 
     def _park(self, vaddr: int, seg: int) -> None:
         """The region leaves: its views raise until the same segment comes back."""

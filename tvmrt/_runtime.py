@@ -73,14 +73,12 @@ class Runtime:
         except SystemExit as exc:
             return _exit_code(exc)
         except BaseException as exc:
-            traceback.print_exc()
-            self.chan.notify({"op": "fault", "why": _why(exc)})
+            self._fault(exc)
             return 1
         try:
             value = exit_value(v)
         except BadExitValue as exc:
-            print(f"tvmrt: enclave {self.name!r}: {exc.reason}", file=sys.stderr, flush=True)
-            self.chan.notify({"op": "fault", "why": exc.reason, "c": exc.code})
+            self._fault(exc)
             return 1
         self.chan.notify({"op": "exit", "v": value})
         return 0
@@ -115,30 +113,15 @@ class Runtime:
             except SystemExit as exc:
                 return _exit_code(exc)
             except BaseException as exc:
-                traceback.print_exc()
-                self._give_up(loans)
-                self.chan.notify({"op": "fault", "why": _why(exc)})
+                self._fault(exc, loans)
                 self.caller_id = -1
                 continue
-            if type(ret) is CallArg:
-                vals = [ret.req_arg, ret.resp_val, ret.req_vaddr, ret.req_size,
-                        ret.resp_vaddr, ret.resp_size]
-                for x in vals:
-                    if type(x) is not int or x < 0 or x > U64:
-                        vals = None
-                        break
-            else:
-                vals = None
-            if vals is None:
-                try:
-                    vals = return_fields(CallArg() if ret is None else ret)
-                except BadReturn as exc:
-                    print(f"tvmrt: server {self.name!r}: {exc.reason}", file=sys.stderr,
-                          flush=True)
-                    self._give_up(loans)
-                    self.chan.notify({"op": "fault", "why": exc.reason, "c": exc.code})
-                    self.caller_id = -1
-                    continue
+            try:
+                vals = return_fields(ret)
+            except BadReturn as exc:
+                self._fault(exc, loans)
+                self.caller_id = -1
+                continue
             if loans:
                 self._give_up(loans)
             resp = vals[4]
@@ -146,6 +129,20 @@ class Runtime:
                 table.revoke_owned(resp)
             self.chan.notify({"op": "ret", "a": vals})
             self.caller_id = -1
+
+    def _fault(self, exc: BaseException, loans=()) -> None:
+        """Tell the monitor (and stderr) how the eapp failed: a raise with its
+        traceback, a value it may not return with the reason and its own code.  Loans
+        of the call go back with it."""
+        if isinstance(exc, (BadExitValue, BadReturn)):
+            print(f"tvmrt: enclave {self.name!r}: {exc.reason}", file=sys.stderr,
+                  flush=True)
+            msg = {"op": "fault", "why": exc.reason, "c": exc.code}
+        else:
+            traceback.print_exc()
+            msg = {"op": "fault", "why": _why(exc)}
+        self._give_up(loans)
+        self.chan.notify(msg)
 
     def _give_up(self, loans) -> None:
         for v in loans:
@@ -169,7 +166,18 @@ def exit_value(v) -> int:
 
 
 def return_fields(ret) -> list[int]:
-    """The six u64 fields of a server's return value, or :class:`BadReturn`."""
+    """The six u64 fields of a server's return value (None: all zero), or
+    :class:`BadReturn`."""
+    if type(ret) is CallArg:                     # the call path: six plain u64s
+        vals = [ret.req_arg, ret.resp_val, ret.req_vaddr, ret.req_size, ret.resp_vaddr,
+                ret.resp_size]
+        for x in vals:
+            if type(x) is not int or x < 0 or x > U64:
+                break
+        else:
+            return vals
+    if ret is None:
+        return [0] * 6
     if not isinstance(ret, CallArg):
         raise BadReturn(f"server returned {type(ret).__name__}, not call_enclave_arg_t")
     vals = ret.to_list()

@@ -115,16 +115,7 @@ def recv(sock: socket.socket, want_fds: bool = False, nonblock: bool = False):
     last words (a final ``exit`` or ``fault``), so keep reading until real EOF.
     """
     buf = _rxbuf()
-    try:
-        if want_fds:
-            n, anc, _flags, _ = sock.recvmsg_into([buf], _ANC, _DONTWAIT if nonblock else 0)
-        else:
-            n = sock.recv_into(buf, 0, _DONTWAIT) if nonblock else sock.recv_into(buf)
-            anc = None
-    except ConnectionResetError:
-        n, anc = _after_reset(sock, buf, want_fds, nonblock)
-    except BrokenPipeError:
-        n, anc = 0, None
+    n, anc = _receive(sock, buf, want_fds, _DONTWAIT if nonblock else 0)
     if anc:
         fds = fds_from_ancillary(anc)
         if not n:
@@ -143,9 +134,9 @@ def recv(sock: socket.socket, want_fds: bool = False, nonblock: bool = False):
 _DONTWAIT = socket.MSG_DONTWAIT
 
 
-def _after_reset(sock: socket.socket, buf, want_fds: bool, nonblock: bool):
-    """ECONNRESET was reported (once): read what the peer sent before it closed."""
-    flags = _DONTWAIT if nonblock else 0
+def _receive(sock: socket.socket, buf, want_fds: bool, flags: int):
+    """``(nbytes, ancillary)`` of one frame; after ECONNRESET (reported once) read on,
+    for what the peer sent before it closed.  BlockingIOError passes through."""
     for _ in range(_RESET_RETRIES):
         try:
             if want_fds:

@@ -26,9 +26,9 @@ import os
 import re
 
 from . import _runtime as _rtmod
+from ._args import check_seconds, check_u64
 from ._callarg import CallArg, call_enclave_arg_t
 from ._layout import PAGE, U64, page_round
-from ._regions import check_u64
 from .errors import BadSize, BadState, InvalidArgument, TvmError, error_for
 
 __all__ = [
@@ -196,11 +196,7 @@ def call_enclave(handle: int, arg: CallArg, nonblocking: bool = False,
         if nonblocking:
             msg["nb"] = True
         if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-                    or not 0 <= timeout < 1e9:
-                raise InvalidArgument(f"timeout must be a number of seconds, not "
-                                      f"{timeout!r:.40}")
-            msg["timeout"] = float(timeout)
+            msg["timeout"] = check_seconds(timeout)
         loan = rt.table.lend(fields[2], fields[3]) if fields[2] else None
         m = rt.chan.request(msg, (), timeout, loan)
     except TvmError as exc:

@@ -25,10 +25,11 @@ import threading
 from pathlib import Path
 
 from . import _memory as memory, _wire as wire
+from ._args import check_seconds, check_u64
 from ._channel import Channel
 from ._layout import U64
 from ._paths import default_socket_path
-from ._regions import RegionTable, check_u64
+from ._regions import RegionTable
 from .errors import BadSize, ChannelError, InvalidArgument, MonitorGone, NotOwned, RegionLoaned
 
 NORMAL = 0
@@ -62,10 +63,7 @@ class _Region:
 
         Raises BadState if it is not attached.  A schrodinger region may be detached
         while an enclave holds it: when it comes back it stays detached."""
-        self.host._request({"op": self._ops[1], "id": self.id})
-        seg = self.host.table.seg_at(self.address)
-        if seg is not None:               # the reply's drop did it already, normally
-            self.host.table.drop(seg)
+        self.host._request({"op": self._ops[1], "id": self.id})   # its "d" unmaps here
         self.attached = False
 
     def revoke(self) -> None:
@@ -165,7 +163,7 @@ class Enclave:
         msg: dict = {"op": "run", "handle": self.handle}
         loan = None
         if timeout is not None:
-            msg["timeout"] = _seconds(timeout)
+            msg["timeout"] = check_seconds(timeout)
         if self._mem is not None:
             region, off, size = self._mem
             msg["mem"] = [region.id, off, size]
@@ -189,13 +187,6 @@ class Enclave:
 
         On an enclave that has ended already this raises what ended it."""
         self.host._request({"op": "destroy", "handle": self.handle})
-
-
-def _seconds(timeout) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-            or not 0 <= timeout < 1e9:
-        raise InvalidArgument(f"timeout must be a number of seconds, not {timeout!r:.40}")
-    return float(timeout)
 
 
 def resolve_eapp(eapp) -> tuple[bytes, str]:
@@ -299,7 +290,7 @@ class Host:
         path = path if isinstance(path, str) else shown   # what tracebacks name
         msg = {"op": "create", "name": name, "type": type, "code": code, "path": path}
         if timeout is not None:
-            msg["timeout"] = _seconds(timeout)
+            msg["timeout"] = check_seconds(timeout)
         if shm is not None:
             if isinstance(shm, SharedMemory):
                 shm = (shm, 0, shm.size)

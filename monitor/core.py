@@ -486,7 +486,8 @@ class Core:
         if type(rid) is not int or rid <= 0 or rid > U64:
             rid = None
         try:
-            if p.kind == HOST:
+            e = p.enclave
+            if e is None:
                 handler = _HOST_OPS.get(op)
                 if handler is None:
                     raise E.LocalProtocolError(f"unknown op {op!r}")
@@ -494,7 +495,6 @@ class Core:
                     raise E.LocalProtocolError(f"request {op!r} without a valid rid")
                 handler(self, fx, p, msg, rid, nfds, now)
                 return fx
-            e = p.enclave
             request = _ENCLAVE_OPS.get(op)
             if request is not None:
                 if rid is None:

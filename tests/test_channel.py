@@ -148,6 +148,23 @@ def test_late_reply_after_timeout_is_discarded(chan):
     t.start()
     assert "late" not in ch.request({"op": "next"})
     t.join()
+    assert not ch._replies and not ch._abandoned          # nothing kept for anybody
+
+
+def test_replies_nobody_asked_for_are_not_hoarded(chan):
+    ch, peer = chan
+
+    def monitor():
+        m = recv(peer)
+        for rid in range(10_000, 15_000):                 # a confused monitor
+            send(peer, {"op": "r", "rid": rid})
+        send(peer, {"op": "r", "rid": m["rid"], "mine": True})
+
+    t = threading.Thread(target=monitor)
+    t.start()
+    assert ch.request({"op": "x"})["mine"]
+    t.join()
+    assert len(ch._replies) <= 4096
 
 
 def test_close_from_another_thread_wakes_every_waiter(chan):

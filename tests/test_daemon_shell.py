@@ -66,3 +66,33 @@ def test_a_host_that_resizes_its_region_is_cut_off(clean):
     rep = _request(bystander, {"op": "ps", "rid": 1})
     assert rep["op"] == "r"
     bystander.close()
+
+
+def test_a_busy_call_pair_does_not_starve_other_hosts(clean, host):
+    """The daemon reads the answer of the peer it just sent to before going back to
+    epoll (on one CPU that answer is already there); the chain is bounded, so while a
+    caller and its server ping-pong as fast as they can, another host is still served."""
+    import threading
+
+    from tvmrt import SERVER
+    from tvmrt.host import Host
+
+    host.create(eapp("echo_server"), name="echo", type=SERVER)
+    shm = host.shmget(PAGE)
+    shm.view.cast("i")[0] = 20000                         # calls: seconds of ping-pong
+    caller = host.create(eapp("stress_caller"), name="busy", shm=shm)
+    result = []
+    t = threading.Thread(target=lambda: result.append(caller.run(timeout=300)))
+    t.start()
+    try:
+        other = Host.connect(clean.path, embedded=False)
+        try:
+            for _ in range(40):
+                other.shmget(PAGE).remove()
+            served_during_the_run = t.is_alive()
+        finally:
+            other.close()
+    finally:
+        t.join(300)
+    assert result == [0]
+    assert served_during_the_run, "the other host was only served after the run ended"

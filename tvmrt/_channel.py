@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 from collections import deque
+from typing import NoReturn
 
 from . import _wire
 from ._regions import Loan, RegionTable
@@ -45,6 +46,9 @@ from .errors import (
 
 #: extra seconds a client waits beyond a deadline the monitor enforces itself
 BACKSTOP = 5.0
+_DONTWAIT = socket.MSG_DONTWAIT
+#: replies kept for waiters at most (far more than threads that can wait at once)
+_UNCLAIMED = 4096
 #: how long one blocking wait for the read turn lasts before conditions are re-checked
 _TURN_SLICE = 0.5
 
@@ -56,16 +60,24 @@ class Channel:
     lock; readers take turns through ``_turn``.
     """
 
+    __slots__ = ("sock", "table", "name", "_fd", "_rx", "_turn", "_ids", "_replies",
+                 "_abandoned", "_events", "_broken", "_closed", "_watcher", "_watch_lock",
+                 "_cv", "_followers", "backstop")
+
     def __init__(self, sock: socket.socket, table: RegionTable, name: str = "monitor"):
         self.sock = sock
         self.table = table
         self.name = name
         table.refresh = self.drain
         self._fd = sock.fileno()
-        self._turn = threading.Lock()
+        self._rx = _wire.Receiver()       # used by the holder of the read turn only
+        # The read turn: a one-token list.  ``pop()`` takes it without blocking (an
+        # atomic test-and-set under the GIL), ``append`` gives it back; on the call
+        # path this costs a fraction of a Lock's acquire/release (docs/design.md).
+        self._turn: list[int] = [1]
         self._ids = itertools.count(1)
-        self._replies: dict[int, dict] = {}
-        self._waiting: set[int] = set()
+        self._replies: dict[int, dict] = {}   # handed out, not yet taken by their waiter
+        self._abandoned: set[int] = set()     # rids whose waiter gave up (timed out, closed)
         self._events: deque[dict] = deque(maxlen=4096)
         self._broken: TvmError | None = None
         self._closed = False
@@ -86,26 +98,47 @@ class Channel:
         :class:`Timeout` itself.  ``loan`` is rolled back if the request cannot be
         sent; once sent, only the monitor's grants move the region.
         """
-        if self._closed or self._broken is not None:
+        if self._broken is not None or self._closed:
             if loan is not None:
                 self.table.rollback(loan)
             self._raise_down()
-        rid = next(self._ids)
-        msg["rid"] = rid
-        waiting = self._waiting
-        waiting.add(rid)
+        rid = msg["rid"] = next(self._ids)
         try:
+            _wire.send(self.sock, msg, fds)
+        except BaseException:
+            if loan is not None:
+                self.table.rollback(loan)
+            raise
+        reply: dict | None
+        if timeout is None:
+            turn = self._turn
             try:
-                _wire.send(self.sock, msg, fds)
-            except BaseException:
-                if loan is not None:
-                    self.table.rollback(loan)
-                raise
-            deadline = None if timeout is None else \
-                time.monotonic() + timeout + self.backstop
-            reply = self._wait(rid, deadline)
-        finally:
-            waiting.discard(rid)
+                turn.pop()
+            except IndexError:
+                reply = self._wait(rid, None)          # another thread reads: follow it
+            else:
+                # the uncontended call path: read until our reply comes
+                reply = self._replies.pop(rid, None) if self._replies else None
+                try:
+                    while reply is None:
+                        got = self._read_one(None)
+                        if got is None:                 # the channel broke
+                            break
+                        if got.get("rid") == rid:
+                            reply = got
+                        else:
+                            self._hand_out(got)
+                except BaseException:
+                    self._abandon(rid)
+                    raise
+                finally:
+                    turn.append(1)
+                    if self._followers:
+                        self._wake()
+                if reply is None:
+                    self._raise_down()
+        else:
+            reply = self._wait(rid, time.monotonic() + timeout + self.backstop)
         if self.table.lent and self._watcher is None:
             self._start_watcher()
         if reply["op"] == "e":
@@ -121,71 +154,134 @@ class Channel:
     def next_event(self, timeout: float | None = None) -> dict:
         """The next unsolicited message that is not a bare grant (``start``, ``call``,
         a refused ``ret``), waiting for it."""
-        return self._wait(None, None if timeout is None else time.monotonic() + timeout)
+        if timeout is not None:
+            return self._wait(None, time.monotonic() + timeout)
+        turn = self._turn
+        try:
+            turn.pop()
+        except IndexError:
+            return self._wait(None, None)               # another thread reads: follow it
+        # the server's call path: read until an event comes
+        events = self._events
+        ev = events.popleft() if events else None
+        try:
+            while ev is None:
+                msg = self._read_one(None)
+                if msg is None:                         # the channel broke
+                    break
+                if msg.get("rid") is None and msg["op"] != "grant":
+                    ev = msg
+                else:
+                    self._hand_out(msg)
+        finally:
+            turn.append(1)
+            if self._followers:
+                self._wake()
+        if ev is None:
+            self._raise_down()
+        return ev
 
-    def _raise_down(self):
+    def _raise_down(self) -> NoReturn:
+        """Raise why the channel is down (closed here, or broken)."""
         if self._closed:
             raise ChannelClosed(f"the connection to the {self.name} is closed")
         b = self._broken
         if b is not None:
             raise type(b)(b.reason)
+        raise MonitorGone(f"the connection to the {self.name} failed")
 
     # ------------------------------------------------------------------ reading
     def _wait(self, rid: int | None, deadline: float | None) -> dict:
         """Wait for reply ``rid`` (or the next event when ``rid`` is None), reading
-        whenever the read turn is free.
+        while the read turn is free.
 
-        Uncontended (one thread), this is one pass: a non-blocking lock acquire around
-        one ``recv``.  A thread that finds the turn taken waits on ``_cv``; the reader
-        wakes it after handing a message out or giving the turn back.
+        Uncontended (one thread), this is a non-blocking lock acquire around one
+        ``recv``.  The holder of the turn reads until its own message comes, handing
+        out the others (and waking their waiters); a thread that finds the turn taken
+        waits on ``_cv`` until something is handed out to it or the turn is free.
+        A waiter that gives up (deadline, close, interrupt) leaves its rid abandoned:
+        the reply that still comes is dropped, its grants applied.
         """
+        replies = self._replies
+        events = self._events
+        turn = self._turn
         remaining = None
-        while True:
-            # lock-free look first: a follower must find what was handed out to it
-            if rid is not None:
-                if self._replies:
-                    r = self._replies.pop(rid, None)
-                    if r is not None:
-                        return r
-            elif self._events:
-                return self._events.popleft()
-            if self._closed or self._broken is not None:
-                self._raise_down()
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+        try:
+            while True:
+                if turn and self._take_turn():
+                    mine = None
+                    try:
+                        # what another reader handed out before the turn was ours
+                        if rid is not None:
+                            if replies:
+                                mine = replies.pop(rid, None)
+                        elif events:
+                            mine = events.popleft()
+                        while mine is None and self._broken is None and not self._closed:
+                            if deadline is not None:
+                                remaining = deadline - time.monotonic()
+                                if remaining <= 0:
+                                    break
+                            msg = self._read_one(remaining)
+                            if msg is None:
+                                continue
+                            # ours: the reply naming rid, or (rid None) an event
+                            if msg.get("rid") == rid and (rid is not None
+                                                          or msg["op"] != "grant"):
+                                mine = msg
+                            else:
+                                self._hand_out(msg)
+                    finally:
+                        self._release_turn()
+                    if mine is not None:
+                        return mine
+                else:
+                    if rid is not None:
+                        if replies:
+                            mine = replies.pop(rid, None)
+                            if mine is not None:
+                                return mine
+                    elif events:
+                        return events.popleft()
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                    if (self._broken is None and not self._closed
+                            and (remaining is None or remaining > 0)):
+                        self._follow(rid, remaining)
+                        continue
+                if self._broken is not None or self._closed:
+                    self._raise_down()
+                if deadline is not None and deadline <= time.monotonic():
                     raise Timeout(f"no answer from the {self.name} in time")
-            if not self._turn.acquire(False):
-                self._follow(rid, remaining)
-                continue
-            mine = None
-            try:
-                # holding the turn: never block in recv for what another reader has
-                # handed out meanwhile
-                if rid is not None:
-                    mine = self._replies.pop(rid, None) if self._replies else None
-                elif self._events:
-                    mine = self._events.popleft()
-                if mine is None and not (self._closed or self._broken is not None):
-                    msg = self._read_one(remaining)
-                    if msg is not None:
-                        r = msg.get("rid")
-                        if (r == rid) if rid is not None else (
-                                r is None and msg.get("op") != "grant"):
-                            mine = msg
-                        else:
-                            self._hand_out(msg)     # before the turn goes: then wake
-            finally:
-                self._release_turn()
-            if mine is not None:
-                return mine
+        except BaseException:
+            if rid is not None:
+                self._abandon(rid)
+            raise
+
+    def _abandon(self, rid: int) -> None:
+        """The waiter of ``rid`` gives up: its reply, if it still comes, is dropped
+        (its grants applied)."""
+        self._abandoned.add(rid)
+        if self._replies.pop(rid, None) is not None:
+            self._abandoned.discard(rid)
+
+    def _take_turn(self) -> bool:
+        """Take the read turn if it is free (never blocks)."""
+        try:
+            self._turn.pop()
+        except IndexError:
+            return False
+        return True
 
     def _release_turn(self) -> None:
         """Give the read turn back and wake whoever waits for it or for a reply."""
-        self._turn.release()
+        self._turn.append(1)
         if self._followers:
-            with self._cv:
-                self._cv.notify_all()
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
 
     def _follow(self, rid: int | None, remaining: float | None) -> None:
         """Wait until the reader hands something out or gives the turn back."""
@@ -198,21 +294,21 @@ class Channel:
                 else:
                     ready = bool(self._events)
                 if not (ready or self._closed or self._broken is not None
-                        or not self._turn.locked()):
+                        or self._turn):
                     cv.wait(_TURN_SLICE if remaining is None else min(remaining, _TURN_SLICE))
             finally:
                 self._followers -= 1
 
-    def _read_one(self, remaining: float | None, nonblock: bool = False) -> dict | None:
+    def _read_one(self, remaining: float | None, flags: int = 0) -> dict | None:
         """Holding the turn: receive one message and apply its grants.  None when
-        nothing came in ``remaining`` seconds (or at once, ``nonblock``); marks the
-        channel broken when the monitor went away or sent garbage."""
+        nothing came in ``remaining`` seconds (or at once, ``flags`` MSG_DONTWAIT);
+        marks the channel broken when the monitor went away or sent garbage."""
         try:
             if remaining is not None:
                 ready, _, _ = select.select((self._fd,), (), (), max(remaining, 0.0))
                 if not ready:
                     return None
-            msg, fds = _wire.recv(self.sock, want_fds=True, nonblock=nonblock)
+            msg, fds = self._rx.recv(self.sock, True, flags)
             if fds or msg.get("g") or msg.get("d"):
                 self.table.apply(msg, fds)
             return msg
@@ -234,26 +330,38 @@ class Channel:
             self._broken = MonitorGone(f"the {self.name} closed the connection")
 
     def _hand_out(self, msg: dict) -> None:
+        """Holding the turn: keep a message that is not the reader's own for its
+        waiter (a reply) or for :meth:`next_event`, and wake the waiters."""
         rid = msg.get("rid")
-        if rid is not None:
-            if rid in self._waiting:
-                self._replies[rid] = msg
-                if rid not in self._waiting:          # it gave up meanwhile
-                    self._replies.pop(rid, None)
-            # else: a reply whose request gave up (timed out): its grants are applied,
-            # the rest is dropped
-        elif msg.get("op") != "grant":
+        if rid is None:
+            if msg["op"] == "grant":
+                return                          # applied already; nobody waits for it
             self._events.append(msg)
+        else:
+            abandoned = self._abandoned
+            if rid in abandoned:
+                abandoned.discard(rid)          # its request gave up: grants applied
+                return
+            replies = self._replies
+            replies[rid] = msg
+            if rid in abandoned:                # it gave up meanwhile
+                abandoned.discard(rid)
+                replies.pop(rid, None)
+            elif len(replies) > _UNCLAIMED:
+                # replies nobody asked for (a monitor bug): never hoarded
+                replies.pop(next(iter(replies)), None)
+        if self._followers:
+            self._wake()
 
     def drain(self) -> None:
         """Apply every message already waiting, without blocking (a view missed)."""
         if self._closed or self._broken is not None:
             return
-        if not self._turn.acquire(False):
+        if not self._take_turn():
             return                    # someone is reading: it applies what comes
         try:
             while True:
-                msg = self._read_one(None, nonblock=True)
+                msg = self._read_one(None, _DONTWAIT)
                 if msg is None:
                     break
                 self._hand_out(msg)
@@ -274,16 +382,15 @@ class Channel:
         arrives even when no thread waits (raw pointers then work at once)."""
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
-        turn = self._turn
         try:
             while self.table.lent and not self._closed and self._broken is None:
                 if not poller.poll(_TURN_SLICE * 1000):
                     continue
-                if not turn.acquire(False):
+                if not self._take_turn():
                     self._follow(-1, None)    # a waiting thread reads: let it finish
                     continue
                 try:
-                    msg = self._read_one(None, nonblock=True)
+                    msg = self._read_one(None, _DONTWAIT)
                     if msg is not None:
                         self._hand_out(msg)
                 finally:
@@ -309,12 +416,17 @@ class Channel:
         w = self._watcher
         if w is not None and w is not threading.current_thread():
             w.join(2 * _TURN_SLICE + 1)
-        # the fd itself goes once no thread can be inside recv on it any more
-        if self._turn.acquire(True, 5.0):
-            try:
-                self.sock.close()
-            finally:
-                self._turn.release()
+        # the fd itself goes once no thread can be inside recv on it any more (a reader
+        # woken by the shutdown gives the turn back at once)
+        deadline = time.monotonic() + 5.0
+        while not self._take_turn():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+        try:
+            self.sock.close()
+        finally:
+            self._release_turn()
 
     @property
     def closed(self) -> bool:

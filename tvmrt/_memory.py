@@ -100,6 +100,15 @@ def protect(addr: int, length: int, prot: int) -> None:
         _fail(f"mprotect at {addr:#x}")
 
 
+#: the raw call for the loan path (0, or -1 with errno set: see :func:`protect_failed`)
+mprotect = _libc.mprotect
+
+
+def protect_failed(addr: int):
+    """Raise the OSError of the :data:`mprotect` at ``addr`` that just returned -1."""
+    _fail(f"mprotect at {addr:#x}")
+
+
 def unmap(addr: int, length: int) -> None:
     """Drop a mapping, putting the PROT_NONE reservation back in its place."""
     got = _libc.mmap(addr, length, PROT_NONE,
@@ -140,11 +149,16 @@ def _flags_of(mv: memoryview) -> ctypes.c_int:
     return ctypes.c_int.from_address(mbuf + _FLAGS_OFF)
 
 
-def flag_of(mv: memoryview) -> ctypes.c_int | None:
-    """The released flag word shared by ``mv`` and every view cut from it (None where
-    this interpreter's layout is not the one checked at import).  Setting it to 1 kills
-    them all, 0 revives them (a view made by :func:`view` has no other flag bit set)."""
-    return _flags_of(mv) if _KILL_WORKS else None
+def flag_of(mv: memoryview) -> memoryview | None:
+    """The released flag word shared by ``mv`` and every view cut from it, as a
+    one-int view (None where this interpreter's layout is not the one checked at
+    import).  Storing 1 kills them all, 0 revives them (a view made by :func:`view` has
+    no other flag bit set).  A memoryview store is the cheapest write Python has: it
+    happens twice per loan on the call path."""
+    if not _KILL_WORKS:
+        return None
+    return _from_memory(ctypes.addressof(_flags_of(mv)), ctypes.sizeof(ctypes.c_int),
+                        _PyBUF_WRITE).cast("i")
 
 
 def _probe_kill() -> bool:

@@ -22,7 +22,6 @@ misses asks the channel to apply what is already waiting in the socket first
 from __future__ import annotations
 
 import bisect
-import ctypes
 import os
 import threading
 from collections.abc import Callable
@@ -33,13 +32,14 @@ from ._layout import PAGE, U64
 from ._wire import close_all
 from .errors import BadSize, InvalidArgument, NotOwned, RemoteProtocolError, Unaligned
 
+_mprotect = memory.mprotect
+_RW, _NONE = memory.PROT_RW, memory.PROT_NONE
 
-class Loan(tuple):
-    """A region revoked for a request that has not been answered yet:
-    ``(vaddr, seg, length)``.  Undo it with :meth:`RegionTable.rollback` if the request
-    never reached the monitor."""
 
-    __slots__ = ()
+#: A region revoked for a request that has not been answered yet: ``(vaddr, seg,
+#: length)``, a plain tuple (it is made on every loaning call).  Undo it with
+#: :meth:`RegionTable.rollback` if the request never reached the monitor.
+Loan = tuple[int, int, int]
 
 
 class RegionTable:
@@ -49,6 +49,9 @@ class RegionTable:
     views or lend regions.
     """
 
+    __slots__ = ("_lock", "mapped", "owned", "shared", "lent", "_starts", "_stale",
+                 "_roots", "refresh")
+
     def __init__(self) -> None:
         self._lock = threading.Lock()     # never held while calling out (refresh)
         self.mapped: dict[int, tuple[int, int]] = {}   # seg -> (vaddr, length)
@@ -57,10 +60,10 @@ class RegionTable:
         self.lent: dict[int, tuple[int, int]] = {}     # revoked by lend: vaddr -> (seg, len)
         self._starts: list[int] = []                   # sorted starts of owned + shared
         self._stale = False
-        # root view handed out per region start, with its released-flag word:
-        self._roots: dict[int, tuple[memoryview, ctypes.c_int | None]] = {}
-        # the same while the region is away: vaddr -> (seg, root, flag)
-        self._parked: dict[int, tuple[int, memoryview, ctypes.c_int | None]] = {}
+        # root view handed out per region start: vaddr -> (root, flag, seg).  Every view
+        # handed out is cut from its root; the flag (one int) is 1 while the region is
+        # away (its views raise), 0 while it is here.
+        self._roots: dict[int, tuple[memoryview, memoryview, int | None]] = {}
         #: called (without the lock) when a lookup misses: apply what is waiting
         self.refresh: Callable[[], None] | None = None
 
@@ -86,7 +89,7 @@ class RegionTable:
                         self._drop(seg)
                 if grants:
                     mapped = self.mapped
-                    parked = self._parked
+                    roots = self._roots
                     for g in grants:
                         try:
                             seg, vaddr, length, has_fd, kind = g
@@ -106,13 +109,16 @@ class RegionTable:
                                 os.close(fd)
                             self.mapped[seg] = (vaddr, length)
                         else:
-                            if mapped.get(seg) != (vaddr, length):
+                            m = mapped.get(seg)
+                            if m is None or m[0] != vaddr or m[1] != length:
                                 raise RemoteProtocolError(
                                     f"grant of segment {seg} that is not mapped here")
-                            memory.protect(vaddr, length, memory.PROT_RW)
+                            if _mprotect(vaddr, length, _RW):
+                                memory.protect_failed(vaddr)
                         if self.lent:
                             self.lent.pop(vaddr, None)
-                        if parked:
+                        r = roots.get(vaddr)
+                        if r is not None and r[1][0]:
                             self._unpark(vaddr, seg)
                         if kind == "shm":
                             self.shared[vaddr] = length
@@ -129,7 +135,6 @@ class RegionTable:
             return
         vaddr, length = m
         self._kill(vaddr)
-        self._parked.pop(vaddr, None)                  # its flag is set already: dead
         if self.owned.get(vaddr, (None,))[0] == seg:
             del self.owned[vaddr]
         if self.lent.get(vaddr, (None,))[0] == seg:
@@ -171,12 +176,15 @@ class RegionTable:
                 o = self.owned.get(vaddr)
                 if o is not None and o[1] == size:
                     seg = o[0]
-                    self._park(vaddr, seg)          # views raise before the page goes
-                    memory.protect(vaddr, size, memory.PROT_NONE)
+                    r = self._roots.get(vaddr)
+                    if r is not None:
+                        r[1][0] = 1                 # its views raise before the page goes
+                    if _mprotect(vaddr, size, _NONE):
+                        memory.protect_failed(vaddr)
                     del self.owned[vaddr]
                     self.lent[vaddr] = o
                     self._stale = True
-                    return Loan((vaddr, seg, size))
+                    return (vaddr, seg, size)
         return self._lend_slow(vaddr, size)
 
     def _lend_slow(self, vaddr, size) -> Loan:
@@ -217,8 +225,9 @@ class RegionTable:
             o = self.owned.pop(vaddr, None)
             if o is None:
                 return False
-            self._park(vaddr, o[0])
-            memory.protect(vaddr, o[1], memory.PROT_NONE)
+            self._park(vaddr)
+            if _mprotect(vaddr, o[1], _NONE):
+                memory.protect_failed(vaddr)
             self._stale = True
             return True
 
@@ -282,7 +291,7 @@ class RegionTable:
         # Fast path without the lock: a root in _roots is a region that is here; if it
         # leaves right after this lookup, its flag makes the returned slice raise.
         r = self._roots.get(addr)
-        if r is not None and type(size) is int and 0 <= size <= len(r[0]):
+        if r is not None and not r[1][0] and type(size) is int and 0 <= size <= len(r[0]):
             return r[0][:size]
         return self._view_slow(addr, size)
 
@@ -294,29 +303,39 @@ class RegionTable:
                 raise NotOwned(f"the region at {addr:#x} has just left this process")
             start, length = f
             r = self._roots.get(start)
-            if r is None or len(r[0]) != length:
+            if r is None or r[1][0] or len(r[0]) != length:
+                self._kill(start)
                 mv = memory.view(start, length)
-                r = self._roots[start] = (mv, memory.flag_of(mv))
+                o = self.owned.get(start)
+                r = self._roots[start] = (mv, memory.flag_of(mv) or _private_flag(),
+                                          o[0] if o is not None else None)
             off = addr - start
             return r[0][off:off + size]
 
-    def _park(self, vaddr: int, seg: int) -> None:
+    def _park(self, vaddr: int) -> None:
         """The region leaves: its views raise until the same segment comes back."""
-        r = self._roots.pop(vaddr, None)
+        r = self._roots.get(vaddr)
         if r is not None:
-            if r[1] is not None:
-                r[1].value = 1
-            self._parked[vaddr] = (seg, r[0], r[1])
+            r[1][0] = 1
 
     def _unpark(self, vaddr: int, seg: int) -> None:
-        p = self._parked.pop(vaddr, None)
-        if p is not None and p[0] == seg:
-            if p[2] is not None:
-                p[2].value = 0
-            self._roots[vaddr] = (p[1], p[2])
+        """The region is back: its views work again if it is the same segment."""
+        r = self._roots.get(vaddr)
+        if r is not None:
+            if r[2] == seg:
+                r[1][0] = 0
+            else:
+                self._kill(vaddr)
 
     def _kill(self, vaddr: int) -> None:
         """The mapping goes: its views are dead for good."""
         r = self._roots.pop(vaddr, None)
-        if r is not None and r[1] is not None:
-            r[1].value = 1
+        if r is not None:
+            r[1][0] = 1
+
+
+def _private_flag() -> memoryview:
+    """A flag word for a root whose views this interpreter cannot kill (its memoryview
+    layout is not the one :mod:`_memory` checked): the table's bookkeeping stays the
+    same, the views are simply not invalidated."""
+    return memoryview(bytearray(4)).cast("i")

@@ -91,65 +91,74 @@ def send(sock: socket.socket, msg: dict, fds=()) -> None:
         raise MonitorGone(f"peer closed the connection ({exc.__class__.__name__})") from None
 
 
-def _rxbuf() -> memoryview:
-    """This thread's receive buffer (MAX_FRAME + 1 bytes, allocated once).
+class Receiver:
+    """Receives whole frames into one reusable buffer (MAX_FRAME + 1 bytes, allocated
+    once): ``sock.recv(MAX_FRAME + 1)`` would make glibc mmap a fresh 2 MiB block,
+    mremap it down and munmap it for every message (3 syscalls + a page fault each).
 
-    ``sock.recv(MAX_FRAME + 1)`` would make glibc mmap a fresh 2 MiB block, mremap it
-    down and munmap it for every message (3 syscalls + a page fault each time).
+    One receiver serves one reader at a time: a channel's holder of the read turn, the
+    daemon's loop, or (through :func:`recv`) one thread.
     """
-    mv = getattr(_tls, "mv", None)
-    if mv is None:
-        mv = _tls.mv = memoryview(bytearray(MAX_FRAME + 1))
-    return mv
+
+    __slots__ = ("_buf", "_bufs")
+
+    def __init__(self) -> None:
+        self._buf = memoryview(bytearray(MAX_FRAME + 1))
+        self._bufs = [self._buf]
+
+    def recv(self, sock: socket.socket, want_fds: bool = False, flags: int = 0):
+        """One message from ``sock``: ``(msg, fds)``, fds a list of ints owned by the
+        caller (always empty unless ``want_fds``).
+
+        Raises :class:`MonitorGone` on EOF, :class:`RemoteProtocolError` on a malformed
+        frame (any fds that came with it are closed first), ``BlockingIOError`` when
+        nothing is waiting on a non-blocking socket or with ``flags`` MSG_DONTWAIT.
+
+        A peer that closed while *it* had unread data makes the kernel report
+        ``ECONNRESET`` once, before the frames the peer sent are delivered: those are
+        its last words (a final ``exit`` or ``fault``), so reading goes on until real EOF.
+        """
+        buf = self._buf
+        for _ in range(_RESET_RETRIES):
+            try:
+                if want_fds:
+                    n, anc, _f, _a = sock.recvmsg_into(self._bufs, _ANC, flags)
+                    if anc:
+                        return self._with_fds(n, anc)
+                else:
+                    n = sock.recv_into(buf, 0, flags)
+                break
+            except ConnectionResetError:
+                continue
+            except BrokenPipeError:
+                n = 0
+                break
+        else:
+            n = 0
+        if not n:
+            raise MonitorGone("connection closed")
+        return decode(buf[:n]), []
+
+    def _with_fds(self, n: int, anc) -> tuple[dict, list[int]]:
+        fds = fds_from_ancillary(anc)
+        try:
+            if not n:
+                raise MonitorGone("connection closed")
+            return decode(self._buf[:n]), fds
+        except BaseException:
+            close_all(fds)
+            raise
 
 
 def recv(sock: socket.socket, want_fds: bool = False, nonblock: bool = False):
-    """Receive one message.  Returns ``(msg, fds)``; fds is a list of ints (owned by caller).
-
-    Raises :class:`MonitorGone` on EOF, :class:`RemoteProtocolError` on a malformed
-    frame (any fds that came with it are closed first), ``BlockingIOError`` when
-    nothing is waiting on a non-blocking socket or with ``nonblock``.
-
-    A peer that closed while *it* had unread data makes the kernel report
-    ``ECONNRESET`` once, before the frames the peer sent are delivered: those are its
-    last words (a final ``exit`` or ``fault``), so keep reading until real EOF.
-    """
-    buf = _rxbuf()
-    n, anc = _receive(sock, buf, want_fds, _DONTWAIT if nonblock else 0)
-    if anc:
-        fds = fds_from_ancillary(anc)
-        if not n:
-            close_all(fds)
-            raise MonitorGone("connection closed")
-        try:
-            return decode(buf[:n]), fds
-        except ProtocolError:
-            close_all(fds)
-            raise
-    if not n:
-        raise MonitorGone("connection closed")
-    return decode(buf[:n]), []
+    """Receive one message with this thread's :class:`Receiver` (see its ``recv``)."""
+    rx = getattr(_tls, "rx", None)
+    if rx is None:
+        rx = _tls.rx = Receiver()
+    return rx.recv(sock, want_fds, _DONTWAIT if nonblock else 0)
 
 
 _DONTWAIT = socket.MSG_DONTWAIT
-
-
-def _receive(sock: socket.socket, buf, want_fds: bool, flags: int):
-    """``(nbytes, ancillary)`` of one frame; after ECONNRESET (reported once) read on,
-    for what the peer sent before it closed.  BlockingIOError passes through."""
-    for _ in range(_RESET_RETRIES):
-        try:
-            if want_fds:
-                n, anc, _f, _a = sock.recvmsg_into([buf], _ANC, flags)
-                return n, anc
-            return sock.recv_into(buf, 0, flags), None
-        except ConnectionResetError:
-            continue
-        except BrokenPipeError:
-            break
-    return 0, None
-
-
 #: ECONNRESET is reported once per reset; a few retries cover any kernel's variant
 _RESET_RETRIES = 4
 

@@ -21,15 +21,20 @@ class Config:
     page: int = PAGE
     #: arena name -> (base address, size); "mmap", "relay" and "shm" are used
     arenas: Mapping[str, tuple[int, int]] = field(default_factory=lambda: dict(ARENAS))
-    #: per-peer (host connection or enclave) region quota: count and bytes
+    #: region quota of a host process (across its connections) and of each enclave:
+    #: count and bytes
     max_regions: int = 1024
     max_bytes: int = 8 << 30
     #: largest single region
     max_region: int = 4 << 30
-    #: enclaves one host connection may have at once
+    #: enclaves one host process (across its connections) may have at once
     max_enclaves: int = 256
     #: enclaves the whole monitor may have at once (a hard cap across hosts)
     max_enclaves_total: int = 4096
+    #: calls one enclave may have outstanding at once (its threads), and callers one
+    #: server may have queued
+    max_calls_out: int = 64
+    max_queue: int = 1024
     #: deadline of a queued call that gave none (seconds)
     queue_timeout: float = 60.0
     #: deadline of a create that gave none: the enclave must be ``ready`` by then

@@ -108,8 +108,20 @@ class CoreBug(Exception):
     """An illegal transition was attempted: a bug in the core, not a peer's fault."""
 
 
+class Account:
+    """Quota counters: of one host *process* (shared by all its connections, so that
+    opening more connections does not buy more quota) or of one enclave."""
+    __slots__ = ("key", "peers", "regions", "bytes")
+
+    def __init__(self, key):
+        self.key = key
+        self.peers: set[int] = set()      # host connections charged to it
+        self.regions = 0                  # regions created and not freed yet
+        self.bytes = 0
+
+
 class Peer:
-    __slots__ = ("id", "kind", "uid", "pid", "alive", "segs", "drops", "regions", "bytes",
+    __slots__ = ("id", "kind", "uid", "pid", "alive", "segs", "drops", "account",
                  "enclave", "enclaves", "eof", "how", "tombs")
 
     def __init__(self, pid_, kind):
@@ -120,8 +132,7 @@ class Peer:
         self.alive = True
         self.segs: set[int] = set()   # segments this peer's process maps (fd already sent)
         self.drops: list[int] = []    # segments it must unmap, piggybacked on the next message
-        self.regions = 0              # quota accounting (regions created by this peer)
-        self.bytes = 0
+        self.account = Account(("peer", pid_))    # a host's is replaced by its process's
         self.enclave: Enclave = None          # type: ignore[assignment]  # enclave peers only
         self.enclaves: set[int] = set()       # enclave peers created by this host
         self.eof = False              # enclave socket reached EOF
@@ -157,7 +168,7 @@ class Enclave:
 
 class Region:
     __slots__ = ("id", "seg", "vaddr", "length", "kind", "arena", "creator", "owner",
-                 "stack", "mappers", "revoked", "prev")
+                 "stack", "mappers", "revoked", "prev", "account")
 
     def __init__(self, rid, seg, vaddr, length, kind, arena, creator):
         self.id = rid
@@ -172,6 +183,7 @@ class Region:
         self.mappers: set[int] = set()    # peers whose process maps the segment
         self.revoked = False      # shm id revoked by shmctl (or no fd exists)
         self.prev = None          # the owner before the current one (violation suspect)
+        self.account: Account | None = None   # charged for it (its creator's)
 
 
 class Frame:
@@ -276,6 +288,8 @@ class Core:
         self.timers: dict[Any, float] = {}
         # handle -> (host, error class, reason) of finished enclaves
         self.tombs: dict[int, tuple[int, type[E.TvmError], str]] = {}
+        # quota accounts of host processes (uid, pid): shared by their connections
+        self.accounts: dict[tuple, Account] = {}
 
     # ------------------------------------------------------------------ transitions
     def _set_state(self, e: Enclave, new: str) -> None:
@@ -339,10 +353,12 @@ class Core:
         self.by_vaddr.pop(r.vaddr, None)
         self.seg_region.pop(r.seg, None)
         self.arenas[r.arena].release(r.vaddr, r.length)
-        c = self.peers.get(r.creator)
-        if c is not None:
-            c.regions -= 1
-            c.bytes -= r.length
+        a = r.account
+        if a is not None:
+            r.account = None
+            a.regions -= 1
+            a.bytes -= r.length
+            self._drop_account(a)
         for m in r.mappers:
             p = self.peers.get(m)
             if p is not None and p.alive:
@@ -418,9 +434,12 @@ class Core:
             raise E.BadSize(f"size {size:#x} out of range (1 .. {cfg.max_region:#x})")
         if size % self.page:
             raise E.BadSize(f"size {size:#x} is not a page multiple")
-        if creator.regions + 1 > cfg.max_regions or creator.bytes + size > cfg.max_bytes:
+        a = creator.account
+        if a.regions + 1 > cfg.max_regions or a.bytes + size > cfg.max_bytes:
+            who = "this host process" if creator.kind == HOST else "this enclave"
             raise E.QuotaExceeded(
-                f"quota: {creator.regions} regions, {creator.bytes} bytes in use")
+                f"quota: {who} has {a.regions} regions, {a.bytes} bytes in use "
+                f"(at most {cfg.max_regions}, {cfg.max_bytes})")
         vaddr = self.arenas[arena].alloc(size)
         if vaddr is None:
             raise E.NoMemory(f"no room for {size:#x} bytes in the {arena} arena")
@@ -430,8 +449,9 @@ class Core:
         self.regions[r.id] = r
         self.by_vaddr[vaddr] = r
         self.seg_region[r.seg] = r
-        creator.regions += 1
-        creator.bytes += size
+        a.regions += 1
+        a.bytes += size
+        r.account = a
         self.pending_seg[r.seg] = (creator.id, rid, op)
         fx.append(NewSeg(r.seg, size, arena))
         return r
@@ -471,9 +491,28 @@ class Core:
 
     # ------------------------------------------------------------------ events
     def host_connected(self, uid, pid):
+        """A host connection from process ``pid`` of ``uid``: its quotas are those of
+        the process, whatever number of connections it opens."""
         p = self._new_peer(HOST)
         p.uid, p.pid = uid, pid
+        key = ("host", uid, pid)
+        a = self.accounts.get(key)
+        if a is None:
+            a = self.accounts[key] = Account(key)
+        a.peers.add(p.id)
+        p.account = a
         return p.id, [Log(f"host {p.id} connected (pid {pid}, uid {uid})")]
+
+    def _drop_account(self, a: Account) -> None:
+        """Forget a host process's account once nothing is charged to it any more."""
+        if not a.peers and not a.regions and self.accounts.get(a.key) is a:
+            del self.accounts[a.key]
+
+    def _host_enclaves(self, p: Peer) -> int:
+        """Live enclaves of the host process of connection ``p`` (all connections)."""
+        peers = self.peers
+        return sum(1 for hp in p.account.peers for ep in peers[hp].enclaves
+                   if peers[ep].enclave.state != DONE)
 
     def message(self, peer_id, msg, nfds=0, now=0.0):
         """Handle one decoded frame from ``peer_id``."""
@@ -542,11 +581,16 @@ class Core:
             p.enclave.pid = pid
         return []
 
-    def spawn_failed(self, peer_id, why):
+    def spawn_failed(self, peer_id, why, exhausted=False):
+        """The enclave's process could not be started; ``exhausted``: for want of fds,
+        processes or memory (the create is refused with :class:`ResourceExhausted`)."""
         p = self.peers.get(peer_id)
         if p is None or p.enclave is None:
             return []
         p.how = f"could not start: {why}"
+        if exhausted and p.enclave.end is None:
+            p.enclave.end = (E.ResourceExhausted, f"cannot start enclave "
+                                                  f"{p.enclave.name!r}: {why}")
         p.eof = True
         fx: list = []
         self._maybe_reap(fx, p)
@@ -712,6 +756,8 @@ class Core:
         fx.append(Close(p.id))
         fx.append(Log(f"host {p.id} disconnected"))
         self.peers.pop(p.id, None)
+        p.account.peers.discard(p.id)
+        self._drop_account(p.account)
 
     def _destroy(self, fx, e: Enclave):
         """Kill enclave ``e`` now and settle everything it was part of."""
@@ -1026,9 +1072,10 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
                                 f"not {nfds}")
     if etype == SERVER and name in core.servers:
         raise E.NameInUse(f"a server named {name!r} exists")
-    mine = sum(1 for ep in p.enclaves if core.peers[ep].enclave.state != DONE)
+    mine = core._host_enclaves(p)
     if mine >= cfg.max_enclaves:
-        raise E.QuotaExceeded(f"this host has {mine} enclaves (at most {cfg.max_enclaves})")
+        raise E.QuotaExceeded(f"this host process has {mine} enclaves "
+                              f"(at most {cfg.max_enclaves})")
     if len(core.slots) - core.slots.count(None) >= cfg.max_enclaves_total:
         raise E.QuotaExceeded("the monitor has too many enclaves")
     shm = None
@@ -1227,6 +1274,13 @@ def _e_call(core, fx, p, e, msg, rid, now):
         free = s.state == IDLE and not s.queue
         if nb and not free:
             raise E.ServerBusy(f"server {s.name!r} is busy")
+        cfg = core.config
+        if len(e.out) >= cfg.max_calls_out:
+            raise E.QuotaExceeded(f"this enclave has {len(e.out)} calls in flight "
+                                  f"(at most {cfg.max_calls_out})")
+        if not free and len(s.queue) >= cfg.max_queue:
+            raise E.QuotaExceeded(f"server {s.name!r} has {len(s.queue)} callers queued "
+                                  f"(at most {cfg.max_queue})")
     except (Invalid, E.TvmError) as exc:
         # refused before anything moved: re-grant the request region the caller owns
         # (its runtime revoked it before sending)

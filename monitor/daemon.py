@@ -22,7 +22,13 @@ import posix_ipc
 
 from tvmrt import _memory as memory, _wire as wire
 from tvmrt._paths import default_socket_path
-from tvmrt.errors import MonitorGone, ProtocolError, TvmError
+from tvmrt.errors import (
+    MonitorGone,
+    NotPermitted,
+    ProtocolError,
+    ResourceExhausted,
+    TvmError,
+)
 
 from . import zygote
 from .config import Config
@@ -38,15 +44,110 @@ _FOLLOW_MAX = 8
 _FOLLOW_PROBE = 32
 
 
-def prepare_socket_dir(path: str) -> None:
-    """Create the socket's directory 0700, or check an existing one is ours and private."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise TvmError(f"socket directory {d} is not a directory owned by this user")
-    if st.st_mode & 0o077:
-        os.chmod(d, 0o700)
+#: longest path a Unix socket address holds (sun_path is 108 bytes with its NUL)
+_SUN_PATH_MAX = 107
+
+
+def prepare_socket_path(path: str) -> str | None:
+    """Make ready to bind a socket at ``path``, changing nothing the monitor did not make.
+
+    A missing directory is created 0700 (its name is returned: the monitor created it
+    and removes it when it stops, if empty); an existing one is used as it is -- never
+    chmodded -- if this user may create in it and nobody else can replace a socket in
+    it (it is private, or sticky like /tmp); a symlink to such a directory is fine.  At
+    the path itself only a stale socket of this user is removed; a live monitor, any
+    other file, or another user's socket is refused.  Every refusal is a
+    :class:`TvmError` with one line that says what to do.
+    """
+    path = os.path.abspath(path)
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise TvmError(f"socket path {path} is too long: a Unix socket path has at most "
+                       f"{_SUN_PATH_MAX} bytes; choose a shorter --socket")
+    d = os.path.dirname(path)
+    created = None
+    if not os.path.lexists(d):
+        try:
+            os.makedirs(d, mode=0o700)
+        except OSError as exc:
+            raise TvmError(f"cannot create the socket directory {d}: "
+                           f"{exc.strerror}") from None
+        created = d
+    try:
+        st = os.stat(d)                      # follows a symlink to the directory
+    except OSError as exc:
+        raise TvmError(f"socket directory {d}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise TvmError(f"{d} is not a directory; choose another --socket")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise TvmError(f"cannot create a socket in {d}: permission denied")
+    uid = os.getuid()
+    if st.st_uid not in (uid, 0):
+        raise TvmError(f"socket directory {d} belongs to uid {st.st_uid}, not to this "
+                       f"user; choose a directory of your own")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise TvmError(f"socket directory {d} is writable by others and not sticky "
+                       f"(anyone could replace the socket); choose a private directory")
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        return created
+    except OSError as exc:
+        raise TvmError(f"socket path {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(lst.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(lst.st_mode) else
+                "a symbolic link" if stat.S_ISLNK(lst.st_mode) else
+                "a regular file" if stat.S_ISREG(lst.st_mode) else "not a socket")
+        raise TvmError(f"{path} exists and is {kind}; remove it or choose another --socket")
+    if lst.st_uid != uid:
+        raise TvmError(f"{path} is a socket of uid {lst.st_uid}; choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass                                  # stale: its monitor is gone
+    except OSError as exc:
+        raise TvmError(f"socket path {path}: {exc.strerror}") from None
+    else:
+        raise TvmError(f"a monitor is already listening on {path}")
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise TvmError(f"cannot remove the stale socket {path}: {exc.strerror}") from None
+    return created
+
+
+#: seconds accept waits when even the reserve fd could not take a client
+_ACCEPT_PAUSE = 0.1
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _bye(conn: socket.socket, exc: TvmError) -> None:
+    """Tell a client why it is being disconnected (protocol ``bye``), then close it."""
+    try:
+        conn.setblocking(False)
+        wire.send(conn, {"op": "bye", "c": exc.code, "why": exc.reason})
+    except (TvmError, OSError):
+        pass
+    finally:
+        conn.close()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class _Epoll:
@@ -98,6 +199,11 @@ class Daemon:
         self._fds: list[int] = []   # fds that came with the message being handled
         self._seg_prefix = f"/tvmrt.{os.getpid()}."
         self._rx = wire.Receiver()
+        self._made_dir: str | None = None   # the socket directory, if this monitor made it
+        self._sock_id: tuple[int, int] | None = None
+        # one fd kept in reserve: at EMFILE it is given up to accept and refuse a client
+        self._reserve: int | None = None
+        self._accept_paused = 0.0           # monotonic time until which accept waits
         self._sent_to: int | None = None    # the last peer a message went to
         self._hits = _FOLLOW_MAX            # score of recent follow-on reads that found one
         self._probe = 0
@@ -120,25 +226,30 @@ class Daemon:
         self.zpid, self.zsock = pid, mine
 
     def _listen(self):
-        prepare_socket_dir(self.path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.connect(self.path)
-            probe.close()
-            raise TvmError(f"a monitor is already listening on {self.path}")
-        except (FileNotFoundError, ConnectionRefusedError):
-            probe.close()
-        if os.path.lexists(self.path):
-            os.unlink(self.path)
+        """Bind and listen on :attr:`path` (see :func:`prepare_socket_path`)."""
+        self._made_dir = prepare_socket_path(self.path)
         ls = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o077)
         try:
             ls.bind(self.path)
+        except OSError as exc:
+            ls.close()
+            self._remove_made_dir()
+            raise TvmError(f"cannot listen on {self.path}: {exc.strerror}") from None
         finally:
             os.umask(old)
+        self._sock_id = _identity(self.path)
         ls.listen(64)
         ls.setblocking(False)
         return ls
+
+    def _remove_made_dir(self):
+        if self._made_dir is not None:
+            try:
+                os.rmdir(self._made_dir)          # only if empty: never anyone's files
+            except OSError:
+                pass
+            self._made_dir = None
 
     def run(self, ready_fd: int | None = None, announce: bool = True) -> int:
         """Serve until stopped; returns the exit code (0 on a clean stop)."""
@@ -177,12 +288,19 @@ class Daemon:
         try:
             core = self.core
             timers = core.timers
+            self._reserve = _open_reserve()
             while self.running:
                 if timers:
                     d = core.next_deadline()
                     timeout = None if d is None else max(0.0, d - time.monotonic())
                 else:
                     timeout = None              # the call path: no deadline pending
+                if self._accept_paused:
+                    wait = self._accept_paused - time.monotonic()
+                    if wait <= 0:
+                        self._resume_accept()
+                    else:
+                        timeout = wait if timeout is None else min(timeout, wait)
                 for kind, peer, fileobj in sel.poll(timeout):
                     if kind == "peer":
                         self._sent_to = None
@@ -224,18 +342,57 @@ class Daemon:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        cred = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)
-        pid, uid, _gid = (int.from_bytes(cred[i:i + 4], sys.byteorder) for i in (0, 4, 8))
-        if uid != os.getuid() and uid != 0:
+        except OSError as exc:
+            # EMFILE / ENFILE / ENOBUFS / ENOMEM: refuse this one client, serve the rest
+            self._refuse_pending(exc)
+            return
+        try:
+            cred = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)
+            pid, uid, _gid = (int.from_bytes(cred[i:i + 4], sys.byteorder)
+                              for i in (0, 4, 8))
+            if uid != os.getuid() and uid != 0:
+                _bye(conn, NotPermitted(f"this monitor serves uid {os.getuid()} only, "
+                                        f"not uid {uid}"))
+                return
+            wire.tune(conn)
+            conn.setblocking(False)
+        except OSError:
             conn.close()
             return
-        wire.tune(conn)
-        conn.setblocking(False)
         peer, fx = self.core.host_connected(uid, pid)
         self.hosts.add(peer)
         self.socks[peer] = conn
         self.sel.register(conn, ("peer", peer))
         self._apply(fx)
+
+    def _refuse_pending(self, exc: OSError) -> None:
+        """``accept`` failed for want of a resource: give up the reserve fd to accept
+        the waiting client and tell it why before closing it, so that the listener does
+        not stay readable (epoll would spin) and the client gets a reason."""
+        self._log(f"accept failed: {exc.strerror}; refusing a client")
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            # not even that: stop accepting for a moment rather than spin
+            self._pause_accept()
+        else:
+            _bye(conn, ResourceExhausted(
+                f"the monitor is out of resources ({exc.strerror}); try again later"))
+        self._reserve = _open_reserve()
+
+    def _pause_accept(self) -> None:
+        try:
+            self.sel.unregister(self.listener)
+        except (KeyError, ValueError):
+            return
+        self._accept_paused = time.monotonic() + _ACCEPT_PAUSE
+
+    def _resume_accept(self) -> None:
+        self._accept_paused = 0.0
+        self.sel.register(self.listener, ("listen", None))
 
     def _cut_off(self, peer, exc):
         """The peer's socket hit EOF, an error or a malformed frame: disconnect it."""
@@ -409,17 +566,31 @@ class Daemon:
         return None
 
     def _spawn(self, eff):
+        """Have the zygote start the enclave of ``eff``; without the fds for its
+        socket pair the create is refused (ResourceExhausted) and nothing is left."""
         peer, spec, shm_seg, stdio = eff
-        mine, theirs = wire.seqpacket_pair()
+        try:
+            mine, theirs = wire.seqpacket_pair()
+        except OSError as exc:
+            self._apply(self.core.spawn_failed(peer, exc.strerror or str(exc),
+                                               exhausted=True))
+            return
+        null = None
+        try:
+            if stdio == "message" and len(self._fds) >= 2:
+                out = self._fds[:2]
+            else:
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                out = [null, null]
+        except OSError as exc:
+            mine.close()
+            theirs.close()
+            self._apply(self.core.spawn_failed(peer, exc.strerror or str(exc),
+                                               exhausted=True))
+            return
         mine.setblocking(False)
         self.socks[peer] = mine
         self.sel.register(mine, ("peer", peer))
-        null = None
-        if stdio == "message" and len(self._fds) >= 2:
-            out = self._fds[:2]
-        else:
-            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            out = [null, null]
         fds = [theirs.fileno()] + list(out)
         if shm_seg is not None and shm_seg in self.segs:
             fds.append(self.segs[shm_seg].fd)
@@ -464,9 +635,15 @@ class Daemon:
         self.segs.clear()
         try:
             self.listener.close()
-            os.unlink(self.path)
+            # only the socket this monitor bound: not one that replaced it meanwhile
+            if _identity(self.path) == self._sock_id:
+                os.unlink(self.path)
         except OSError:
             pass
+        self._remove_made_dir()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
         self._stop_zygote()
 
     def _stop_zygote(self):

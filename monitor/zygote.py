@@ -13,11 +13,32 @@ Protocol on the zygote channel (SOCK_SEQPACKET, msgpack):
                        {"op": "spawn_failed", "k": peer, "why": text}
                        {"op": "exited", "k": peer, "how": text}
 
-Every enclave gets ``PR_SET_PDEATHSIG(SIGKILL)`` (re-checked after fork), and
-the zygote gets it towards the monitor, so no enclave outlives its monitor.
+An enclave is its main process and everything it forks: they end together.
+Each enclave process starts a session of its own (``setsid`` before the eapp
+runs), so it leads a process group and a session whose ids are its pid.  The
+zygote is a child subreaper (``PR_SET_CHILD_SUBREAPER``): a process orphaned
+below an enclave is re-parented to the zygote, not to init.
+
+* The enclave is killed (``kill``): SIGKILL to its group and to its main process.
+* Its main process ends (by itself or killed): before the zygote reaps it -- the
+  zombie keeps its pid, so the group id cannot be reused meanwhile -- SIGKILL to
+  the group, then ``exited`` to the monitor.
+* A process adopted by the zygote (an orphan) is left alone while it belongs to
+  a live enclave (its session or group is the enclave's); otherwise -- its
+  enclave has ended, or it left its enclave's session, so nothing tells which
+  enclave it came from -- it is killed (with its group).  Orphans are reaped
+  silently: only an enclave's main process makes an ``exited``.
+* The zygote ends (``exit``, its channel closes, or SIGTERM -- its
+  ``PR_SET_PDEATHSIG`` towards the monitor, so it can clean up): it kills every
+  group and every child, and keeps killing what is re-parented to it until it
+  has no child left.
+
+Every enclave process also gets ``PR_SET_PDEATHSIG(SIGKILL)`` towards the zygote
+(re-checked after fork), for when the zygote itself is SIGKILLed.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
@@ -42,66 +63,148 @@ def describe_status(status: int) -> str:
     return f"ended with wait status {status}"
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_child_subreaper() -> None:
+    """Make this process the reaper of orphans below it (instead of init)."""
+    if memory._libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def child_pids() -> list[int]:
+    """Pids of this process's children (adopted orphans included), zombies included."""
+    me = os.getpid()
+    out: list[int] = []
+    tasks = f"/proc/{me}/task"
+    if os.path.exists(f"{tasks}/{me}/children"):
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/children") as f:
+                    out.extend(int(p) for p in f.read().split())
+            except FileNotFoundError:
+                pass        # a thread that ended meanwhile
+        return out
+    # a kernel without CONFIG_PROC_CHILDREN: read every process's parent
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue        # ended meanwhile
+        if int(stat[stat.rindex(b")") + 2:].split()[1]) == me:
+            out.append(int(name))
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (if any) and the process ``pid``.
+
+    Only for a pid that is this process's unreaped child: then neither the pid nor
+    the group id can have been reused by an unrelated process."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def serve(sock: socket.socket, monitor_pid: int) -> None:
     """Run the zygote loop on ``sock`` until the monitor says exit or goes away."""
-    memory.set_pdeathsig(signal.SIGKILL)
+    # SIGTERM, not SIGKILL, when the monitor dies: the zygote must live on long enough to
+    # kill its enclaves' groups (a grandchild does not inherit anyone's PDEATHSIG).
+    stop: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(True))
+    memory.set_pdeathsig(signal.SIGTERM)
     if os.getppid() != monitor_pid:
         os._exit(0)
     os.setsid()                      # ^C in the monitor's terminal is the monitor's business
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        set_child_subreaper()
+    except OSError as exc:
+        print(f"tvmrt zygote: {exc}; processes orphaned in an enclave go to init",
+              file=sys.stderr, flush=True)
     memory.reserve_arenas()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *a: None)
-    children: dict[int, int] = {}    # pid -> peer
-    by_peer: dict[int, int] = {}     # peer -> pid
+    children: dict[int, int] = {}    # enclave main pid -> peer
+    by_peer: dict[int, int] = {}     # peer -> enclave main pid
     me = os.getpid()
 
     def reap():
-        while children:
+        """Reap every child that ended; an enclave's group is killed before its leader is
+        reaped, and only an enclave's main process is reported."""
+        while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if info is None:
                 return
+            pid = info.si_pid
             peer = children.pop(pid, None)
-            if peer is None:
+            if peer is not None:
+                kill_tree(pid)       # the rest of the enclave (the leader is a zombie)
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
                 continue
+            if peer is None:
+                continue             # an adopted orphan: reaped silently
             by_peer.pop(peer, None)
             try:
                 wire.send(sock, {"op": "exited", "k": peer, "how": describe_status(status)})
             except Exception:
                 pass
 
-    def finish():
-        for pid in list(children):
+    def sweep():
+        """Kill every adopted orphan that belongs to no live enclave."""
+        for pid in child_pids():
+            if pid in children:
+                continue
             try:
-                os.kill(pid, signal.SIGKILL)
+                if os.getsid(pid) in children or os.getpgid(pid) in children:
+                    continue         # still part of a running enclave: it ends with it
             except ProcessLookupError:
-                pass
-        for pid in list(children):
+                continue
+            kill_tree(pid)
+
+    def finish():
+        # Kill every group and every child; a child's death re-parents its orphans to us
+        # (before we can reap it), so kill again after each reap until no child is left.
+        while True:
+            for pid in set(children) | set(child_pids()):
+                kill_tree(pid)
             try:
-                os.waitpid(pid, 0)
+                pid, _ = os.waitpid(-1, 0)
             except ChildProcessError:
-                pass
-        os._exit(0)
+                os._exit(0)
+            children.pop(pid, None)
 
     while True:
+        if stop:
+            finish()
         try:
             ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         except InterruptedError:
             ready = []
+        reap()
         if wake_r in ready:
             try:
                 os.read(wake_r, 4096)
             except BlockingIOError:
                 pass
-        reap()
-        if sock.fileno() not in ready:
+            # A signal (SIGCHLD): a death may have handed us orphans.  Every enclave's end
+            # is one, so the sweep after it finds whatever is left of that enclave.
+            sweep()
+        if stop or sock.fileno() not in ready:
             continue
         try:
             msg, fds = wire.recv(sock, want_fds=True)
@@ -125,10 +228,9 @@ def serve(sock: socket.socket, monitor_pid: int) -> None:
         elif op == "kill":
             kpid = by_peer.get(msg.get("k"))
             if kpid is not None:
-                try:
-                    os.kill(kpid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                # the group may not exist yet (the child has not run setsid): then the
+                # process itself is killed before it could fork anything
+                kill_tree(kpid)
         elif op == "exit":
             finish()
         else:
@@ -142,6 +244,9 @@ def _child(zygote_pid, zsock, wake, spec, fds):
         memory.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != zygote_pid:
             os._exit(code)
+        # A session (and so a process group) of its own before the eapp runs: whatever it
+        # forks is in this group, which the zygote kills when the enclave ends.
+        os.setsid()
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)

@@ -71,7 +71,7 @@ def snapshot(core):
     reply may legitimately carry them; id counters too: a refused request may use one)."""
     regs = {i: (r.seg, r.vaddr, r.length, r.kind, r.creator, r.owner, tuple(r.stack),
                 frozenset(r.mappers), r.revoked, r.prev) for i, r in core.regions.items()}
-    peers = {i: (p.kind, p.alive, frozenset(p.segs), p.regions, p.bytes,
+    peers = {i: (p.kind, p.alive, frozenset(p.segs), p.account.regions, p.account.bytes,
                  frozenset(p.enclaves), p.eof, p.how, tuple(p.tombs))
              for i, p in core.peers.items()}
     encl = [None if e is None else
@@ -121,9 +121,13 @@ class Driver:
         self._pid = 1000
 
     # ------------------------------------------------------------------ events
-    def connect(self, uid=1000):
-        self._pid += 1
-        peer, fx = self.core.host_connected(uid, self._pid)
+    def connect(self, uid=1000, pid=None):
+        """A host connection; ``pid`` of an earlier one is another connection of the same
+        host process (default: a new process)."""
+        if pid is None:
+            self._pid += 1
+            pid = self._pid
+        peer, fx = self.core.host_connected(uid, pid)
         _assert(peer not in self.hosts and peer not in self.enclaves, f"peer id {peer} reused")
         self.hosts.add(peer)
         self.open.add(peer)
@@ -455,10 +459,22 @@ class Driver:
             _assert(seen == q.segs, f"peer {pid_} maps {sorted(seen)} but the core thinks "
                     f"{sorted(q.segs)}")
         # quotas
-        for pid_, q in core.peers.items():
-            mine = [r for r in regs if r.creator == pid_]
-            _assert(q.regions == len(mine) and q.bytes == sum(r.length for r in mine),
-                    f"quota accounting of peer {pid_} is off")
+        for r in regs:
+            _assert(r.account is not None, f"region {r.id:#x} is charged to no account")
+        # an enclave's account outlives it while a region it created does
+        accounts = {id(q.account): q.account for q in core.peers.values()}
+        accounts.update({id(a): a for a in core.accounts.values()})
+        accounts.update({id(r.account): r.account for r in regs if r.account is not None})
+        for a in accounts.values():
+            mine = [r for r in regs if r.account is a]
+            _assert(a.regions == len(mine) and a.bytes == sum(r.length for r in mine),
+                    f"quota accounting of {a.key} is off")
+        for p_ in core.peers.values():
+            if p_.kind == C.HOST and p_.alive:
+                _assert(core.accounts.get(p_.account.key) is p_.account
+                        and p_.id in p_.account.peers, f"host {p_.id} lost its account")
+        for key, a in core.accounts.items():
+            _assert(a.key == key and (a.peers or a.regions), f"account {key} is stale")
         # enclaves
         for eid, e in enumerate(core.slots):
             if e is None:

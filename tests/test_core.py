@@ -1493,6 +1493,58 @@ def test_eof_grace_is_a_core_deadline(d):
     assert d.core.next_deadline() is None
 
 
+def test_quotas_are_per_host_process_across_its_connections():
+    """More connections from one process do not buy more enclaves, regions or bytes;
+    another process has its own quota; the account goes with the process's last
+    connection and region."""
+    d = Driver(new_core(max_enclaves=2, max_regions=2, max_bytes=3 * PAGE))
+    a1 = d.connect(pid=4242)
+    a2 = d.connect(pid=4242)                # the same host process, a second connection
+    b = d.connect(pid=4343)
+    create(d, a1, "a")
+    create(d, a2, "b")
+    err(hreq(d, a1, "create", name="c", type=NORMAL, code=b""), E.QuotaExceeded)
+    err(hreq(d, a2, "create", name="c", type=NORMAL, code=b""), E.QuotaExceeded)
+    create(d, b, "c")                       # another process is not affected
+    ok(hreq(d, a1, "shmget", size=2 * PAGE))
+    err(hreq(d, a2, "shmget", size=2 * PAGE), E.QuotaExceeded)       # bytes, shared
+    ok(hreq(d, a2, "shmget", size=PAGE))
+    err(hreq(d, a1, "shmget", size=PAGE), E.QuotaExceeded)           # regions, shared
+    ok(hreq(d, b, "shmget", size=2 * PAGE))
+    d.disconnected(a1)
+    key = ("host", 1000, 4242)
+    assert key in d.core.accounts               # a2 still holds its region
+    d.disconnected(a2)
+    assert key not in d.core.accounts           # nothing charged any more: forgotten
+    d.check()
+
+
+def test_an_enclave_has_its_own_region_quota():
+    d = Driver(new_core(max_regions=1))
+    h = d.connect()
+    ok(hreq(d, h, "shmget", size=PAGE))
+    c, _ = running(d, h, "c")
+    mmap(d, c)                                  # not charged to its host
+    err(ereq(d, c, "mmap", size=PAGE), E.QuotaExceeded)
+    d.check()
+
+
+def test_calls_in_flight_and_queued_callers_are_bounded():
+    d = Driver(new_core(max_calls_out=2, max_queue=1))
+    h = d.connect()
+    s, sh = server(d, h, "srv")
+    c, _ = running(d, h, "c")
+    c2, _ = running(d, h, "c2")
+    v = mmap(d, c)
+    assert call(d, c, sh, [1, 0, 0, 0, 0, 0]) is None          # dispatched
+    assert call(d, c, sh, [2, 0, 0, 0, 0, 0]) is None          # queued (1 of 1)
+    err(call(d, c2, sh, [3, 0, 0, 0, 0, 0]), E.QuotaExceeded)  # the queue is full
+    rep = err(call(d, c, sh, [4, 0, v, PAGE, 0, 0]), E.QuotaExceeded)   # 2 in flight
+    assert grants(rep) == [(seg_at(d, v), v, PAGE, 0, "relay")]  # the loan comes back
+    assert owner(d, v) == c
+    d.check()
+
+
 def test_enclave_quota_is_per_host():
     d = Driver(new_core(max_enclaves=2, max_enclaves_total=3))
     h1, h2 = d.connect(), d.connect()

@@ -37,6 +37,7 @@ from . import _wire
 from ._regions import Loan, RegionTable
 from .errors import (
     ChannelClosed,
+    ChannelError,
     MonitorGone,
     RemoteProtocolError,
     Timeout,
@@ -105,9 +106,11 @@ class Channel:
         rid = msg["rid"] = next(self._ids)
         try:
             _wire.send(self.sock, msg, fds)
-        except BaseException:
+        except BaseException as exc:
             if loan is not None:
                 self.table.rollback(loan)
+            if isinstance(exc, MonitorGone):
+                self._last_word()
             raise
         reply: dict | None
         if timeout is None:
@@ -149,7 +152,19 @@ class Channel:
         """Send a notification (no reply expected)."""
         if self._closed or self._broken is not None:
             self._raise_down()
-        _wire.send(self.sock, msg)
+        try:
+            _wire.send(self.sock, msg)
+        except MonitorGone:
+            self._last_word()
+            raise
+
+    def _last_word(self) -> None:
+        """A send found the monitor gone: raise what it said before it closed (a
+        ``bye`` with its reason), if anything is still in the socket."""
+        self.drain()
+        b = self._broken
+        if b is not None and not isinstance(b, ChannelError):
+            self._raise_down()
 
     def next_event(self, timeout: float | None = None) -> dict:
         """The next unsolicited message that is not a bare grant (``start``, ``call``,
@@ -311,6 +326,10 @@ class Channel:
             msg, fds = self._rx.recv(self.sock, True, flags)
             if fds or msg.get("g") or msg.get("d"):
                 self.table.apply(msg, fds)
+            if msg["op"] == "bye":
+                # the monitor says why it disconnects us (refused uid, out of fds)
+                self._mark_broken(error_for(msg.get("c"), str(msg.get("why", ""))))
+                return None
             return msg
         except BlockingIOError:
             return None
@@ -322,8 +341,9 @@ class Channel:
         """The socket gave EOF, an error or garbage: every waiter learns why."""
         if self._broken is not None:
             return
-        if isinstance(exc, RemoteProtocolError):
-            self._broken = exc
+        if isinstance(exc, RemoteProtocolError) or (
+                isinstance(exc, TvmError) and not isinstance(exc, ChannelError)):
+            self._broken = exc                # the monitor's own reason (bye) or garbage
         elif self._closed:
             self._broken = ChannelClosed(f"the connection to the {self.name} was closed")
         else:

@@ -280,10 +280,13 @@ class Driver:
             if not self.auto_spawn:
                 continue
             if self.fail_next_spawn:
+                exhausted = self.fail_next_spawn == "exhausted"
                 self.fail_next_spawn = False
                 self.open.discard(peer)
                 self.closed.add(peer)
-                done += self._apply(self.core.spawn_failed(peer, "no such file"), src)
+                done += self._apply(self.core.spawn_failed(
+                    peer, "Too many open files" if exhausted else "no such file",
+                    exhausted=exhausted), src)
             else:
                 self.procs.add(peer)
                 done += self._apply(self.core.spawned(peer, 40000 + peer), src)

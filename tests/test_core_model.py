@@ -68,7 +68,7 @@ def small_core():
     return C.Core(Config(
         key=b"m" * 32, max_regions=6, max_bytes=10 * PAGE, max_region=4 * PAGE,
         queue_timeout=5.0, create_timeout=4.0, eof_grace=1.0, max_enclaves=5,
-        max_enclaves_total=8, max_tombstones=3,
+        max_enclaves_total=8, max_tombstones=3, max_calls_out=2, max_queue=2,
         arenas={name: (base, ARENA_PAGES * PAGE) for name, (base, _size) in ARENAS.items()}))
 
 
@@ -184,6 +184,14 @@ class CoreMachine(RuleBasedStateMachine):
     def connect(self):
         self.d.connect()
 
+    @precondition(lambda self: self.hosts() and len(self.hosts()) < 4)
+    @rule(data=st.data())
+    def connect_again_from_the_same_process(self, data):
+        """Another connection of an existing host process: it shares that process's
+        quotas (the driver checks the accounts add up)."""
+        h = self.pick(data, self.hosts())
+        self.d.connect(pid=self.core.peers[h].pid)
+
     @precondition(lambda self: self.hosts())
     @rule(data=st.data())
     def host_disconnects(self, data):
@@ -212,15 +220,20 @@ class CoreMachine(RuleBasedStateMachine):
         kw = self._window(data, h, "shm") if window else {}
         if timeout is not None:
             kw["timeout"] = timeout
-        self.d.fail_next_spawn = fail == 0
+        # 0: the zygote cannot start it; 1: the shell has no fds for its socket pair
+        self.d.fail_next_spawn = {0: "fail", 1: "exhausted"}.get(fail, False)
         self.d.auto_ready = ready != 0
         msg = {"op": "create", "rid": next(self.rids), "name": name,
                "type": C.SERVER if server else C.NORMAL, "code": name.encode(), **kw}
         before = snapshot(self.core)
         self.d.message(h, msg, nfds=stdio)
         rep = self.d.last_reply
-        if rep is not None and rep["op"] == "e" and rep["c"] != E.EnclaveFault.code:
+        if rep is not None and rep["op"] == "e" and rep["c"] not in (
+                E.EnclaveFault.code, E.ResourceExhausted.code):
             assert snapshot(self.core) == before, rep
+        if fail == 1 and rep is not None and rep["op"] == "e" and \
+                rep["c"] == E.ResourceExhausted.code:
+            assert "cannot start" in rep["why"], rep
         if rep is not None and rep["op"] == "r":
             self.handles.add(rep["handle"])
             assert self.d.stdio[max(self.d.enclaves)] == ("message" if stdio == 2 else "null")

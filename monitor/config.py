@@ -31,6 +31,8 @@ class Config:
     max_enclaves: int = 256
     #: enclaves the whole monitor may have at once (a hard cap across hosts)
     max_enclaves_total: int = 4096
+    #: instances (processes) one server may have
+    max_instances: int = 64
     #: calls one enclave may have outstanding at once (its threads), and callers one
     #: server may have queued
     max_calls_out: int = 64

@@ -140,9 +140,31 @@ class Peer:
         self.tombs: deque[int] = deque()      # host: handles of its finished enclaves
 
 
+class Pool:
+    """The instances of one server name.  Callers queue here (FIFO) and each call is
+    dispatched to an idle instance; the pool lives while one instance does.  Its handle
+    is its first instance's, and stays valid when that instance dies."""
+    __slots__ = ("name", "handle", "host", "members", "queue", "create_rid", "starting")
+
+    def __init__(self, name, host):
+        self.name = name
+        self.handle = -1                      # the first instance's handle (set at create)
+        self.host = host                      # peer id of the host that created it
+        self.members: list[Enclave] = []      # instances, in creation order (dead ones too)
+        self.queue: deque[Frame] = deque()    # calls waiting for an idle instance
+        self.create_rid: int | None = None    # the host's create, answered when all ready
+        self.starting = 0                     # instances not ready yet
+
+    def live(self) -> list[Enclave]:
+        return [m for m in self.members if m.state != DONE]
+
+
+_NO_QUEUE: deque = deque()       # a normal enclave's (always empty) queue
+
+
 class Enclave:
     __slots__ = ("peer", "eid", "gen", "name", "type", "host", "state", "frame_in", "out",
-                 "measurement", "shm", "queue", "pid", "end", "create_rid")
+                 "measurement", "shm", "pool", "pid", "end", "create_rid")
 
     def __init__(self, peer, eid, gen, name, etype, host, measurement):
         self.peer = peer
@@ -156,7 +178,7 @@ class Enclave:
         self.out: dict[int, Frame] = {}       # rid -> call this enclave waits for
         self.measurement = measurement
         self.shm: tuple[int, int] | None = None
-        self.queue: deque[Frame] = deque()    # frames waiting for this server
+        self.pool: Pool | None = None         # a server's pool of instances
         self.pid = None
         self.end: tuple[type[E.TvmError], str] | None = None   # what ended it
         self.create_rid: int | None = None    # the host's create, answered at ready
@@ -164,6 +186,11 @@ class Enclave:
     @property
     def handle(self):
         return (self.gen << 32) | self.eid
+
+    @property
+    def queue(self) -> deque[Frame]:
+        """Calls waiting for this server (its pool's queue, shared by its instances)."""
+        return self.pool.queue if self.pool is not None else _NO_QUEUE
 
 
 class Region:
@@ -275,7 +302,8 @@ class Core:
         self.peers: dict[int, Peer] = {}
         self.slots: list[Enclave | None] = []     # eid -> Enclave or None
         self.gens: list[int] = []                 # eid -> generation of the next occupant
-        self.servers: dict[str, Enclave] = {}
+        self.servers: dict[str, Pool] = {}
+        self.pools: dict[int, Pool] = {}          # pool handle -> Pool
         self.regions: dict[int, Region] = {}      # host-visible id -> Region
         self.by_vaddr: dict[int, Region] = {}
         self.arenas = {k: VaAllocator(b, s) for k, (b, s) in config.arenas.items()}
@@ -421,7 +449,12 @@ class Core:
                 continue
             seen.add(id(cur))
             for f in cur.out.values():
-                todo.append(f.server)
+                # a call waits for its server's whole pool until an instance takes it
+                srv = f.server
+                if f.queued and srv.pool is not None:
+                    todo.extend(srv.pool.members)
+                else:
+                    todo.append(srv)
         return False
 
     def _alive(self, peer_id):
@@ -799,21 +832,35 @@ class Core:
         was = e.state
         self._set_state(e, DONE)
         self.timers.pop(e, None)
-        if e.type == SERVER and self.servers.get(e.name) is e:
-            del self.servers[e.name]
+        pool = e.pool
+        # the pool ends with its last instance; until then the others serve its queue
+        ended: Pool | None = None
+        if pool is not None and not pool.live():
+            ended = pool
+            if self.servers.get(e.name) is pool:
+                del self.servers[e.name]
+            if self.pools.get(pool.handle) is pool:
+                del self.pools[pool.handle]
         if cls is E.IsolationViolation:
             call_exc: E.TvmError = E.IsolationViolation(why)
         else:
             call_exc = E.PeerDied(f"server {e.name!r}: {why}")
-        # a create not answered yet is answered with what ended it
+        # a create not answered yet is answered with what ended it; an instance that
+        # could not start takes the whole pool with it
+        doomed: list[Enclave] = []
         if was == STARTING and e.create_rid is not None:
             rid, e.create_rid = e.create_rid, None
             self._send(fx, e.host, _err(cls(why), rid))
+        if pool is not None and pool.create_rid is not None and was == STARTING:
+            rid, pool.create_rid = pool.create_rid, None
+            self._send(fx, e.host, _err(cls(why), rid))
+            doomed = pool.live()
         # calls queued on this server never reached it: refuse them
-        while e.queue:
-            f = e.queue.popleft()
-            self._unqueue(f)
-            self._fail_queued(fx, f, call_exc)
+        if ended is not None:
+            while ended.queue:
+                f = ended.queue.popleft()
+                self._unqueue(f)
+                self._fail_queued(fx, f, call_exc)
         # calls it waits for are withdrawn: a queued one leaves its queue (its loans come
         # back here and are settled below); a running one finishes, and its loans then
         # skip this dead caller on their way back
@@ -848,6 +895,10 @@ class Core:
                     self._free(fx, r)
         self._bury(e)
         fx.append(Log(f"enclave {e.name!r} (eid {e.eid}) finished: {why}"))
+        for m in doomed:
+            if m.state != DONE:
+                m.end = (cls, f"another instance of {m.name!r} could not start: {why}")
+                self._destroy(fx, m)
 
     def _unmapped(self, fx, r: Region, peer_id):
         """``peer_id`` no longer maps region ``r``; a revoked shm region may now go."""
@@ -907,9 +958,12 @@ class Core:
                                 "g": g}, segs)
 
     def _next_call(self, fx, s: Enclave):
-        while s.queue and s.state == IDLE:
-            f = s.queue.popleft()
+        """The instance ``s`` is idle: it takes the next call of its pool's queue."""
+        q = s.queue
+        while q and s.state == IDLE:
+            f = q.popleft()
             self._unqueue(f)
+            f.server = s
             self._dispatch(fx, f)
 
     def _fail_queued(self, fx, f: Frame, exc):
@@ -1072,11 +1126,17 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
                                 f"not {nfds}")
     if etype == SERVER and name in core.servers:
         raise E.NameInUse(f"a server named {name!r} exists")
+    instances = msg.get("instances", 1)
+    if type(instances) is not int or not 1 <= instances <= cfg.max_instances:
+        raise E.InvalidArgument(f"instances must be 1 .. {cfg.max_instances}, "
+                                f"not {instances!r:.40}")
+    if instances > 1 and etype != SERVER:
+        raise E.InvalidArgument("only a server enclave has instances")
     mine = core._host_enclaves(p)
-    if mine >= cfg.max_enclaves:
+    if mine + instances > cfg.max_enclaves:
         raise E.QuotaExceeded(f"this host process has {mine} enclaves "
                               f"(at most {cfg.max_enclaves})")
-    if len(core.slots) - core.slots.count(None) >= cfg.max_enclaves_total:
+    if len(core.slots) - core.slots.count(None) + instances > cfg.max_enclaves_total:
         raise E.QuotaExceeded("the monitor has too many enclaves")
     shm = None
     if window is not None:
@@ -1087,6 +1147,26 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
         if size == 0 or off + size > r.length:
             raise E.BadSize(f"shm window {off:#x}+{size:#x} outside region of {r.length:#x}")
         shm = (r, off, size)
+    pool = None
+    if etype == SERVER:
+        # registered now: calls queue until an instance is ready
+        pool = core.servers[name] = Pool(name, p.id)
+        pool.create_rid = rid
+        pool.starting = instances
+    measurement = measure(etype, name, code)
+    for i in range(instances):
+        last = _start_enclave(core, fx, p, name, etype, code, path, measurement, shm, pool,
+                              i, nfds, now + timeout)
+    if pool is None:
+        last.create_rid = rid
+    else:
+        pool.handle = pool.members[0].handle
+        core.pools[pool.handle] = pool
+
+
+def _start_enclave(core, fx, p, name, etype, code, path, measurement, shm, pool, index,
+                   nfds, deadline):
+    """One enclave process of a create (one instance of a server pool)."""
     # lowest free slot, as Penglai's monitor does
     try:
         eid = core.slots.index(None)
@@ -1095,15 +1175,16 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
         core.slots.append(None)
         core.gens.append(0)
     ep = core._new_peer(ENCLAVE)
-    e = Enclave(ep.id, eid, core.gens[eid], name, etype, p.id, measure(etype, name, code))
-    e.create_rid = rid
+    e = Enclave(ep.id, eid, core.gens[eid], name, etype, p.id, measurement)
     ep.enclave = e
     core.slots[eid] = e
     p.enclaves.add(ep.id)
-    if etype == SERVER:
-        core.servers[name] = e          # registered now: calls queue until it is ready
     spec = {"eid": eid, "handle": e.handle, "name": name, "type": etype, "code": code,
             "path": path}
+    if pool is not None:
+        e.pool = pool
+        pool.members.append(e)
+        spec["instance"] = index
     seg = None
     if shm is not None:
         r, off, size = shm
@@ -1112,8 +1193,9 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
         seg = r.seg
         r.mappers.add(ep.id)
         ep.segs.add(r.seg)
-    core.timers[e] = now + timeout
+    core.timers[e] = deadline
     fx.append(Spawn(ep.id, spec, seg, "message" if nfds == 2 else "null"))
+    return e
 
 
 def _own_enclave(core, p, msg):
@@ -1170,15 +1252,27 @@ def _h_run(core, fx, p, msg, rid, nfds, now):
     core._send(fx, e.peer, {"op": "start", "args": f.arg, "g": g}, segs)
 
 
+def _own_pool(core, p, msg):
+    """The server pool named by the request's handle, if it is one (None otherwise)."""
+    h = msg.get("handle")
+    pool = core.pools.get(h) if type(h) is int else None
+    if pool is not None and pool.host != p.id:
+        raise E.NotPermitted(f"server {pool.name!r} belongs to another host")
+    return pool
+
+
 def _h_destroy(core, fx, p, msg, rid, nfds, now):
-    e = _own_enclave(core, p, msg)
-    e.end = (E.UnknownHandle, f"enclave {e.name!r} was destroyed by its host")
-    core._destroy(fx, e)
+    pool = _own_pool(core, p, msg)
+    victims = pool.live() if pool is not None else [_own_enclave(core, p, msg)]
+    for e in victims:                       # a pool's handle: every instance
+        e.end = (E.UnknownHandle, f"enclave {e.name!r} was destroyed by its host")
+        core._destroy(fx, e)
     core._send(fx, p.id, {"op": "r", "rid": rid})
 
 
 def _h_attest(core, fx, p, msg, rid, nfds, now):
-    e = _own_enclave(core, p, msg)
+    pool = _own_pool(core, p, msg)
+    e = pool.live()[0] if pool is not None else _own_enclave(core, p, msg)
     nonce = get_u64(msg, "nonce")
     rep = core.report(e, nonce)
     core._send(fx, p.id, {"op": "r", "rid": rid, "report": rep})
@@ -1186,7 +1280,9 @@ def _h_attest(core, fx, p, msg, rid, nfds, now):
 
 def _h_ps(core, fx, p, msg, rid, nfds, now):
     encl = [{"eid": e.eid, "handle": e.handle, "name": e.name, "type": e.type,
-             "state": e.state, "host": e.host, "pid": e.pid}
+             "state": e.state, "host": e.host, "pid": e.pid,
+             "pool": e.pool.handle if e.pool is not None else None,
+             "instance": e.pool.members.index(e) if e.pool is not None else None}
             for e in core.slots if e is not None]
     regs = [{"id": r.id, "kind": r.kind, "vaddr": r.vaddr, "size": r.length,
              "owner": r.owner, "lenders": list(r.stack)} for r in core.regions.values()]
@@ -1223,10 +1319,10 @@ def _e_unmap(core, fx, p, e, msg, rid, now):
 
 def _e_acquire(core, fx, p, e, msg, rid, now):
     name = get_name(msg, "name")
-    s = core.servers.get(name)
-    if s is None:
+    pool = core.servers.get(name)
+    if pool is None:
         raise E.NoSuchServer(f"no server named {name!r}")
-    core._send(fx, p.id, {"op": "r", "rid": rid, "handle": s.handle})
+    core._send(fx, p.id, {"op": "r", "rid": rid, "handle": pool.handle})
 
 
 def _e_call(core, fx, p, e, msg, rid, now):
@@ -1250,13 +1346,19 @@ def _e_call(core, fx, p, e, msg, rid, now):
             dup = E.LocalProtocolError(f"rid {rid} is already in use by a call")
             dup.norid = True        # type: ignore[attr-defined]
             raise dup
-        s = core._enclave(get_int(msg, "handle"))
-        if s.type != SERVER:
-            raise E.UnknownHandle(f"enclave {s.name!r} is not a server")
-        # cycle: the server is the caller itself, or waits (down all its outgoing calls,
+        handle = get_int(msg, "handle")
+        pool = core.pools.get(handle)
+        if pool is None:
+            s = core._enclave(handle)           # a finished server's tombstone, or unknown
+            if s.type != SERVER or s.pool is None:
+                raise E.UnknownHandle(f"enclave {s.name!r} is not a server")
+            pool = s.pool                       # called by one instance's own handle
+        members = pool.members
+        # cycle: an instance is the caller itself, or waits (down all its outgoing calls,
         # running or queued) for the caller -- which covers the caller's own chain
-        if s is e or (s.out and core._waits_for(s, e)):
-            raise E.CallCycle(f"server {s.name!r} is already on the call chain")
+        for m in members:
+            if m is e or (m.out and core._waits_for(m, e)):
+                raise E.CallCycle(f"server {pool.name!r} is already on the call chain")
         req_vaddr, req_size = a[2], a[3]
         loans = []
         if req_vaddr:
@@ -1271,16 +1373,21 @@ def _e_call(core, fx, p, e, msg, rid, now):
                 raise E.BadSize(f"req_size {req_size:#x} must cover the whole region "
                                 f"({r.length:#x})")
             loans.append(r)
-        free = s.state == IDLE and not s.queue
-        if nb and not free:
-            raise E.ServerBusy(f"server {s.name!r} is busy")
+        free = None                             # an idle instance, when nobody queues
+        if not pool.queue:
+            for m in members:
+                if m.state == IDLE:
+                    free = m
+                    break
+        if nb and free is None:
+            raise E.ServerBusy(f"server {pool.name!r} is busy")
         cfg = core.config
         if len(e.out) >= cfg.max_calls_out:
             raise E.QuotaExceeded(f"this enclave has {len(e.out)} calls in flight "
                                   f"(at most {cfg.max_calls_out})")
-        if not free and len(s.queue) >= cfg.max_queue:
-            raise E.QuotaExceeded(f"server {s.name!r} has {len(s.queue)} callers queued "
-                                  f"(at most {cfg.max_queue})")
+        if free is None and len(pool.queue) >= cfg.max_queue:
+            raise E.QuotaExceeded(f"server {pool.name!r} has {len(pool.queue)} callers "
+                                  f"queued (at most {cfg.max_queue})")
     except (Invalid, E.TvmError) as exc:
         # refused before anything moved: re-grant the request region the caller owns
         # (its runtime revoked it before sending)
@@ -1290,7 +1397,9 @@ def _e_call(core, fx, p, e, msg, rid, now):
             if r is not None and r.kind == "relay" and r.owner == p.id and r.seg in p.segs:
                 exc.regrant = r     # type: ignore[union-attr]
         raise
-    f = Frame("call", p.id, s, loans, a, rid)
+    # queued, a call names the instance it would have had (any live one); the instance
+    # that takes it replaces that (``_next_call``)
+    f = Frame("call", p.id, free if free is not None else pool.live()[0], loans, a, rid)
     e.out[rid] = f
     for r in loans:
         core._lend(r, p.id, None)         # in escrow until the server takes the call
@@ -1298,14 +1407,14 @@ def _e_call(core, fx, p, e, msg, rid, now):
         f.deadline = now + timeout
         f.full = True
         core.timers[f] = f.deadline
-    if free:
+    if free is not None:
         core._dispatch(fx, f)
         return
     if f.deadline is None:
         f.deadline = now + core.config.queue_timeout
         core.timers[f] = f.deadline
     f.queued = True
-    s.queue.append(f)
+    pool.queue.append(f)
 
 
 def _e_report(core, fx, p, e, msg, rid, now):
@@ -1315,9 +1424,10 @@ def _e_report(core, fx, p, e, msg, rid, now):
         target = e
     else:
         name = get_name(msg, "name")
-        target = core.servers.get(name)
-        if target is None:
+        pool = core.servers.get(name)
+        if pool is None:
             raise E.NoSuchServer(f"no server named {name!r}")
+        target = pool.live()[0]             # every instance has the same measurement
     core._send(fx, p.id, {"op": "r", "rid": rid, "report": core.report(target, nonce)})
 
 
@@ -1333,11 +1443,21 @@ def _n_ready(core, fx, p, e, msg, now):
         raise E.BadState(f"enclave {e.name!r} is {e.state}: ready only once, at start")
     core.timers.pop(e, None)
     core._set_state(e, IDLE if e.type == SERVER else CREATED)
-    rid, e.create_rid = e.create_rid, None
-    core._send(fx, e.host, {"op": "r", "rid": rid, "eid": e.eid, "handle": e.handle,
-                            "measurement": e.measurement})
-    if e.type == SERVER:
-        core._next_call(fx, e)
+    pool = e.pool
+    if pool is None:
+        rid, e.create_rid = e.create_rid, None
+        core._send(fx, e.host, {"op": "r", "rid": rid, "eid": e.eid, "handle": e.handle,
+                                "measurement": e.measurement})
+        return
+    pool.starting -= 1
+    if pool.starting == 0 and pool.create_rid is not None:
+        # the create is answered once every instance is ready
+        rid, pool.create_rid = pool.create_rid, None
+        first = pool.members[0]
+        core._send(fx, e.host, {"op": "r", "rid": rid, "eid": first.eid,
+                                "handle": pool.handle, "measurement": e.measurement,
+                                "instances": len(pool.members)})
+    core._next_call(fx, e)
 
 
 def _n_ret(core, fx, p, e, msg, now):

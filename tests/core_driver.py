@@ -81,7 +81,9 @@ def snapshot(core):
             for e in core.slots]
     return {
         "regions": regs, "peers": peers, "enclaves": encl, "gens": list(core.gens),
-        "servers": {k: e.peer for k, e in core.servers.items()},
+        "servers": {k: tuple(m.peer for m in pool.members) for k, pool in core.servers.items()},
+        "pools": {h: (pool.name, pool.create_rid, pool.starting,
+                      tuple(_frame(f) for f in pool.queue)) for h, pool in core.pools.items()},
         "arenas": {k: list(a.free) for k, a in core.arenas.items()},
         "timers": sorted((repr(_timer_key(k)), d) for k, d in core.timers.items()),
         "tombs": dict(core.tombs), "pending_seg": dict(core.pending_seg),
@@ -486,14 +488,26 @@ class Driver:
             q = core.peers.get(e.peer)
             _assert(q is not None and q.enclave is e, f"enclave {eid} lost its peer")
             if e.state == C.DONE:
-                _assert(not q.alive and e.frame_in is None and not e.out and not e.queue,
+                # (a dead instance's pool may still queue calls for the live ones)
+                _assert(not q.alive and e.frame_in is None and not e.out
+                        and (e.pool is not None or not e.queue),
                         f"finished enclave {eid} still holds frames")
                 continue
             _assert(q.alive, f"enclave {eid} is {e.state} but its peer is dead")
-            _assert((e.state == C.STARTING) == (e.create_rid is not None),
-                    f"enclave {eid}: state {e.state} vs create rid {e.create_rid}")
+            if e.pool is None:
+                _assert((e.state == C.STARTING) == (e.create_rid is not None),
+                        f"enclave {eid}: state {e.state} vs create rid {e.create_rid}")
+            else:
+                pool = e.pool
+                _assert(e.create_rid is None, "an instance holds the create's rid")
+                starting = sum(1 for m in pool.live() if m.state == C.STARTING)
+                _assert(e.state != C.STARTING or pool.create_rid is not None,
+                        f"instance {eid} starts but its pool's create was answered")
+                _assert(pool.create_rid is None or pool.starting == starting,
+                        f"pool {pool.name!r}: {pool.starting} starting, {starting} are")
             if e.type == C.SERVER:
-                _assert(core.servers.get(e.name) is e, f"server {e.name!r} not registered")
+                _assert(e.pool is not None and core.servers.get(e.name) is e.pool
+                        and e in e.pool.members, f"server {e.name!r} not registered")
                 _assert(e.state in (C.STARTING, C.IDLE, C.SERVING),
                         f"server in state {e.state}")
                 _assert((e.state == C.SERVING) == (e.frame_in is not None),
@@ -523,9 +537,18 @@ class Driver:
                 c = core.peers.get(fi.caller)
                 _assert(c is not None and c.alive and c.enclave.out.get(fi.rid) is fi,
                         "caller forgot its call")
-        for name, e in core.servers.items():
-            _assert(e.type == C.SERVER and e.state != C.DONE and core.slots[e.eid] is e,
-                    f"stale server registration {name!r}")
+        for name, pool in core.servers.items():
+            live_members = pool.live()
+            _assert(pool.name == name and live_members, f"stale server registration {name!r}")
+            _assert(core.pools.get(pool.handle) is pool, f"pool {name!r} lost its handle")
+            for m in live_members:
+                _assert(m.type == C.SERVER and m.pool is pool and core.slots[m.eid] is m,
+                        f"stale instance of {name!r}")
+            if pool.queue:
+                _assert(all(m.state != C.IDLE for m in live_members),
+                        f"an instance of {name!r} idles while callers queue")
+        _assert(set(core.pools.values()) == set(core.servers.values()) and
+                len(core.pools) == len(core.servers), "pools and servers disagree")
         for pid_, q in core.peers.items():
             if q.kind == C.ENCLAVE:
                 _assert(core.slots[q.enclave.eid] is q.enclave, f"enclave peer {pid_} "
@@ -548,6 +571,8 @@ class Driver:
                                and e.frame_in.kind == "run" and not e.frame_in.answered)
                 want.update(e.create_rid for e in core.slots
                             if e is not None and e.host == pid_ and e.create_rid is not None)
+                want.update(pool.create_rid for pool in core.servers.values()
+                            if pool.host == pid_ and pool.create_rid is not None)
             _assert(+self.pending[pid_] == want,
                     f"peer {pid_} waits for {dict(self.pending[pid_])}, the core has "
                     f"{dict(want)} to answer")
@@ -573,7 +598,8 @@ class Driver:
         _assert(not core.peers, f"peers left: {sorted(core.peers)}")
         _assert(all(e is None for e in core.slots), "enclave slots left")
         _assert(not core.regions, f"regions left: {sorted(core.regions)}")
-        _assert(not core.servers and not core.timers, "servers or deadlines left")
+        _assert(not core.servers and not core.pools and not core.timers,
+                "servers or deadlines left")
         _assert(not core.tombs, "tombstones left")
         _assert(not self.live, f"segments never freed: {sorted(self.live)}")
         _assert(set(self.created) == self.freed, "created and freed segments differ")

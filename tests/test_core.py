@@ -214,7 +214,7 @@ def test_create_lowest_free_eid_and_generation_handles(d):
                     "path": "/x/first.py"}
     s_peer, s_handle = server(d, h, "srv")
     assert s_handle == 1
-    assert d.core.servers["srv"].peer == s_peer
+    assert d.core.servers["srv"].members[0].peer == s_peer
     err(hreq(d, h, "create", name="srv", type=SERVER, code=b""), E.NameInUse)
     # a normal enclave may share a server's name
     p3, h3 = create(d, h, "srv")
@@ -493,7 +493,7 @@ def test_server_fault_during_call(d):
     reply = err(one(d, c), E.EnclaveFault)
     assert "KeyError" in reply["why"] and reply["g"] == [[seg_at(d, v), v, PAGE, 0, "relay"]]
     # the server survives and serves the next call
-    assert d.core.servers["s1"].peer == s
+    assert d.core.servers["s1"].members[0].peer == s
     assert one(d, s)["a"] == [7, 0, 0]
     ereq(d, s, "ret", a=[7, 8, 0, 0, 0, 0])
     assert one(d, c2)["a"][1] == 8

@@ -153,7 +153,10 @@ class CoreMachine(RuleBasedStateMachine):
         window, some with shared memory): random rules alone rarely get this far."""
         hosts = [self.d.connect() for _ in range(nhosts)]
         for name in NAMES[:servers]:
-            self.hsend(self.pick(data, hosts), "create", name=name, type=C.SERVER, code=b"s")
+            n = data.draw(st.integers(1, 3))
+            kw = {"instances": n} if n > 1 else {}
+            self.hsend(self.pick(data, hosts), "create", name=name, type=C.SERVER, code=b"s",
+                       **kw)
         for _ in range(normals):
             self.create_and_run(data, self.pick(data, hosts), data.draw(st.integers(0, 2)))
 
@@ -214,8 +217,9 @@ class CoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.hosts())
     @rule(data=st.data(), server=st.booleans(), name=st.sampled_from(NAMES),
           window=st.booleans(), fail=st.integers(0, 7), ready=st.integers(0, 2),
-          timeout=st.sampled_from([None, None, 0, 2]), stdio=st.sampled_from([0, 0, 2, 1]))
-    def create(self, data, server, name, window, fail, ready, timeout, stdio):
+          timeout=st.sampled_from([None, None, 0, 2]), stdio=st.sampled_from([0, 0, 2, 1]),
+          instances=st.sampled_from([1, 1, 2, 3]))
+    def create(self, data, server, name, window, fail, ready, timeout, stdio, instances):
         h = self.pick(data, self.hosts())
         kw = self._window(data, h, "shm") if window else {}
         if timeout is not None:
@@ -223,6 +227,8 @@ class CoreMachine(RuleBasedStateMachine):
         # 0: the zygote cannot start it; 1: the shell has no fds for its socket pair
         self.d.fail_next_spawn = {0: "fail", 1: "exhausted"}.get(fail, False)
         self.d.auto_ready = ready != 0
+        if server and instances > 1:
+            kw["instances"] = instances
         msg = {"op": "create", "rid": next(self.rids), "name": name,
                "type": C.SERVER if server else C.NORMAL, "code": name.encode(), **kw}
         before = snapshot(self.core)
@@ -342,10 +348,11 @@ class CoreMachine(RuleBasedStateMachine):
                      with_region=st.integers(0, 3), size_ok=st.integers(0, 5))
 
     def _servers(self, p):
-        return [e.handle for e in self.core.servers.values()]
+        return [pool.handle for pool in self.core.servers.values()]
 
     def _other_servers(self, p):
-        return [e.handle for e in self.core.servers.values() if e.peer != p]
+        return [pool.handle for pool in self.core.servers.values()
+                if all(m.peer != p for m in pool.members)]
 
     @precondition(lambda self: self.enclaves())
     @rule(**CALL_ARGS)
@@ -371,7 +378,8 @@ class CoreMachine(RuleBasedStateMachine):
         if not serving and len(self.core.servers) >= 2:
             callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
                                     and len(e.out) < 2)
-            idle = [e.peer for e in self.core.servers.values() if e.state == C.IDLE]
+            idle = [m.peer for pool in self.core.servers.values() for m in pool.live()
+                    if m.state == C.IDLE]
             first = self.pick(data, callers)
             s = self.pick(data, [p for p in idle if p != first])
             if first is not None and s is not None:
@@ -388,17 +396,22 @@ class CoreMachine(RuleBasedStateMachine):
         data = kw["data"]
         callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
                                 and len(e.out) < 2)
-        idle = [e for e in self.core.servers.values() if e.state == C.IDLE]
-        if len(callers) >= 2 and idle and not [
-                e for e in self.core.servers.values() if e.state == C.SERVING]:
+        instances = self._instances()
+        idle = [e for e in instances if e.state == C.IDLE]
+        if len(callers) >= 2 and idle and not [e for e in instances if e.state == C.SERVING]:
             s = self.pick(data, [e.peer for e in idle])
             first = self.pick(data, [p for p in callers if p != s])
             if first is not None:
-                self.esend(first, "call", handle=self.enc(s).handle, a=[9, 0, 0, 0, 0, 0])
+                self.esend(first, "call", handle=self.enc(s).pool.handle,
+                           a=[9, 0, 0, 0, 0, 0])
                 callers = [p for p in callers if p != first]
         self._call(callers=callers,
-                   servers=lambda p: [e.handle for e in self.core.servers.values()
+                   servers=lambda p: [e.pool.handle for e in self._instances()
                                       if e.state == C.SERVING and e.peer != p], **kw)
+
+    def _instances(self):
+        """Live instances of every registered server."""
+        return [m for pool in self.core.servers.values() for m in pool.live()]
 
     def _ret(self, data, resp_val, with_resp):
         p = self.prefer(data, self.enclaves(

@@ -5,8 +5,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
+from . import penglai
+from .errors import MonitorGone
 from .penglai import (
     NORMAL_ENCLAVE,
     SERVER_ENCLAVE,
@@ -33,6 +36,29 @@ from .penglai import (
     enclave_args,
     enclave_args_init,
 )
+
+
+@contextlib.contextmanager
+def monitor_loss_raises():
+    """Within this, a Penglai-layer call that finds the monitor gone raises MonitorGone
+    instead of printing the loss and returning its code.
+
+    The layer reports every failure on stderr and returns the code, as Penglai's
+    library does, and the demos go on to their clean-up; once the monitor is gone, each
+    of those calls would report the same loss again.  ``tvmrt launch`` ends at the first
+    one and says it once.  Other failures are reported by the layer as usual."""
+    report = penglai._fail
+
+    def fail(fn, exc):
+        if isinstance(exc, MonitorGone):
+            raise exc
+        return report(fn, exc)
+
+    penglai._fail = fail
+    try:
+        yield
+    finally:
+        penglai._fail = report
 
 
 def print_signature(sig: bytes) -> None:
@@ -67,6 +93,7 @@ def test_caller(caller_file: str, server_file: str, server1_file: str | None = N
             return 1
     shmid = mm_arg_id = -1
     shm = mm_arg = 0
+    abandoned = False
     try:
         server_params = enclave_args()
         enclave_args_init(server_params)
@@ -120,23 +147,31 @@ def test_caller(caller_file: str, server_file: str, server1_file: str | None = N
             print("host: failed to run caller_enclave")
             return 1
         rc = 0
+    except BaseException:
+        # Left by an exception (^C, a stop signal, the monitor gone under tvmrt launch):
+        # the process is ending, and closing the device releases everything it holds,
+        # as Penglai's driver does for a host that dies.  Releasing piece by piece here
+        # would only fail, noisily, on what is busy (the relay page an enclave holds).
+        abandoned = True
+        raise
     finally:
-        if shm > 0:
-            PLenclave_shmdt(shmid, shm)
-        if shmid > 0:
-            PLenclave_shmctl(shmid)
-        if mm_arg > 0:
-            PLenclave_schrodinger_dt(mm_arg_id, mm_arg)
-        if mm_arg_id > 0:
-            PLenclave_schrodinger_ctl(mm_arg_id)
-        if server_enclave.eid >= 0:
-            PLenclave_destroy(server_enclave)
-        if server1_enclave.eid >= 0:
-            PLenclave_destroy(server1_enclave)
-        for enc in (caller_enclave, server_enclave, server1_enclave):
-            PLenclave_destruct(enc)
-        for elf in (caller_elf, server_elf, server1_elf):
-            elf_args_destroy(elf)
+        if not abandoned:
+            if shm > 0:
+                PLenclave_shmdt(shmid, shm)
+            if shmid > 0:
+                PLenclave_shmctl(shmid)
+            if mm_arg > 0:
+                PLenclave_schrodinger_dt(mm_arg_id, mm_arg)
+            if mm_arg_id > 0:
+                PLenclave_schrodinger_ctl(mm_arg_id)
+            if server_enclave.eid >= 0:
+                PLenclave_destroy(server_enclave)
+            if server1_enclave.eid >= 0:
+                PLenclave_destroy(server1_enclave)
+            for enc in (caller_enclave, server_enclave, server1_enclave):
+                PLenclave_destruct(enc)
+            for elf in (caller_elf, server_elf, server1_elf):
+                elf_args_destroy(elf)
     return rc
 
 

@@ -7,17 +7,117 @@ import sys
 
 
 def _monitor(ns) -> int:
+    """``tvmrt monitor``.  With ``--own-socket-dir`` (how :mod:`tvmrt._embedded` starts
+    a private monitor) the socket's directory is removed when the monitor ends, however
+    it ends short of SIGKILL: the directory is the monitor's, no one else removes it if
+    its host died first."""
+    import os
+    import signal
+
     from tvmrt.errors import TvmError
-    from tvmrt.monitor.daemon import Daemon
+    own_dir = os.path.dirname(os.path.abspath(ns.socket)) if (
+        ns.own_socket_dir and ns.socket) else None
+    if own_dir is not None:
+        # A SIGTERM before the daemon takes over its stop signals (PDEATHSIG: the host
+        # died while we start) must still reach the clean-up below.  The embedded
+        # monitor starts with SIGTERM blocked: one that came already is delivered at the
+        # unblock, inside the try.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        if own_dir is not None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        from tvmrt.monitor.daemon import Daemon
         return Daemon(ns.socket, verbose=ns.verbose).run(ready_fd=ns.ready_fd,
                                                            announce=not ns.quiet)
     except TvmError as exc:
         print(f"tvmrt monitor: {exc.reason}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        if ns.ready_fd is None:
+            raise
+        return 1                        # who waited for "ready" is gone: nobody to serve
+    finally:
+        if own_dir is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)     # ending already
+            _remove_own_dir(own_dir, ns.socket)
+
+
+def _remove_own_dir(d: str, sock: str) -> None:
+    """Remove an embedded monitor's private socket directory once the daemon is over:
+    the socket, if the daemon ended without removing it (nothing else binds in that
+    directory), then the directory, if that leaves it empty (anything else in it is not
+    ours).  A directory already gone is fine."""
+    import os
+    import stat
+    try:
+        if stat.S_ISSOCK(os.lstat(sock).st_mode):
+            os.unlink(sock)
+    except OSError:
+        pass
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP reached ``tvmrt launch``: unwind like ^C does, so the enclaves,
+    the embedded monitor and its directory go away before the process ends."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_signals():
+    import signal
+    return (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_stopped(signum, frame):
+    import signal
+    # Once: a second signal must not cut the tear-down short.
+    for s in _stop_signals():
+        signal.signal(s, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
+def _check_eapp(name: str) -> None:
+    """Refuse, with InvalidArgument and a one-line reason, an eapp that cannot be one:
+    unreadable, empty, binary or not Python.
+
+    ``tvmrt launch`` checks its files before any enclave starts: otherwise an empty file
+    is Penglai's "error when initializing enclave elf" and a file that does not compile
+    fails in the enclave, which prints the compiler's traceback."""
+    from tvmrt.errors import InvalidArgument
+    from tvmrt.host import resolve_eapp
+    code, shown = resolve_eapp(name)          # InvalidArgument "cannot read eapp ..."
+    if not code.strip():
+        raise InvalidArgument(f"eapp {name!r} is empty: an eapp is a Python file that "
+                              f"defines main(args)")
+    if b"\0" in code:
+        raise InvalidArgument(f"eapp {name!r} is a binary file, not Python source")
+    try:
+        compile(code, shown, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        line = f" (line {exc.lineno})" if exc.lineno else ""
+        raise InvalidArgument(f"eapp {name!r} is not valid Python: {exc.msg}{line}") from None
+    except ValueError as exc:
+        raise InvalidArgument(f"eapp {name!r} is not valid Python: {exc}") from None
 
 
 def _launch(ns) -> int:
+    """``tvmrt launch``: Penglai's demo host on a running monitor, else an embedded one.
+
+    Every failure of its own is one line on stderr (``tvmrt launch: ...``) and a non-zero
+    exit: a bad eapp file, no monitor at ``--socket``, the monitor going away meanwhile
+    (1); SIGTERM and SIGHUP stop it cleanly (128 + the signal), like ^C (130)."""
+    import signal
+
     from tvmrt import _demo as demo, penglai
     from tvmrt._embedded import EmbeddedMonitor
     from tvmrt._paths import default_socket_path
@@ -25,30 +125,46 @@ def _launch(ns) -> int:
     from tvmrt.host import _dial
 
     names = ns.eapps
+    if len(names) > 3:
+        print("tvmrt launch: at most three eapps: CALLER [SERVER [SERVER1]]",
+              file=sys.stderr)
+        return 2
+    for name in names:
+        _check_eapp(name)
+    old_handlers = {s: signal.signal(s, _raise_stopped) for s in _stop_signals()}
     embedded = None
-    path = ns.socket
-    if path is None:
-        path = default_socket_path()
+    opened = False
+    try:
+        path = ns.socket or default_socket_path()
         try:
             _dial(path).close()
         except MonitorGone:
+            if ns.socket is not None:
+                raise
             embedded = EmbeddedMonitor(verbose=ns.verbose).start()
             path = embedded.path
-    try:
-        if penglai.open_device(path) != 0:
-            return 1
-        if len(names) == 1:
-            rc = demo.run_one(names[0])
-        elif len(names) in (2, 3):
-            rc = demo.test_caller(*names)
-        else:
-            print("usage: tvmrt launch CALLER [SERVER [SERVER1]]", file=sys.stderr)
-            rc = 2
+        with demo.monitor_loss_raises():
+            if penglai.open_device(path) != 0:
+                return 1
+            opened = True
+            if len(names) == 1:
+                return demo.run_one(names[0])
+            return demo.test_caller(*names)
+    except MonitorGone:
+        if not opened:
+            raise                       # no monitor there: main says why
+        print("tvmrt launch: the monitor went away", file=sys.stderr)
+        return 1
+    except _Stopped as stop:
+        return 128 + stop.signum
     finally:
+        for s in old_handlers:          # tearing down already: a stop signal is moot
+            signal.signal(s, signal.SIG_IGN)
         penglai.close_device()
         if embedded is not None:
             embedded.stop()
-    return rc
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
 
 
 def _proc_stats(pid) -> dict:
@@ -91,12 +207,13 @@ def _size(n) -> str:
 def _ps_lines(info: dict) -> list[str]:
     """The text of ``tvmrt ps`` for ``info`` (enclaves already carrying their stats)."""
     lines = [f"hosts: {info['hosts']}",
-             f"{'eid':>4} {'handle':>12} {'name':16} {'type':6} {'state':8} {'pid':>7} "
-             f"{'rss':>7} {'uss':>7} {'cpu':>8}"]
+             f"{'eid':>4} {'handle':>12} {'name':16} {'type':6} {'inst':>4} {'state':8} "
+             f"{'pid':>7} {'rss':>7} {'uss':>7} {'cpu':>8}"]
     for e in info["enclaves"]:
         cpu = "-" if e.get("cpu") is None else f"{e['cpu']:.2f}s"
+        inst = "-" if e.get("instance") is None else e["instance"]
         lines.append(f"{e['eid']:>4} {e['handle']:>#12x} {e['name']:16} "
-                     f"{'server' if e['type'] else 'normal':6} {e['state']:8} "
+                     f"{'server' if e['type'] else 'normal':6} {inst:>4} {e['state']:8} "
                      f"{e['pid'] or '-':>7} {_size(e.get('rss')):>7} "
                      f"{_size(e.get('uss')):>7} {cpu:>8}")
     lines.append(f"{'id':>8} {'kind':6} {'vaddr':>14} {'size':>10} owner lenders")
@@ -133,6 +250,8 @@ def main(argv=None) -> int:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--quiet", action="store_true", help="do not announce the socket")
     m.add_argument("--verbose", "-v", action="store_true", help="log events to stderr")
+    # embedded monitors (tvmrt._embedded): remove the socket's directory on exit
+    m.add_argument("--own-socket-dir", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(fn=_monitor)
 
     la = sub.add_parser("launch", help="run Penglai's demo host: CALLER [SERVER [SERVER1]]")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import socket
+import stat
 import threading
 from pathlib import Path
 
@@ -30,7 +31,15 @@ from ._channel import Channel
 from ._layout import U64
 from ._paths import default_socket_path
 from ._regions import RegionTable
-from .errors import BadSize, ChannelError, InvalidArgument, MonitorGone, NotOwned, RegionLoaned
+from .errors import (
+    BadSize,
+    ChannelError,
+    InvalidArgument,
+    MonitorGone,
+    NotOwned,
+    NotPermitted,
+    RegionLoaned,
+)
 
 NORMAL = 0
 SERVER = 1
@@ -137,6 +146,8 @@ class Enclave:
         self.eid = reply["eid"]
         self.handle = reply["handle"]
         self.measurement = reply["measurement"]
+        #: processes serving this enclave's name (a server's instances; 1 otherwise)
+        self.instances = reply.get("instances", 1)
         self.name = name
         self.type = etype
         self.retval: int | None = None
@@ -270,7 +281,8 @@ class Host:
 
     # -- enclaves --------------------------------------------------------------
     def create(self, eapp, name: str, type: int = NORMAL, shm=None,
-               timeout: float | None = None, path: str | None = None) -> Enclave:
+               timeout: float | None = None, path: str | None = None,
+               instances: int = 1) -> Enclave:
         """Start an enclave running ``eapp`` (bytes, a path, or a bundled eapp name).
 
         ``shm`` is a SharedMemory (whole) or ``(SharedMemory, offset, size)``; it is
@@ -280,6 +292,11 @@ class Host:
         Returns once the eapp's module code has run; an eapp that does not compile,
         raises at import or has no ``main`` raises EnclaveFault here, with the reason.
         ``path`` names the code in tracebacks when ``eapp`` is bytes.
+
+        ``instances`` (servers only): that many processes serve the one name; a call
+        goes to an idle instance, callers queue (FIFO) when all are busy, and an
+        instance that dies fails only the call it was serving.  The returned
+        Enclave (its handle) stands for all of them: ``destroy()`` ends every one.
         """
         if not isinstance(name, str):
             raise InvalidArgument(f"enclave name must be a str, not {name!r:.40}")
@@ -291,6 +308,10 @@ class Host:
         msg = {"op": "create", "name": name, "type": type, "code": code, "path": path}
         if timeout is not None:
             msg["timeout"] = check_seconds(timeout)
+        if instances != 1:
+            if not isinstance(instances, int) or isinstance(instances, bool):
+                raise InvalidArgument(f"instances must be an int, not {instances!r:.40}")
+            msg["instances"] = instances
         if shm is not None:
             if isinstance(shm, SharedMemory):
                 shm = (shm, 0, shm.size)
@@ -342,14 +363,34 @@ def _size(size) -> int:
 
 
 def _dial(path: str) -> socket.socket:
+    """A connected socket to the monitor at ``path``.
+
+    Raises MonitorGone when no monitor listens there (nothing there, not a socket, a
+    dead socket, a bad path) and NotPermitted when this user may not connect (another
+    user's monitor); the reason is one line that says which."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         s.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
+    except OSError as exc:
         s.close()
-        raise MonitorGone(f"no monitor listening on {path} ({exc.strerror})") from None
+        raise _dial_error(path, exc) from None
     wire.tune(s)
     return s
+
+
+def _dial_error(path: str, exc: OSError) -> MonitorGone | NotPermitted:
+    if isinstance(exc, PermissionError):
+        return NotPermitted(f"may not connect to the monitor at {path}: permission denied "
+                            f"(is it another user's?)")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISSOCK(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else
+                "a regular file" if stat.S_ISREG(mode) else "a special file")
+        return MonitorGone(f"no monitor listening on {path} (it is {kind}, not a socket)")
+    return MonitorGone(f"no monitor listening on {path} ({exc.strerror or exc})")
 
 
 __all__ = ["Host", "Enclave", "SharedMemory", "Schrodinger", "NORMAL", "SERVER", "NotOwned"]

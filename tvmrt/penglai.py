@@ -52,6 +52,8 @@ class enclave_args:
         self.shmid = 0
         self.shm_offset = 0
         self.shm_size = 0
+        #: tvmrt extension: processes serving a server's name (see Host.create)
+        self.instances = 1
 
 
 class penglai_enclave_user_param:
@@ -186,7 +188,8 @@ def PLenclave_create(enclave: PLenclave, elffile: elf_args, args: enclave_args) 
         shm = (region, args.shm_offset, args.shm_size)
     try:
         enc = dev.host.create(elffile.ptr, name=args.name, type=args.type, shm=shm,
-                              path=getattr(elffile, "path", None) or elffile.filename)
+                              path=getattr(elffile, "path", None) or elffile.filename,
+                              instances=getattr(args, "instances", 1))
     except TvmError as exc:
         return _fail("PLenclave_create", exc)
     enclave.elffile = elffile

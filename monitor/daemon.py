@@ -280,12 +280,16 @@ class Daemon:
         sel.register(self.listener, ("listen", None))
         sel.register(self.zsock, ("zygote", None))
         sel.register(wake_r, ("wake", None))
-        if announce:
-            print(f"tvmrt monitor {os.getpid()} listening on {self.path}", flush=True)
-        if ready_fd is not None:
-            os.write(ready_fd, b"ready\n")
-            os.close(ready_fd)
         try:
+            # inside the try: a starter that died already (EPIPE on the ready pipe, a
+            # closed stdout) still gets a full shutdown, socket and zygote included
+            if announce:
+                print(f"tvmrt monitor {os.getpid()} listening on {self.path}", flush=True)
+            if ready_fd is not None:
+                try:
+                    os.write(ready_fd, b"ready\n")
+                finally:
+                    os.close(ready_fd)
             core = self.core
             timers = core.timers
             self._reserve = _open_reserve()

@@ -248,3 +248,28 @@ def test_the_channel_raises_the_monitors_reason(tmp_path):
     with pytest.raises(E.ResourceExhausted, match="no fds"):
         ch.request({"op": "ps"})
     ch.close()
+
+
+def test_a_killed_monitor_leaves_no_traceback_on_the_terminal(tmp_path):
+    """The monitor is SIGKILLed while an enclave waits in call_enclave: the eapp's raise
+    (the call failed) prints nothing -- there is nobody to tell and the enclave dies
+    with its monitor -- and the host says what happened in one line."""
+    script = tmp_path / "host.py"
+    script.write_text(
+        "import os, signal, sys, threading, time\n"
+        "from tvmrt import SERVER\n"
+        "from tvmrt.host import Host\n"
+        "from tvmrt.errors import TvmError\n"
+        "h = Host.connect(embedded=True)\n"
+        f"h.create({eapp('echo_server')!r}, name='echo', type=SERVER)\n"
+        f"c = h.create({eapp('checked_caller')!r}, name='c')\n"
+        "threading.Timer(0.2, os.kill, (h.embedded.pid, signal.SIGKILL)).start()\n"
+        "try:\n"
+        "    c.run(timeout=10)\n"
+        "except TvmError as exc:\n"
+        "    print(f'host: {type(exc).__name__}', file=sys.stderr)\n"
+        "time.sleep(0.5)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=60)
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert "host: MonitorGone" in r.stderr, r.stderr

@@ -451,3 +451,8 @@ class Channel:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def down(self) -> bool:
+        """Closed here, or the monitor went away (or was refused)."""
+        return self._closed or self._broken is not None

@@ -133,7 +133,11 @@ class Runtime:
     def _fault(self, exc: BaseException, loans=()) -> None:
         """Tell the monitor (and stderr) how the eapp failed: a raise with its
         traceback, a value it may not return with the reason and its own code.  Loans
-        of the call go back with it."""
+        of the call go back with it.  When the monitor is gone there is nobody to tell:
+        the enclave is about to be killed with it, and a traceback on the user's
+        terminal would only be noise."""
+        if isinstance(exc, ChannelError) or self.chan.down:
+            return
         if isinstance(exc, (BadExitValue, BadReturn)):
             print(f"tvmrt: enclave {self.name!r}: {exc.reason}", file=sys.stderr,
                   flush=True)

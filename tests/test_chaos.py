@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from conftest import eapp
 from tvmrt import SERVER, errors as E
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,7 +32,7 @@ def _chaos(host, callers, calls, max_pages, duration, kill_callers):
     def new_server():
         with lock:
             try:
-                host.create(eapp("chaos_server"), name="chaos", type=SERVER)
+                host.create("chaos_server", name="chaos", type=SERVER)
             except E.NameInUse:
                 pass
 
@@ -44,7 +43,7 @@ def _chaos(host, callers, calls, max_pages, duration, kill_callers):
         v = shm.view.cast("i")
         v[0], v[1], v[2] = calls, i, max_pages
         shms.append(shm)
-        encs.append(host.create(eapp("chaos_caller"), name=f"caller{i}", shm=shm))
+        encs.append(host.create("chaos_caller", name=f"caller{i}", shm=shm))
     results: dict[int, object] = {}
 
     def run(i):
@@ -109,3 +108,16 @@ def test_chaos_long(host):
     totals, kills = _chaos(host, callers=6, calls=3000, max_pages=4096, duration=300,
                            kill_callers=True)
     print(f"\nchaos long: ok/bad/gone/late/other = {totals[:5]}, kills {kills}")
+
+
+def test_tvmrt_stress_smoke():
+    """``tvmrt stress`` runs host processes with server instances under chaos and ends
+    with a summary table and PASS (nothing corrupted, nothing left)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "tvmrt", "stress", "--hosts", "2",
+                        "--callers", "2", "--calls", "60", "--duration", "3",
+                        "--max-pages", "16"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "corrupted data or lost region  0" in r.stdout and "PASS" in r.stdout
+    assert "enclaves / regions left        0 / 0" in r.stdout

@@ -241,6 +241,11 @@ def _bench(ns) -> int:
     return bench.main(ns)
 
 
+def _stress(ns) -> int:
+    from tvmrt import _stress
+    return _stress.main(ns)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tvmrt", description="Penglai-TVM enclave IPC on Linux")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -274,6 +279,20 @@ def main(argv=None) -> int:
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     b.set_defaults(fn=_bench)
+
+    st = sub.add_parser("stress", help="host processes, server instances and callers "
+                        "loaning checked regions while enclaves are killed at random")
+    st.add_argument("--socket", help="use the monitor on this socket (default: a private one)")
+    st.add_argument("--hosts", type=int, default=2, help="host processes")
+    st.add_argument("--callers", type=int, default=3, help="caller enclaves per host")
+    st.add_argument("--calls", type=int, default=500, help="calls per caller")
+    st.add_argument("--instances", type=int, default=2, help="server instances per host")
+    st.add_argument("--max-pages", type=int, default=256,
+                    help="largest loaned region, in pages (sizes are random from 1 page)")
+    st.add_argument("--duration", type=float, default=20.0,
+                    help="seconds of killing (the calls go on to the end)")
+    st.add_argument("--no-chaos", action="store_true", help="kill nothing")
+    st.set_defaults(fn=_stress)
 
     ns = p.parse_args(argv)
     from tvmrt.errors import TvmError

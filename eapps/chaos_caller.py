@@ -1,8 +1,11 @@
-"""Caller under chaos: shm ints [0] = calls to make, [1] = seed.  Each call loans a region
-of a random size (1..max pages, [2]) filled with a byte per page, to server "chaos", with
-a 5 s deadline.  Outcomes are counted into shm ints: [8] correct, [9] corrupted data or a
-region not back in our hands, [10] server gone (PeerDied, NoSuchServer, UnknownHandle,
-BadState of a finished server), [11] deadline (Timeout), [12] other errors (the code in [13])."""
+"""Caller of ``tvmrt stress`` (and the chaos tests).
+
+shm ints: [0] calls to make, [1] seed, [2] most pages per region, [3] server number
+(server "chaos" for 0, else "chaos-N"), [5] calls done so far (progress).  Each call loans
+a region of a random size (1..[2] pages) filled with a byte per page, with a 5 s deadline.
+Outcomes are counted into shm ints: [8] correct, [9] corrupted data or a region not back
+in our hands, [10] server gone (PeerDied, NoSuchServer, UnknownHandle, BadState of a
+finished server), [11] deadline (Timeout), [12] other errors (the code in [13])."""
 import random
 import time
 
@@ -16,15 +19,25 @@ GONE = {E.PeerDied.code, E.NoSuchServer.code, E.UnknownHandle.code, E.EnclaveFau
 def main(args):
     shm = ints(args[10], 16)
     n, seed, max_pages = shm[0], shm[1], shm[2]
+    server = "chaos" if shm[3] == 0 else f"chaos-{shm[3]}"
     rnd = random.Random(seed)
     h = -1
-    for i in range(n):
+    i = waited = 0
+    while i < n:
+        shm[5] = i
         if h < 0:
-            h = acquire_enclave("chaos")
+            h = acquire_enclave(server)
             if h < 0:
-                shm[10] += 1
-                time.sleep(0.01)          # the server is being re-created
+                # the server is being re-created: wait for it (up to 10 s per call)
+                waited += 1
+                if waited >= 1000:
+                    shm[10] += 1
+                    i += 1
+                    waited = 0
+                time.sleep(0.01)
                 continue
+            waited = 0
+        i += 1
         size = rnd.randint(1, max_pages) * PAGE
         region = eapp_mmap(0, size)
         if not region:
@@ -56,4 +69,5 @@ def main(args):
             shm[13] = rc
         if eapp_unmap(region, size) != 0 and rc == 0:
             shm[9] += 1
+    shm[5] = n
     return 0

@@ -1,0 +1,223 @@
+"""``tvmrt stress``: several host processes, each with a server of several instances and
+caller enclaves loaning regions of random sizes (contents checked at both ends of every
+call), while each host's chaos thread SIGKILLs its server instances and callers at random.
+
+The parent starts (or uses) a monitor and the host processes (``python -m tvmrt._stress
+host ...``), prints one progress line a second and a summary table at the end, then checks
+that the monitor is back where it started: no enclave, no region, no ``/dev/shm`` segment
+left, its fds back to their count.  Exit status 0 only if no call returned corrupted data or
+an unexpected error, every caller finished, and nothing leaked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+#: outcome counters of a caller (shm ints 8..12), in this order
+OUTCOMES = ("ok", "bad", "gone", "late", "other")
+
+
+def _segments() -> int:
+    try:
+        return sum(1 for n in os.listdir("/dev/shm") if n.startswith("tvmrt."))
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------------- one host process
+def host_main(argv: list[str]) -> int:
+    """A host process: ``path tag callers calls max_pages instances duration chaos``.
+    Prints JSON lines: progress every 0.5 s, then the totals."""
+    from tvmrt import SERVER
+    from tvmrt.errors import NameInUse, TvmError
+    from tvmrt.host import Host
+
+    path, tag = argv[0], int(argv[1])
+    callers, calls, max_pages, instances = (int(x) for x in argv[2:6])
+    duration, chaos = float(argv[6]), argv[7] == "1"
+    rnd = random.Random(tag)
+    server = f"chaos-{tag}"
+    with Host.connect(path, embedded=False) as host:
+        lock = threading.Lock()
+
+        def new_server():
+            with lock:
+                try:
+                    host.create("chaos_server", name=server, type=SERVER,
+                                instances=instances)
+                except NameInUse:
+                    pass
+
+        new_server()
+        shms, encs = [], []
+        for i in range(callers):
+            shm = host.shmget(0x1000)
+            v = shm.view.cast("i")
+            v[0], v[1], v[2], v[3] = calls, tag * 1000 + i, max_pages, tag
+            shms.append(shm)
+            encs.append(host.create("chaos_caller", name=f"caller-{tag}-{i}", shm=shm))
+        ends: dict[int, str] = {}
+
+        def run(i):
+            try:
+                ends[i] = str(encs[i].run(timeout=duration + 120))
+            except TvmError as exc:
+                ends[i] = type(exc).__name__
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True)
+                   for i in range(callers)]
+        for t in threads:
+            t.start()
+        kills = {"instance": 0, "caller": 0}
+        t0 = time.monotonic()
+        last = 0.0
+        while any(t.is_alive() for t in threads):
+            time.sleep(rnd.uniform(0.1, 0.6) if chaos else 0.1)
+            if chaos and time.monotonic() - t0 < duration:
+                rows = [e for e in host.ps()["enclaves"] if e["state"] != "done"
+                        and e["pid"] and (e["name"] == server
+                                          or e["name"].startswith(f"caller-{tag}-"))]
+                victim = rnd.choice(rows) if rows else None
+                # callers seldom, and a third of them at most: each one killed ends its
+                # part of the run
+                if victim is not None and (victim["name"] == server or (
+                        rnd.random() < 0.1 and kills["caller"] < callers // 3)):
+                    try:
+                        os.kill(victim["pid"], signal.SIGKILL)
+                        kills["instance" if victim["name"] == server else "caller"] += 1
+                    except ProcessLookupError:
+                        pass
+            # a server whose every instance was killed is started again
+            if not [e for e in host.ps()["enclaves"]
+                    if e["name"] == server and e["state"] != "done"]:
+                new_server()
+            if time.monotonic() - last >= 0.5:
+                last = time.monotonic()
+                done = sum(s.view.cast("i")[5] for s in shms)
+                print(json.dumps({"tag": tag, "done": done}), flush=True)
+        totals = dict.fromkeys(OUTCOMES, 0)
+        code = 0
+        for shm in shms:
+            v = shm.view.cast("i")
+            for k, name in enumerate(OUTCOMES):
+                totals[name] += v[8 + k]
+            code = code or v[13]
+            shm.remove()
+        print(json.dumps({"tag": tag, "final": totals, "kills": kills, "ends": ends,
+                          "other_code": code}), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- the parent
+def main(ns) -> int:
+    """``tvmrt stress``: see the module docstring."""
+    import psutil
+
+    from tvmrt._embedded import EmbeddedMonitor
+    from tvmrt.host import Host
+
+    embedded = None
+    path = ns.socket
+    if path is None:
+        embedded = EmbeddedMonitor().start()
+        path = embedded.path
+    try:
+        with Host.connect(path, embedded=False) as probe:
+            mon_pid = embedded.pid if embedded is not None else None
+            base = probe.ps()
+        mon = psutil.Process(mon_pid) if mon_pid else None
+        fds0 = mon.num_fds() if mon else None
+        rss0 = mon.memory_info().rss if mon else None
+        segs0 = _segments()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "tvmrt._stress", "host", path, str(i + 1),
+             str(ns.callers), str(ns.calls), str(ns.max_pages), str(ns.instances),
+             str(ns.duration), "0" if ns.no_chaos else "1"],
+            stdout=subprocess.PIPE, text=True) for i in range(ns.hosts)]
+        progress = dict.fromkeys(range(1, ns.hosts + 1), 0)
+        finals: dict[int, dict] = {}
+
+        def read(p):
+            for line in p.stdout:
+                try:
+                    m = json.loads(line)
+                except ValueError:
+                    continue
+                if "final" in m:
+                    finals[m["tag"]] = m
+                else:
+                    progress[m["tag"]] = m["done"]
+
+        readers = [threading.Thread(target=read, args=(p,), daemon=True) for p in procs]
+        for t in readers:
+            t.start()
+        total = ns.hosts * ns.callers * ns.calls
+        t0 = time.monotonic()
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            done = sum(progress.values())
+            rate = done / max(time.monotonic() - t0, 1e-9)
+            print(f"\r{done:>8}/{total} calls  {rate:8.0f} calls/s  "
+                  f"{time.monotonic() - t0:6.1f} s", end="", flush=True)
+        for t in readers:
+            t.join(5)
+        elapsed = time.monotonic() - t0
+        print()
+        with Host.connect(path, embedded=False) as probe:
+            # what the hosts made goes with them; give the monitor a moment to reap
+            deadline = time.monotonic() + 10
+            while True:
+                after = probe.ps()
+                left_e = [e for e in after["enclaves"] if e["state"] != "done"]
+                left_r = after["regions"]
+                if (not left_e and len(left_r) == len(base["regions"])) or \
+                        time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        fds1 = mon.num_fds() if mon else None
+        rss1 = mon.memory_info().rss if mon else None
+        segs1 = _segments()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    sums = dict.fromkeys(OUTCOMES, 0)
+    kills = {"instance": 0, "caller": 0}
+    for m in finals.values():
+        for k in OUTCOMES:
+            sums[k] += m["final"][k]
+        for k in kills:
+            kills[k] += m["kills"][k]
+    rows = [("host processes", f"{ns.hosts} ({len(finals)} finished)"),
+            ("callers x calls", f"{ns.hosts * ns.callers} x {ns.calls}"),
+            ("server instances per host", str(ns.instances)),
+            ("duration", f"{elapsed:.1f} s"),
+            ("calls correct", str(sums["ok"])),
+            ("calls failed: server gone", str(sums["gone"])),
+            ("calls failed: deadline", str(sums["late"])),
+            ("calls failed: other", str(sums["other"])),
+            ("corrupted data or lost region", str(sums["bad"])),
+            ("instances / callers killed", f"{kills['instance']} / {kills['caller']}"),
+            ("enclaves / regions left", f"{len(left_e)} / {len(left_r) - len(base['regions'])}"),
+            ("/dev/shm segments", f"{segs0} -> {segs1}")]
+    if mon is not None:
+        rows += [("monitor fds", f"{fds0} -> {fds1}"),
+                 ("monitor RSS", f"{rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    ok = (sums["bad"] == 0 and sums["other"] == 0 and len(finals) == ns.hosts
+          and not left_e and len(left_r) == len(base["regions"]) and segs1 <= segs0)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "host":
+        sys.exit(host_main(sys.argv[2:]))
+    sys.exit(2)

@@ -34,84 +34,100 @@ def _segments() -> int:
 def host_main(argv: list[str]) -> int:
     """A host process: ``path tag callers calls max_pages instances duration chaos``.
     Prints JSON lines: progress every 0.5 s, then the totals."""
-    from tvmrt import SERVER
-    from tvmrt.errors import NameInUse, TvmError
     from tvmrt.host import Host
 
     path, tag = argv[0], int(argv[1])
     callers, calls, max_pages, instances = (int(x) for x in argv[2:6])
-    duration, chaos = float(argv[6]), argv[7] == "1"
-    rnd = random.Random(tag)
-    server = f"chaos-{tag}"
     with Host.connect(path, embedded=False) as host:
-        lock = threading.Lock()
-
-        def new_server():
-            with lock:
-                try:
-                    host.create("chaos_server", name=server, type=SERVER,
-                                instances=instances)
-                except NameInUse:
-                    pass
-
-        new_server()
-        shms, encs = [], []
-        for i in range(callers):
-            shm = host.shmget(0x1000)
-            v = shm.view.cast("i")
-            v[0], v[1], v[2], v[3] = calls, tag * 1000 + i, max_pages, tag
-            shms.append(shm)
-            encs.append(host.create("chaos_caller", name=f"caller-{tag}-{i}", shm=shm))
-        ends: dict[int, str] = {}
-
-        def run(i):
-            try:
-                ends[i] = str(encs[i].run(timeout=duration + 120))
-            except TvmError as exc:
-                ends[i] = type(exc).__name__
-
-        threads = [threading.Thread(target=run, args=(i,), daemon=True)
-                   for i in range(callers)]
-        for t in threads:
-            t.start()
-        kills = {"instance": 0, "caller": 0}
-        t0 = time.monotonic()
-        last = 0.0
-        while any(t.is_alive() for t in threads):
-            time.sleep(rnd.uniform(0.1, 0.6) if chaos else 0.1)
-            if chaos and time.monotonic() - t0 < duration:
-                rows = [e for e in host.ps()["enclaves"] if e["state"] != "done"
-                        and e["pid"] and (e["name"] == server
-                                          or e["name"].startswith(f"caller-{tag}-"))]
-                victim = rnd.choice(rows) if rows else None
-                # callers seldom, and a third of them at most: each one killed ends its
-                # part of the run
-                if victim is not None and (victim["name"] == server or (
-                        rnd.random() < 0.1 and kills["caller"] < callers // 3)):
-                    try:
-                        os.kill(victim["pid"], signal.SIGKILL)
-                        kills["instance" if victim["name"] == server else "caller"] += 1
-                    except ProcessLookupError:
-                        pass
-            # a server whose every instance was killed is started again
-            if not [e for e in host.ps()["enclaves"]
-                    if e["name"] == server and e["state"] != "done"]:
-                new_server()
-            if time.monotonic() - last >= 0.5:
-                last = time.monotonic()
-                done = sum(s.view.cast("i")[5] for s in shms)
-                print(json.dumps({"tag": tag, "done": done}), flush=True)
-        totals = dict.fromkeys(OUTCOMES, 0)
-        code = 0
-        for shm in shms:
-            v = shm.view.cast("i")
-            for k, name in enumerate(OUTCOMES):
-                totals[name] += v[8 + k]
-            code = code or v[13]
-            shm.remove()
-        print(json.dumps({"tag": tag, "final": totals, "kills": kills, "ends": ends,
-                          "other_code": code}), flush=True)
+        res = run_host(host, tag, callers, calls, max_pages, instances, float(argv[6]),
+                       argv[7] == "1",
+                       lambda done: print(json.dumps({"tag": tag, "done": done}),
+                                          flush=True))
+    print(json.dumps({"tag": tag, **res}), flush=True)
     return 0
+
+
+def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances: int,
+             duration: float, chaos: bool, progress=None) -> dict:
+    """One host's share of the stress, on ``host``: server ``chaos-<tag>`` ("chaos" for
+    tag 0) with ``instances`` instances and ``callers`` caller enclaves of ``calls``
+    calls each; for ``duration`` seconds (if ``chaos``) random instances and now and then
+    a caller are SIGKILLed, and a server whose every instance died is started again.
+
+    Returns ``{"final": {outcome: count}, "kills": {...}, "ends": {caller: how it
+    ended}, "other_code": the last unexpected error code}``; ``progress(done)`` is called
+    every 0.5 s.
+    """
+    from tvmrt import SERVER
+    from tvmrt.errors import NameInUse, TvmError
+
+    rnd = random.Random(tag)
+    server = "chaos" if tag == 0 else f"chaos-{tag}"
+    lock = threading.Lock()
+
+    def new_server():
+        with lock:
+            try:
+                host.create("chaos_server", name=server, type=SERVER, instances=instances)
+            except NameInUse:
+                pass
+
+    new_server()
+    shms, encs = [], []
+    for i in range(callers):
+        shm = host.shmget(0x1000)
+        v = shm.view.cast("i")
+        v[0], v[1], v[2], v[3] = calls, tag * 1000 + i, max_pages, tag
+        shms.append(shm)
+        encs.append(host.create("chaos_caller", name=f"caller-{tag}-{i}", shm=shm))
+    ends: dict[int, str] = {}
+
+    def run(i):
+        try:
+            ends[i] = str(encs[i].run(timeout=duration + 120))
+        except TvmError as exc:
+            ends[i] = type(exc).__name__
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(callers)]
+    for t in threads:
+        t.start()
+    kills = {"instance": 0, "caller": 0}
+    t0 = time.monotonic()
+    last = 0.0
+    while any(t.is_alive() for t in threads):
+        time.sleep(rnd.uniform(0.1, 0.6) if chaos else 0.1)
+        if chaos and time.monotonic() - t0 < duration:
+            rows = [e for e in host.ps()["enclaves"] if e["state"] != "done"
+                    and e["pid"] and (e["name"] == server
+                                      or e["name"].startswith(f"caller-{tag}-"))]
+            victim = rnd.choice(rows) if rows else None
+            # callers seldom, and a third of them at most (one at least): each one
+            # killed ends its part of the run
+            if victim is not None and (victim["name"] == server or (
+                    rnd.random() < 0.1 and kills["caller"] < max(1, callers // 3))):
+                try:
+                    os.kill(victim["pid"], signal.SIGKILL)
+                    kills["instance" if victim["name"] == server else "caller"] += 1
+                except ProcessLookupError:
+                    pass
+        # a server whose every instance was killed is started again
+        if not [e for e in host.ps()["enclaves"]
+                if e["name"] == server and e["state"] != "done"]:
+            new_server()
+        if progress is not None and time.monotonic() - last >= 0.5:
+            last = time.monotonic()
+            progress(sum(s.view.cast("i")[5] for s in shms))
+    for t in threads:
+        t.join(5)
+    totals = dict.fromkeys(OUTCOMES, 0)
+    code = 0
+    for shm in shms:
+        v = shm.view.cast("i")
+        for k, name in enumerate(OUTCOMES):
+            totals[name] += v[8 + k]
+        code = code or v[13]
+        shm.remove()
+    return {"final": totals, "kills": kills, "ends": ends, "other_code": code}
 
 
 # ---------------------------------------------------------------------- the parent
@@ -180,7 +196,12 @@ def main(ns) -> int:
                         time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
-        fds1 = mon.num_fds() if mon else None
+        fds1 = None
+        if mon is not None:
+            # the probe's own connection closes asynchronously: give it a moment
+            until = time.monotonic() + 5
+            while (fds1 := mon.num_fds()) > fds0 and time.monotonic() < until:
+                time.sleep(0.05)
         rss1 = mon.memory_info().rss if mon else None
         segs1 = _segments()
     finally:
@@ -212,7 +233,8 @@ def main(ns) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     ok = (sums["bad"] == 0 and sums["other"] == 0 and len(finals) == ns.hosts
-          and not left_e and len(left_r) == len(base["regions"]) and segs1 <= segs0)
+          and not left_e and len(left_r) == len(base["regions"]) and segs1 <= segs0
+          and (mon is None or fds1 <= fds0))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -25,7 +25,7 @@ def _check(res, callers):
 
 def test_chaos_short(host):
     res = run_host(host, 0, callers=3, calls=800, max_pages=64, instances=2, duration=8,
-                   chaos=True)
+                   chaos=True, pace=(0.02, 0.15))
     _check(res, 3)
     print(f"\nchaos short: {res['final']}, kills {res['kills']}")
 

@@ -48,7 +48,8 @@ def host_main(argv: list[str]) -> int:
 
 
 def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances: int,
-             duration: float, chaos: bool, progress=None) -> dict:
+             duration: float, chaos: bool, progress=None,
+             pace: tuple[float, float] = (0.1, 0.6)) -> dict:
     """One host's share of the stress, on ``host``: server ``chaos-<tag>`` ("chaos" for
     tag 0) with ``instances`` instances and ``callers`` caller enclaves of ``calls``
     calls each; for ``duration`` seconds (if ``chaos``) random instances and now and then
@@ -56,7 +57,7 @@ def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances
 
     Returns ``{"final": {outcome: count}, "kills": {...}, "ends": {caller: how it
     ended}, "other_code": the last unexpected error code}``; ``progress(done)`` is called
-    every 0.5 s.
+    every 0.5 s; a kill comes every ``pace`` (low, high) seconds.
     """
     from tvmrt import SERVER
     from tvmrt.errors import NameInUse, TvmError
@@ -95,7 +96,7 @@ def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances
     t0 = time.monotonic()
     last = 0.0
     while any(t.is_alive() for t in threads):
-        time.sleep(rnd.uniform(0.1, 0.6) if chaos else 0.1)
+        time.sleep(rnd.uniform(*pace) if chaos else 0.1)
         if chaos and time.monotonic() - t0 < duration:
             rows = [e for e in host.ps()["enclaves"] if e["state"] != "done"
                     and e["pid"] and (e["name"] == server

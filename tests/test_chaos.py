@@ -50,3 +50,4 @@ def test_tvmrt_stress_smoke():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "corrupted data or lost region  0" in r.stdout and "PASS" in r.stdout
     assert "enclaves / regions left        0 / 0" in r.stdout
+    assert "0 processes left, 0 segments" in r.stdout

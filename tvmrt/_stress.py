@@ -176,9 +176,15 @@ def main(ns) -> int:
             t.start()
         total = ns.hosts * ns.callers * ns.calls
         t0 = time.monotonic()
+        killed_host = None
         while any(p.poll() is None for p in procs):
             time.sleep(1.0)
             done = sum(progress.values())
+            if (not ns.no_chaos and killed_host is None and ns.hosts > 1
+                    and done >= total * 0.3 and procs[-1].poll() is None):
+                # one host process dies mid-run: its enclaves and regions must go with it
+                killed_host = procs[-1]
+                killed_host.kill()
             rate = done / max(time.monotonic() - t0, 1e-9)
             print(f"\r{done:>8}/{total} calls  {rate:8.0f} calls/s  "
                   f"{time.monotonic() - t0:6.1f} s", end="", flush=True)
@@ -205,9 +211,25 @@ def main(ns) -> int:
                 time.sleep(0.05)
         rss1 = mon.memory_info().rss if mon else None
         segs1 = _segments()
+        survivors: list[int] = []
+        if mon is not None and not ns.no_chaos:
+            # last: SIGKILL the monitor itself; its zygote and every enclave must follow
+            with Host.connect(path, embedded=False) as h:
+                h.create("chaos_server", name="last", type=1, instances=2)
+                pids = [e["pid"] for e in h.ps()["enclaves"] if e["pid"]]
+                family = [c.pid for c in mon.children(recursive=True)]
+                mon.kill()
+                until = time.monotonic() + 10
+                while time.monotonic() < until:
+                    survivors = [p for p in set(pids + family) if psutil.pid_exists(p)
+                                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+                    if not survivors:
+                        break
+                    time.sleep(0.05)
     finally:
         if embedded is not None:
             embedded.stop()
+    segs2 = _segments()
     sums = dict.fromkeys(OUTCOMES, 0)
     kills = {"instance": 0, "caller": 0}
     for m in finals.values():
@@ -215,7 +237,8 @@ def main(ns) -> int:
             sums[k] += m["final"][k]
         for k in kills:
             kills[k] += m["kills"][k]
-    rows = [("host processes", f"{ns.hosts} ({len(finals)} finished)"),
+    rows = [("host processes", f"{ns.hosts} ({len(finals)} finished"
+                               f"{', 1 SIGKILLed' if killed_host is not None else ''})"),
             ("callers x calls", f"{ns.hosts * ns.callers} x {ns.calls}"),
             ("server instances per host", str(ns.instances)),
             ("duration", f"{elapsed:.1f} s"),
@@ -227,15 +250,20 @@ def main(ns) -> int:
             ("instances / callers killed", f"{kills['instance']} / {kills['caller']}"),
             ("enclaves / regions left", f"{len(left_e)} / {len(left_r) - len(base['regions'])}"),
             ("/dev/shm segments", f"{segs0} -> {segs1}")]
-    if mon is not None:
+    fds_back = fds0 is None or (fds1 is not None and fds1 <= fds0)
+    if mon is not None and rss0 is not None and rss1 is not None:
         rows += [("monitor fds", f"{fds0} -> {fds1}"),
                  ("monitor RSS", f"{rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB")]
+        if not ns.no_chaos:
+            rows += [("after SIGKILL of the monitor", f"{len(survivors)} processes left, "
+                      f"{segs2} segments in /dev/shm")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    ok = (sums["bad"] == 0 and sums["other"] == 0 and len(finals) == ns.hosts
+    expected = ns.hosts - (1 if killed_host is not None else 0)
+    ok = (sums["bad"] == 0 and sums["other"] == 0 and len(finals) >= expected
           and not left_e and len(left_r) == len(base["regions"]) and segs1 <= segs0
-          and (mon is None or fds1 <= fds0))
+          and fds_back and not survivors and segs2 <= segs0)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -1280,7 +1280,7 @@ def _h_attest(core, fx, p, msg, rid, nfds, now):
 
 def _h_ps(core, fx, p, msg, rid, nfds, now):
     encl = [{"eid": e.eid, "handle": e.handle, "name": e.name, "type": e.type,
-             "state": e.state, "host": e.host, "pid": e.pid,
+             "state": e.state, "host": e.host, "pid": e.pid, "peer": e.peer,
              "pool": e.pool.handle if e.pool is not None else None,
              "instance": e.pool.members.index(e) if e.pool is not None else None}
             for e in core.slots if e is not None]

@@ -30,6 +30,86 @@ def _segments() -> int:
         return 0
 
 
+def _writable_segments(pid: int) -> set[tuple[int, int]]:
+    """Address ranges of tvmrt segments that process ``pid`` maps writable now."""
+    out = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[1][1] == "w" and "/tvmrt." in parts[5]:
+                    lo, hi = parts[0].split("-")
+                    out.add((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass                                # it died meanwhile: it holds nothing
+    return out
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (``T`` stopped, ``Z`` zombie, ...), ``?`` if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def ownership_sample(host, names) -> list[str]:
+    """Stop every live enclave whose name is in ``names`` (SIGSTOP), read which segments
+    each maps writable (``/proc/PID/maps``), ask the monitor who owns what, and let them
+    go on.  With the holders stopped nothing about their regions can be in flight, so: no
+    relay region may have two writers, and a region one process can write must be that
+    process's in the monitor's table.  Returns the violations found."""
+    rows = [e for e in host.ps()["enclaves"]
+            if e["state"] != "done" and e["pid"] and e["name"] in names]
+    stopped = []
+    try:
+        for e in rows:
+            try:
+                os.kill(e["pid"], signal.SIGSTOP)
+                stopped.append(e)
+            except ProcessLookupError:
+                pass
+        # SIGSTOP is asynchronous: wait until each one really is stopped.  One that
+        # never stops is dying (killed by the chaos thread): it keeps its last mappings
+        # until it is torn down while the monitor has freed its regions already, so it is
+        # not looked at.
+        frozen = []
+        for e in stopped:
+            until = time.monotonic() + 0.2
+            while (st := _state(e["pid"])) not in ("T", "t", "Z", "X", "?") \
+                    and time.monotonic() < until:
+                time.sleep(0.0005)
+            if st in ("T", "t"):
+                frozen.append(e)
+        writers: dict[tuple[int, int], list[dict]] = {}
+        for e in frozen:
+            for rng in _writable_segments(e["pid"]):
+                writers.setdefault(rng, []).append(e)
+        table = host.ps()
+    finally:
+        for e in stopped:
+            try:
+                os.kill(e["pid"], signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    owner_of = {r["vaddr"]: r for r in table["regions"]}
+    bad = []
+    for (lo, _hi), es in writers.items():
+        r = owner_of.get(lo)
+        if r is None or r["kind"] != "relay":
+            continue                        # shared memory: several writers by design
+        if len(es) > 1:
+            bad.append(f"region {lo:#x} writable in {len(es)} processes at once")
+        elif r["owner"] != es[0]["peer"]:
+            who = {e["peer"]: e["name"] for e in table["enclaves"]}
+            bad.append(f"region {lo:#x}+{_hi - lo:#x} writable in {es[0]['name']} but "
+                       f"region {r['id']:#x} ({r['size']:#x} bytes) there is owned by "
+                       f"{who.get(r['owner'], r['owner'])}, lenders "
+                       f"{[who.get(x, x) for x in r['lenders']]}")
+    return bad
+
+
 # ---------------------------------------------------------------------- one host process
 def host_main(argv: list[str]) -> int:
     """A host process: ``path tag callers calls max_pages instances duration chaos``.
@@ -57,7 +137,9 @@ def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances
 
     Returns ``{"final": {outcome: count}, "kills": {...}, "ends": {caller: how it
     ended}, "other_code": the last unexpected error code}``; ``progress(done)`` is called
-    every 0.5 s; a kill comes every ``pace`` (low, high) seconds.
+    every 0.5 s; a kill comes every ``pace`` (low, high) seconds.  Between kills an
+    :func:`ownership_sample` compares who can write each region with the monitor's table
+    (``samples``, ``violations``).
     """
     from tvmrt import SERVER
     from tvmrt.errors import NameInUse, TvmError
@@ -93,10 +175,14 @@ def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances
     for t in threads:
         t.start()
     kills = {"instance": 0, "caller": 0}
+    samples, violations = 0, []
+    names = {server} | {f"caller-{tag}-{i}" for i in range(callers)}
     t0 = time.monotonic()
     last = 0.0
     while any(t.is_alive() for t in threads):
         time.sleep(rnd.uniform(*pace) if chaos else 0.1)
+        violations += ownership_sample(host, names)
+        samples += 1
         if chaos and time.monotonic() - t0 < duration:
             rows = [e for e in host.ps()["enclaves"] if e["state"] != "done"
                     and e["pid"] and (e["name"] == server
@@ -128,7 +214,8 @@ def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances
             totals[name] += v[8 + k]
         code = code or v[13]
         shm.remove()
-    return {"final": totals, "kills": kills, "ends": ends, "other_code": code}
+    return {"final": totals, "kills": kills, "ends": ends, "other_code": code,
+            "samples": samples, "violations": violations[:20]}
 
 
 # ---------------------------------------------------------------------- the parent
@@ -237,6 +324,10 @@ def main(ns) -> int:
             sums[k] += m["final"][k]
         for k in kills:
             kills[k] += m["kills"][k]
+    samples = sum(m["samples"] for m in finals.values())
+    violations = [v for m in finals.values() for v in m["violations"]]
+    for v in violations[:10]:
+        print(f"ownership violation: {v}")
     rows = [("host processes", f"{ns.hosts} ({len(finals)} finished"
                                f"{', 1 SIGKILLed' if killed_host is not None else ''})"),
             ("callers x calls", f"{ns.hosts * ns.callers} x {ns.calls}"),
@@ -248,6 +339,8 @@ def main(ns) -> int:
             ("calls failed: other", str(sums["other"])),
             ("corrupted data or lost region", str(sums["bad"])),
             ("instances / callers killed", f"{kills['instance']} / {kills['caller']}"),
+            ("ownership samples (/proc/PID/maps)",
+             f"{samples}, {len(violations)} with a second writer or a wrong owner"),
             ("enclaves / regions left", f"{len(left_e)} / {len(left_r) - len(base['regions'])}"),
             ("/dev/shm segments", f"{segs0} -> {segs1}")]
     fds_back = fds0 is None or (fds1 is not None and fds1 <= fds0)
@@ -263,7 +356,7 @@ def main(ns) -> int:
     expected = ns.hosts - (1 if killed_host is not None else 0)
     ok = (sums["bad"] == 0 and sums["other"] == 0 and len(finals) >= expected
           and not left_e and len(left_r) == len(base["regions"]) and segs1 <= segs0
-          and fds_back and not survivors and segs2 <= segs0)
+          and fds_back and not survivors and segs2 <= segs0 and not violations)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -14,8 +14,9 @@ Protocol on the zygote channel (SOCK_SEQPACKET, msgpack):
                        {"op": "exited", "k": peer, "how": text}
 
 An enclave is its main process and everything it forks: they end together.
-Each enclave process starts a session of its own (``setsid`` before the eapp
-runs), so it leads a process group and a session whose ids are its pid.  The
+Each enclave process starts a process group of its own (``setpgid`` before the
+eapp runs), whose id is its pid -- not a session: the kernel's autogroup scheduler
+makes every session a scheduling group, which slowed calls down.  The
 zygote is a child subreaper (``PR_SET_CHILD_SUBREAPER``): a process orphaned
 below an enclave is re-parented to the zygote, not to init.
 
@@ -24,9 +25,9 @@ below an enclave is re-parented to the zygote, not to init.
   zombie keeps its pid, so the group id cannot be reused meanwhile -- SIGKILL to
   the group, then ``exited`` to the monitor.
 * A process adopted by the zygote (an orphan) is left alone while it belongs to
-  a live enclave (its session or group is the enclave's); otherwise -- its
-  enclave has ended, or it left its enclave's session, so nothing tells which
-  enclave it came from -- it is killed (with its group).  Orphans are reaped
+  a live enclave (its group is the enclave's); otherwise -- its enclave has
+  ended, or it left its enclave's group, so nothing tells which enclave it came
+  from -- it is killed (with its group).  Orphans are reaped
   silently: only an enclave's main process makes an ``exited``.
 * The zygote ends (``exit``, its channel closes, or SIGTERM -- its
   ``PR_SET_PDEATHSIG`` towards the monitor, so it can clean up): it kills every
@@ -228,7 +229,7 @@ def serve(sock: socket.socket, monitor_pid: int) -> None:
         elif op == "kill":
             kpid = by_peer.get(msg.get("k"))
             if kpid is not None:
-                # the group may not exist yet (the child has not run setsid): then the
+                # the group may not exist yet (the child has not run setpgid): then the
                 # process itself is killed before it could fork anything
                 kill_tree(kpid)
         elif op == "exit":
@@ -244,9 +245,11 @@ def _child(zygote_pid, zsock, wake, spec, fds):
         memory.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != zygote_pid:
             os._exit(code)
-        # A session (and so a process group) of its own before the eapp runs: whatever it
-        # forks is in this group, which the zygote kills when the enclave ends.
-        os.setsid()
+        # A process group of its own before the eapp runs: whatever it forks is in this
+        # group, which the zygote kills when the enclave ends.  Not a session: with the
+        # kernel's autogroup scheduling every session is a scheduling group of its own,
+        # and one per enclave made a call 15-30 % slower on one CPU (docs/design.md).
+        os.setpgid(0, 0)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)

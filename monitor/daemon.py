@@ -455,6 +455,15 @@ class Daemon:
             msg, fds = self._rx.recv(sock, peer in self.hosts)
         except BlockingIOError:
             return False
+        except wire.FdsLost as exc:
+            # out of fds ourselves: that one request is refused, the peer stays
+            rid = exc.msg.get("rid") if exc.msg is not None else None
+            if type(rid) is int and rid > 0:
+                self._send(Send(peer, {"op": "e", "rid": rid, "c": exc.code,
+                                       "why": exc.reason}, ()))
+            else:
+                self._cut_off(peer, exc)
+            return True
         except (MonitorGone, ProtocolError, OSError) as exc:
             self._cut_off(peer, exc)
             return True

@@ -183,6 +183,11 @@ def test_out_of_fds_refuses_one_client_and_serves_the_rest(tmp_path):
         n = mon.num_fds()
         conns.pop().close()
         assert wait_until(lambda: mon.num_fds() == n - 1, 10)
+        # a create carrying its stdio (2 fds) cannot even be received whole: refused
+        rep = _create(conns[0], 6, eapp("exiter"), "no-stdio", stdio=True)
+        assert rep["op"] == "e" and rep["c"] == E.ResourceExhausted.code, rep
+        assert "could not be received" in rep["why"]
+        assert _request(conns[0], {"op": "ps", "rid": 60})["op"] == "r"   # still served
         rep = _create(conns[0], 7, eapp("exiter"), "starved", stdio=False)
         assert rep["op"] == "e" and rep["c"] in (E.ResourceExhausted.code,), rep
         # everyone else is still served

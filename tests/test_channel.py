@@ -367,3 +367,39 @@ def test_many_threads_many_requests_none_lost(chan):
         stop.set()
     assert not any(th.is_alive() for th in threads), "a thread is stuck waiting"
     assert bad == []
+
+
+def test_a_message_whose_fd_cannot_be_received_says_out_of_fds():
+    """At EMFILE the kernel drops the fds of a message (MSG_CTRUNC): the receiver gets
+    ResourceExhausted (with the message, so a server can refuse that one request),
+    not a protocol error about a grant without its fd."""
+    a, b = pair()
+    pid = os.fork()
+    if pid == 0:                                  # pragma: no cover - the child
+        code = 1
+        try:
+            a.close()
+            import resource
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+            hold = []
+            try:
+                while True:
+                    hold.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            try:
+                wire.recv(b, want_fds=True)
+            except wire.FdsLost as exc:
+                code = 0 if exc.msg == {"op": "r", "rid": 3} else 2
+        finally:
+            os._exit(code)
+    b.close()
+    fd = segment()
+    try:
+        send(a, {"op": "r", "rid": 3}, [fd])
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    a.close()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -11,10 +11,16 @@ import array
 import os
 import socket
 import threading
+from typing import NoReturn
 
 import msgpack
 
-from .errors import InvalidArgument, MonitorGone, RemoteProtocolError as ProtocolError
+from .errors import (
+    InvalidArgument,
+    MonitorGone,
+    RemoteProtocolError as ProtocolError,
+    ResourceExhausted,
+)
 
 #: largest frame accepted (an eapp's source travels in CREATE)
 MAX_FRAME = 2 * 1024 * 1024
@@ -122,7 +128,9 @@ class Receiver:
         for _ in range(_RESET_RETRIES):
             try:
                 if want_fds:
-                    n, anc, _f, _a = sock.recvmsg_into(self._bufs, _ANC, flags)
+                    n, anc, mflags, _a = sock.recvmsg_into(self._bufs, _ANC, flags)
+                    if mflags & _CTRUNC:
+                        self._fds_lost(n, anc)
                     if anc:
                         return self._with_fds(n, anc)
                 else:
@@ -138,6 +146,18 @@ class Receiver:
         if not n:
             raise MonitorGone("connection closed")
         return decode(buf[:n]), []
+
+    def _fds_lost(self, n: int, anc) -> NoReturn:
+        """The kernel could not hand over every fd of the message (this process is
+        out of fds: ``MSG_CTRUNC``): raise :class:`FdsLost` carrying the message, so
+        that a server can refuse that one request."""
+        close_all(fds_from_ancillary(anc))
+        try:
+            msg = decode(self._buf[:n]) if n else None
+        except ProtocolError:
+            msg = None
+        raise FdsLost("a file descriptor sent with a message could not be received: "
+                      "out of file descriptors", msg)
 
     def _with_fds(self, n: int, anc) -> tuple[dict, list[int]]:
         fds = fds_from_ancillary(anc)
@@ -159,6 +179,18 @@ def recv(sock: socket.socket, want_fds: bool = False, nonblock: bool = False):
 
 
 _DONTWAIT = socket.MSG_DONTWAIT
+_CTRUNC = socket.MSG_CTRUNC
+
+
+class FdsLost(ResourceExhausted):
+    """A message arrived without (all of) its fds: the receiver is out of fds.
+    ``msg`` is the message itself (None if it did not decode)."""
+
+    def __init__(self, reason: str, msg: dict | None = None):
+        super().__init__(reason)
+        self.msg = msg
+
+
 #: ECONNRESET is reported once per reset; a few retries cover any kernel's variant
 _RESET_RETRIES = 4
 

@@ -1284,7 +1284,7 @@ def _h_ps(core, fx, p, msg, rid, nfds, now):
              "pool": e.pool.handle if e.pool is not None else None,
              "instance": e.pool.members.index(e) if e.pool is not None else None}
             for e in core.slots if e is not None]
-    regs = [{"id": r.id, "kind": r.kind, "vaddr": r.vaddr, "size": r.length,
+    regs = [{"id": r.id, "seg": r.seg, "kind": r.kind, "vaddr": r.vaddr, "size": r.length,
              "owner": r.owner, "lenders": list(r.stack)} for r in core.regions.values()]
     core._send(fx, p.id, {"op": "r", "rid": rid, "enclaves": encl, "regions": regs,
                           "hosts": sum(1 for q in core.peers.values() if q.kind == HOST)})

@@ -566,7 +566,7 @@ class Daemon:
     def _new_seg(self, seg, size) -> str | None:
         """Create segment ``seg``; None, or why it could not be created."""
         try:
-            shm = posix_ipc.SharedMemory(self._seg_prefix + secrets.token_hex(8),
+            shm = posix_ipc.SharedMemory(f"{self._seg_prefix}{seg:x}.{secrets.token_hex(8)}",
                                          posix_ipc.O_CREX, mode=0o600, size=size)
         except Exception as exc:
             self._log(f"cannot create a segment of {size} bytes: {exc}")

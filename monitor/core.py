@@ -144,7 +144,7 @@ class Pool:
     """The instances of one server name.  Callers queue here (FIFO) and each call is
     dispatched to an idle instance; the pool lives while one instance does.  Its handle
     is its first instance's, and stays valid when that instance dies."""
-    __slots__ = ("name", "handle", "host", "members", "queue", "create_rid", "starting")
+    __slots__ = ("name", "handle", "host", "members", "queue", "create_rid")
 
     def __init__(self, name, host):
         self.name = name
@@ -153,7 +153,6 @@ class Pool:
         self.members: list[Enclave] = []      # instances, in creation order (dead ones too)
         self.queue: deque[Frame] = deque()    # calls waiting for an idle instance
         self.create_rid: int | None = None    # the host's create, answered when all ready
-        self.starting = 0                     # instances not ready yet
 
     def live(self) -> list[Enclave]:
         return [m for m in self.members if m.state != DONE]
@@ -1152,7 +1151,6 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
         # registered now: calls queue until an instance is ready
         pool = core.servers[name] = Pool(name, p.id)
         pool.create_rid = rid
-        pool.starting = instances
     measurement = measure(etype, name, code)
     for i in range(instances):
         last = _start_enclave(core, fx, p, name, etype, code, path, measurement, shm, pool,
@@ -1325,14 +1323,20 @@ def _e_acquire(core, fx, p, e, msg, rid, now):
     core._send(fx, p.id, {"op": "r", "rid": rid, "handle": pool.handle})
 
 
+def _callarg(msg) -> list:
+    """The six u64 fields of call_enclave_arg_t in ``msg["a"]`` (a call or a return)."""
+    a = msg.get("a")
+    if type(a) is not list or len(a) != 6:
+        raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
+    for v in a:
+        if type(v) is not int or v < 0 or v > U64:
+            check_u64(v, "call_enclave_arg_t field")
+    return a
+
+
 def _e_call(core, fx, p, e, msg, rid, now):
     try:
-        a = msg.get("a")
-        if type(a) is not list or len(a) != 6:
-            raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
-        for v in a:
-            if type(v) is not int or v < 0 or v > U64:
-                check_u64(v, "call_enclave_arg_t field")
+        a = _callarg(msg)
         nb = msg.get("nb", False)
         if nb is not False and nb is not True:
             raise Invalid("field 'nb' must be a boolean")
@@ -1449,8 +1453,7 @@ def _n_ready(core, fx, p, e, msg, now):
         core._send(fx, e.host, {"op": "r", "rid": rid, "eid": e.eid, "handle": e.handle,
                                 "measurement": e.measurement})
         return
-    pool.starting -= 1
-    if pool.starting == 0 and pool.create_rid is not None:
+    if pool.create_rid is not None and all(m.state != STARTING for m in pool.members):
         # the create is answered once every instance is ready
         rid, pool.create_rid = pool.create_rid, None
         first = pool.members[0]
@@ -1466,12 +1469,7 @@ def _n_ret(core, fx, p, e, msg, now):
         raise E.BadState("SERVER_RETURN outside a call")
     if e.out:
         raise E.BadState("SERVER_RETURN while waiting for a nested call")
-    a = msg.get("a")
-    if type(a) is not list or len(a) != 6:
-        raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
-    for v in a:
-        if type(v) is not int or v < 0 or v > U64:
-            check_u64(v, "call_enclave_arg_t field")
+    a = _callarg(msg)
     resp_vaddr = a[4]
     resp = None
     bad = None

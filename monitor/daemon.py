@@ -452,7 +452,10 @@ class Daemon:
             # Only hosts send fds (their stdio at create); an enclave's would be dropped.
             # wire.recv itself reads on past ECONNRESET (a dying peer's last frames are
             # still queued): what comes out here is EOF, garbage or a real error.
-            msg, fds = self._rx.recv(sock, peer in self.hosts)
+            if peer in self.hosts:
+                msg, fds = self._rx.recv_checked(sock)
+            else:
+                msg, fds = self._rx.recv(sock)
         except BlockingIOError:
             return False
         except wire.FdsLost as exc:
@@ -582,22 +585,19 @@ class Daemon:
         """Have the zygote start the enclave of ``eff``; without the fds for its
         socket pair the create is refused (ResourceExhausted) and nothing is left."""
         peer, spec, shm_seg, stdio = eff
-        try:
-            mine, theirs = wire.seqpacket_pair()
-        except OSError as exc:
-            self._apply(self.core.spawn_failed(peer, exc.strerror or str(exc),
-                                               exhausted=True))
-            return
+        mine = theirs = None
         null = None
         try:
+            mine, theirs = wire.seqpacket_pair()
             if stdio == "message" and len(self._fds) >= 2:
                 out = self._fds[:2]
             else:
                 null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
                 out = [null, null]
         except OSError as exc:
-            mine.close()
-            theirs.close()
+            for sk in (mine, theirs):
+                if sk is not None:
+                    sk.close()
             self._apply(self.core.spawn_failed(peer, exc.strerror or str(exc),
                                                exhausted=True))
             return

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from . import _memory as memory
 from ._args import check_u64
 from ._layout import PAGE, U64
-from ._wire import close_all
+from ._wire import FdsLost, close_all
 from .errors import BadSize, InvalidArgument, NotOwned, RemoteProtocolError, Unaligned
 
 _mprotect = memory.mprotect
@@ -97,7 +97,9 @@ class RegionTable:
                             raise RemoteProtocolError(f"malformed grant {g!r:.80}") from None
                         if has_fd:
                             if fi >= len(fds):
-                                raise RemoteProtocolError("grant without its fd")
+                                # the kernel dropped it: this process is out of fds
+                                raise FdsLost("the fd of a granted segment could not be "
+                                              "received: out of file descriptors")
                             fd = fds[fi]
                             fi += 1
                             try:

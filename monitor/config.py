@@ -1,7 +1,8 @@
 """The monitor core's configuration: one frozen object, given to :class:`Core` at construction.
 
 There is no default attestation key: a :class:`Config` needs one (the daemon draws 32
-random bytes; tests pass their own).  Every other field has the production default.
+random bytes, or ``tvmrt monitor --key FILE`` loads them; tests pass their own).  Every
+other field has the production default.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from tvmrt._layout import ARENAS, PAGE
 class Config:
     """Everything the core needs to know that is not an event."""
 
-    #: HMAC key of attestation reports (at least 16 bytes; no default)
+    #: the monitor's Ed25519 private key, its 32-byte seed (no default): it signs
+    #: attestation reports and is the input key of ``get_key`` (tvmrt/_attest.py)
     key: bytes
     #: page size: region sizes, offsets and addresses are multiples of it
     page: int = PAGE
@@ -49,8 +51,8 @@ class Config:
     max_code: int = 1 << 20
 
     def __post_init__(self) -> None:
-        if type(self.key) is not bytes or len(self.key) < 16:
-            raise ValueError("Config.key must be at least 16 random bytes")
+        if type(self.key) is not bytes or len(self.key) != 32:
+            raise ValueError("Config.key must be 32 random bytes (an Ed25519 seed)")
         if self.page <= 0 or self.page & (self.page - 1):
             raise ValueError("Config.page must be a power of two")
         for name in ("mmap", "relay", "shm"):

@@ -44,13 +44,12 @@ Ownership rules (DESIGN.md §2-§4):
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from tvmrt import errors as E
+from tvmrt._attest import ENCLAVE_KEY, KEY_MAX, STORAGE_KEY, Signer, measure as measure
 
 from .config import Config
 from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn
@@ -272,15 +271,6 @@ def _err(exc, rid=None):
     return msg
 
 
-def measure(etype: int, name: str, code: bytes) -> bytes:
-    """Measurement of an eapp: SHA-256 over type, name and the exact code bytes."""
-    h = hashlib.sha256(b"tvmrt-eapp-v1\0")
-    h.update(bytes([etype]))
-    h.update(name.encode() + b"\0")
-    h.update(code)
-    return h.digest()
-
-
 def _timeout(msg, default):
     t = msg.get("timeout")
     if t is None:
@@ -297,6 +287,8 @@ class Core:
         if not isinstance(config, Config):
             raise TypeError("Core needs a Config (there is no default attestation key)")
         self.config = config
+        # signing and key derivation are computation: the key is in the Config, no I/O
+        self.signer = Signer(config.key)
         self.page = config.page
         self.peers: dict[int, Peer] = {}
         self.slots: list[Enclave | None] = []     # eid -> Enclave or None
@@ -1049,11 +1041,13 @@ class Core:
         self._send(fx, f.caller, msg, segs)
 
     def report(self, e: Enclave, nonce: int) -> dict:
-        """Attestation report: hash = SHA-256(measurement || nonce), sig = HMAC-SHA-512."""
-        h = hashlib.sha256(e.measurement + nonce.to_bytes(8, "little")).digest()
-        sig = hmac.new(self.config.key, h, hashlib.sha512).digest()
-        return {"hash": h, "sig": sig, "nonce": nonce, "measurement": e.measurement,
-                "name": e.name, "type": e.type}
+        """Attestation report of ``e``: its creation-time measurement, ``nonce``, name and
+        type, signed with the monitor's Ed25519 key (layout: tvmrt/_attest.py).
+
+        Unlike Penglai, nothing is re-measured and nothing changes: the same enclave
+        and nonce give the same signed fields every time (Ed25519 is deterministic, so
+        the same signature too)."""
+        return self.signer.report(e.measurement, nonce, e.type, e.name)
 
 
 # ---------------------------------------------------------------------- host ops
@@ -1285,7 +1279,8 @@ def _h_ps(core, fx, p, msg, rid, nfds, now):
     regs = [{"id": r.id, "seg": r.seg, "kind": r.kind, "vaddr": r.vaddr, "size": r.length,
              "owner": r.owner, "lenders": list(r.stack)} for r in core.regions.values()]
     core._send(fx, p.id, {"op": "r", "rid": rid, "enclaves": encl, "regions": regs,
-                          "hosts": sum(1 for q in core.peers.values() if q.kind == HOST)})
+                          "hosts": sum(1 for q in core.peers.values() if q.kind == HOST),
+                          "public_key": core.signer.public_key})
 
 
 _HOST_OPS = {
@@ -1435,9 +1430,24 @@ def _e_report(core, fx, p, e, msg, rid, now):
     core._send(fx, p.id, {"op": "r", "rid": rid, "report": core.report(target, nonce)})
 
 
+def _e_key(core, fx, p, e, msg, rid, now):
+    """``get_key``: a key of ``size`` bytes for this enclave's measurement.  Penglai's
+    ENCLAVE_KEY and STORAGE_KEY are distinct keys here (equal there), and its
+    ATTEST_KEY (2), which "succeeds" there without writing anything, is refused."""
+    ktype = get_int(msg, "type")
+    if ktype not in (ENCLAVE_KEY, STORAGE_KEY):
+        raise E.InvalidArgument(f"key type must be 0 (ENCLAVE_KEY) or 1 (STORAGE_KEY), "
+                                f"not {ktype}")
+    size = get_int(msg, "size")
+    if not 1 <= size <= KEY_MAX:
+        raise E.BadSize(f"key size must be 1 .. {KEY_MAX} bytes, not {size}")
+    key = core.signer.derive_key(e.measurement, ktype, size)
+    core._send(fx, p.id, {"op": "r", "rid": rid, "key": key})
+
+
 _ENCLAVE_OPS = {
     "mmap": _e_mmap, "unmap": _e_unmap, "acquire": _e_acquire, "call": _e_call,
-    "report": _e_report,
+    "report": _e_report, "key": _e_key,
 }
 
 

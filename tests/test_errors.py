@@ -11,7 +11,7 @@ CATEGORY = {
     E.ArgumentError: ValueError, E.OwnershipError: PermissionError,
     E.StateError: RuntimeError, E.PeerError: RuntimeError,
     E.ChannelError: ConnectionError, E.Timeout: TimeoutError,
-    E.ResourceExhausted: OSError, E.LocalProtocolError: ValueError,
+    E.ResourceExhausted: OSError, E.LocalProtocolError: ValueError, E.VerifyError: ValueError,
 }
 
 

@@ -5,6 +5,8 @@ Public surface:
     tvmrt.eapp      enclave API with Penglai's names (for eapps)
     tvmrt.penglai   Penglai's host SDK names with C-style returns
     tvmrt.errors    the error tree (TvmError, categories, distinct codes)
+    tvmrt.verify_report, report_to_json, report_from_json, measure
+                    attestation reports: check one, its JSON form, an eapp's measurement
 
 The names below are re-exported here and imported on first use, so that importing a
 pure part of the package (the monitor's core, the error tree) pulls in no I/O module.
@@ -28,12 +30,15 @@ _ERRORS = (
     "Timeout",
     "ResourceExhausted", "QuotaExceeded", "NoMemory",
     "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
+    "VerifyError", "MalformedReport", "BadSignature", "WrongKey", "MeasurementMismatch",
+    "NonceMismatch",
 )
+_ATTEST = ("measure", "verify_report", "report_to_json", "report_from_json")
 
 _WHERE = {**{n: ".host" for n in _HOST}, **{n: "._callarg" for n in _CALLARG},
-          **{n: ".errors" for n in _ERRORS}}
+          **{n: ".errors" for n in _ERRORS}, **{n: "._attest" for n in _ATTEST}}
 
-__all__ = list(_CALLARG + _HOST + _ERRORS)
+__all__ = list(_CALLARG + _HOST + _ERRORS + _ATTEST)
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ import contextlib
 import ctypes
 
 from . import penglai
-from .errors import MonitorGone
+from .errors import InvalidArgument, MonitorGone
 from .penglai import (
     NORMAL_ENCLAVE,
     SERVER_ENCLAVE,
@@ -74,8 +74,22 @@ def print_signature(sig: bytes) -> None:
     print(line, end="", flush=True)
 
 
-def test_caller(caller_file: str, server_file: str, server1_file: str | None = None) -> int:
-    """``./test-caller caller server [server1]``; returns the process exit code."""
+def _write_report(path: str, report: dict) -> None:
+    """The report as JSON in ``path`` (not the port: tvmrt's ``launch --report``)."""
+    from ._attest import report_to_json
+    try:
+        with open(path, "w") as f:
+            f.write(report_to_json(report) + "\n")
+    except OSError as exc:
+        raise InvalidArgument(f"cannot write the report to {path}: {exc.strerror}") from None
+
+
+def test_caller(caller_file: str, server_file: str, server1_file: str | None = None,
+                report_file: str | None = None) -> int:
+    """``./test-caller caller server [server1]``; returns the process exit code.
+
+    ``report_file``: also write the caller's report (the one whose signature is
+    printed) there as JSON (:func:`tvmrt.report_to_json`), for ``tvmrt verify``."""
     rc = 1
     caller_enclave, server_enclave, server1_enclave = PLenclave(), PLenclave(), PLenclave()
     caller_elf, server_elf, server1_elf = elf_args(), elf_args(), elf_args()
@@ -139,6 +153,8 @@ def test_caller(caller_file: str, server_file: str, server1_file: str | None = N
             return 1
         if PLenclave_attest(caller_enclave, 1234) == 0:
             print_signature(caller_enclave.attest_param.report["sig"])
+            if report_file is not None:
+                _write_report(report_file, caller_enclave.attest_param.report)
 
         # Assign the schrodinger page to the enclave before it runs
         if mm_arg_id > 0 and mm_arg:

@@ -140,7 +140,10 @@ class EmbeddedMonitor:
     hang-up) reach this process, which stops it, never the monitor behind its back.
     """
 
-    def __init__(self, verbose: bool = False, cpu: int | None = None):
+    def __init__(self, verbose: bool = False, cpu: int | None = None,
+                 key_file: str | None = None):
+        #: the monitor's key file (``tvmrt monitor --key``), or None: a fresh key
+        self.key_file = None if key_file is None else os.path.abspath(key_file)
         self.dir = None
         self.path = None
         self.proc = None
@@ -152,7 +155,12 @@ class EmbeddedMonitor:
 
         First removes the directories earlier embedded monitors could not (see
         :func:`sweep_stale_dirs`).  Whatever interrupts the start (a timeout, a signal
-        turned into an exception) stops the child and removes the directory."""
+        turned into an exception) stops the child and removes the directory.  A key
+        file the monitor could not use is refused here, before any child starts
+        (InvalidArgument with the monitor's one line); a missing one is made."""
+        if self.key_file is not None:
+            from .monitor.keyfile import load_or_create_key
+            load_or_create_key(self.key_file)
         sweep_stale_dirs()
         try:
             self.dir = tempfile.mkdtemp(prefix=f"tvmrt-{os.getpid()}-")
@@ -180,6 +188,8 @@ class EmbeddedMonitor:
                "--ready-fd", str(w), "--quiet", "--own-socket-dir"]
         if self.verbose:
             cmd.append("--verbose")
+        if self.key_file is not None:
+            cmd += ["--key", self.key_file]
         parent = os.getpid()
 
         def in_child():

@@ -1,4 +1,5 @@
-"""The ``tvmrt`` command: monitor, launch, ps, bench."""
+"""The ``tvmrt`` command: monitor, launch, ps, bench, stress, and attestation's verify,
+measure, pubkey."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,12 @@ def _monitor(ns) -> int:
     """``tvmrt monitor``.  With ``--own-socket-dir`` (how :mod:`tvmrt._embedded` starts
     a private monitor) the socket's directory is removed when the monitor ends, however
     it ends short of SIGKILL: the directory is the monitor's, no one else removes it if
-    its host died first."""
+    its host died first.
+
+    ``--key FILE``: the monitor's Ed25519 key, made (0600) if there is no such file, so
+    that its reports verify with the same public key across restarts and ``get_key``
+    gives the same keys; a file it cannot use is refused with one line, exit 1.
+    Without it, a fresh key for every start."""
     import os
     import signal
 
@@ -27,8 +33,13 @@ def _monitor(ns) -> int:
         if own_dir is not None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         from tvmrt.monitor.daemon import Daemon
-        return Daemon(ns.socket, verbose=ns.verbose).run(ready_fd=ns.ready_fd,
-                                                           announce=not ns.quiet)
+        config = None
+        if ns.key is not None:
+            from tvmrt.monitor.config import Config
+            from tvmrt.monitor.keyfile import load_or_create_key
+            config = Config(key=load_or_create_key(ns.key))
+        return Daemon(ns.socket, verbose=ns.verbose, config=config).run(
+            ready_fd=ns.ready_fd, announce=not ns.quiet)
     except TvmError as exc:
         print(f"tvmrt monitor: {exc.reason}", file=sys.stderr)
         return 1
@@ -115,7 +126,11 @@ def _launch(ns) -> int:
 
     Every failure of its own is one line on stderr (``tvmrt launch: ...``) and a non-zero
     exit: a bad eapp file, no monitor at ``--socket``, the monitor going away meanwhile
-    (1); SIGTERM and SIGHUP stop it cleanly (128 + the signal), like ^C (130)."""
+    (1); SIGTERM and SIGHUP stop it cleanly (128 + the signal), like ^C (130).
+
+    ``--key FILE`` starts an embedded monitor with that key (``tvmrt monitor --key``)
+    even if one is running; ``--report FILE`` writes the host's report of the caller
+    (nonce 1234, the one whose signature it prints) as JSON for ``tvmrt verify``."""
     import signal
 
     from tvmrt import _demo as demo, penglai
@@ -129,6 +144,14 @@ def _launch(ns) -> int:
         print("tvmrt launch: at most three eapps: CALLER [SERVER [SERVER1]]",
               file=sys.stderr)
         return 2
+    if ns.key is not None and ns.socket is not None:
+        print("tvmrt launch: --key starts an embedded monitor with that key; a monitor "
+              "at --socket has its own key (give one or the other)", file=sys.stderr)
+        return 2
+    if ns.report is not None and len(names) < 2:
+        print("tvmrt launch: --report is for the test-caller demo (CALLER SERVER "
+              "[SERVER1]): the host attests the caller", file=sys.stderr)
+        return 2
     for name in names:
         _check_eapp(name)
     old_handlers = {s: signal.signal(s, _raise_stopped) for s in _stop_signals()}
@@ -137,11 +160,13 @@ def _launch(ns) -> int:
     try:
         path = ns.socket or default_socket_path()
         try:
+            if ns.key is not None:
+                raise MonitorGone("a key of its own: an embedded monitor")
             _dial(path).close()
         except MonitorGone:
             if ns.socket is not None:
                 raise
-            embedded = EmbeddedMonitor(verbose=ns.verbose).start()
+            embedded = EmbeddedMonitor(verbose=ns.verbose, key_file=ns.key).start()
             path = embedded.path
         with demo.monitor_loss_raises():
             if penglai.open_device(path) != 0:
@@ -149,7 +174,7 @@ def _launch(ns) -> int:
             opened = True
             if len(names) == 1:
                 return demo.run_one(names[0])
-            return demo.test_caller(*names)
+            return demo.test_caller(*names, report_file=ns.report)
     except MonitorGone:
         if not opened:
             raise                       # no monitor there: main says why
@@ -206,7 +231,8 @@ def _size(n) -> str:
 
 def _ps_lines(info: dict) -> list[str]:
     """The text of ``tvmrt ps`` for ``info`` (enclaves already carrying their stats)."""
-    lines = [f"hosts: {info['hosts']}",
+    key = info.get("public_key")
+    lines = [f"hosts: {info['hosts']}" + (f"   public key: {key.hex()}" if key else ""),
              f"{'eid':>4} {'handle':>12} {'name':16} {'type':6} {'inst':>4} {'state':8} "
              f"{'pid':>7} {'rss':>7} {'uss':>7} {'cpu':>8}"]
     for e in info["enclaves"]:
@@ -236,6 +262,118 @@ def _ps(ns) -> int:
     return 0
 
 
+#: ``tvmrt verify`` exit codes, one per reason a report fails (0: it verifies; 1: the
+#: report file or an argument cannot be used; 2: usage, argparse's)
+VERIFY_EXIT = {"MalformedReport": 3, "BadSignature": 4, "WrongKey": 5,
+               "MeasurementMismatch": 6, "NonceMismatch": 7}
+_VERIFY_WHAT = {"MalformedReport": "malformed report", "BadSignature": "bad signature",
+                "WrongKey": "wrong key", "MeasurementMismatch": "measurement mismatch",
+                "NonceMismatch": "nonce mismatch"}
+
+
+def _public_key_arg(arg: str) -> bytes:
+    """``--key PUB``: 64 hex digits, or a file holding them, a PEM public key, or a
+    monitor's key file (its public half is used).  InvalidArgument if none of these."""
+    import os
+
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_public_key,
+    )
+
+    from tvmrt.errors import InvalidArgument
+    try:
+        if len(arg) == 64:
+            return bytes.fromhex(arg)
+    except ValueError:
+        pass
+    if not os.path.exists(arg):
+        raise InvalidArgument(f"--key {arg!r} is neither 64 hex digits nor a file")
+    try:
+        with open(arg, "rb") as f:
+            data = f.read(1 << 16)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read key {arg}: {exc.strerror}") from None
+    text = data.strip()
+    if len(text) == 64:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            pass
+    if b"PRIVATE KEY" in data:
+        from tvmrt.monitor.keyfile import load_key, public_key
+        return public_key(load_key(arg))
+    try:
+        pub = load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        pub = None
+    if not isinstance(pub, Ed25519PublicKey):
+        raise InvalidArgument(f"key {arg} holds no Ed25519 public key (64 hex digits, a "
+                              f"PEM public key or a monitor key file)")
+    return pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _verify(ns) -> int:
+    """``tvmrt verify REPORT --measurement HEX [--key PUB] [--nonce N]``: one line, and
+    exit 0 if the report verifies, else the reason's line and its code (VERIFY_EXIT)."""
+    from tvmrt import _attest
+    from tvmrt.errors import InvalidArgument, VerifyError
+    try:
+        measurement = bytes.fromhex(ns.measurement)
+    except ValueError:
+        measurement = b""
+    if len(measurement) != 32:
+        raise InvalidArgument("--measurement must be 64 hex digits (tvmrt measure prints it)")
+    key = None if ns.key is None else _public_key_arg(ns.key)
+    if ns.nonce is not None and not 0 <= ns.nonce < 1 << 64:
+        raise InvalidArgument("--nonce must be 0 .. 2**64-1")
+    try:
+        if ns.report == "-":
+            text = sys.stdin.buffer.read(1 << 20)
+        else:
+            with open(ns.report, "rb") as f:
+                text = f.read(1 << 20)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {ns.report}: {exc.strerror}") from None
+    try:
+        rep = _attest.report_from_json(text)
+        _attest.verify_report(rep, measurement=measurement, key=key, nonce=ns.nonce)
+    except VerifyError as exc:
+        kind = type(exc).__name__
+        print(f"tvmrt verify: {_VERIFY_WHAT[kind]}: {exc.reason}", file=sys.stderr)
+        return VERIFY_EXIT[kind]
+    how = ("the expected key" if key is not None else
+           "the report's own key; pass --key to check who signed")
+    kind = "server" if rep["type"] else "normal"
+    print(f"OK: {kind} enclave {rep['name']!r}, nonce {rep['nonce']}, signed by "
+          f"{rep['public_key'].hex()} ({how})")
+    return 0
+
+
+def _measure(ns) -> int:
+    """``tvmrt measure EAPP --name NAME [--server]``: the measurement the monitor gives
+    that eapp created under that name and type, in hex (tvmrt/_attest.py's layout)."""
+    from tvmrt._attest import NAME_MAX, measure
+    from tvmrt.errors import InvalidArgument
+    from tvmrt.host import resolve_eapp
+    name = ns.name
+    if not name or "\0" in name or len(name.encode()) > NAME_MAX:
+        raise InvalidArgument(f"--name must be 1..{NAME_MAX} bytes, no NUL")
+    code, _ = resolve_eapp(ns.eapp)
+    print(measure(1 if ns.server else 0, name, code).hex())
+    return 0
+
+
+def _pubkey(ns) -> int:
+    """``tvmrt pubkey FILE``: the public key of a monitor key file, 64 hex digits."""
+    from tvmrt.monitor.keyfile import load_key, public_key
+    print(public_key(load_key(ns.file)).hex())
+    return 0
+
+
 def _bench(ns) -> int:
     from tvmrt import bench
     return bench.main(ns)
@@ -255,6 +393,9 @@ def main(argv=None) -> int:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--quiet", action="store_true", help="do not announce the socket")
     m.add_argument("--verbose", "-v", action="store_true", help="log events to stderr")
+    m.add_argument("--key", metavar="FILE", help="the monitor's Ed25519 key (PEM, 0600), "
+                   "made if missing: reports verify with the same key across restarts "
+                   "(default: a fresh key per start)")
     # embedded monitors (tvmrt._embedded): remove the socket's directory on exit
     m.add_argument("--own-socket-dir", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(fn=_monitor)
@@ -264,6 +405,10 @@ def main(argv=None) -> int:
     la.add_argument("--socket", help="use the monitor on this socket (default: a running "
                     "monitor on the default socket, else an embedded one)")
     la.add_argument("--verbose", "-v", action="store_true")
+    la.add_argument("--key", metavar="FILE", help="start an embedded monitor with this key "
+                    "file (as tvmrt monitor --key)")
+    la.add_argument("--report", metavar="FILE", help="write the host's report of the "
+                    "caller (nonce 1234) as JSON, for tvmrt verify")
     la.set_defaults(fn=_launch)
 
     ps = sub.add_parser("ps", help="list enclaves (with RSS, USS, CPU time) and regions of a "
@@ -271,6 +416,27 @@ def main(argv=None) -> int:
     ps.add_argument("--socket")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(fn=_ps)
+
+    v = sub.add_parser("verify", help="check an attestation report (JSON): signature, "
+                       "key, measurement, nonce; exit 0 or the reason's code")
+    v.add_argument("report", metavar="REPORT", help="report file (JSON), - for stdin")
+    v.add_argument("--measurement", required=True, metavar="HEX",
+                   help="the expected measurement (tvmrt measure prints it)")
+    v.add_argument("--key", metavar="PUB", help="the expected monitor public key: 64 hex "
+                   "digits or a file (hex, PEM public key, or the monitor's key file)")
+    v.add_argument("--nonce", type=int, help="the expected nonce")
+    v.set_defaults(fn=_verify)
+
+    me = sub.add_parser("measure", help="print the measurement of an eapp created under "
+                        "a name and type")
+    me.add_argument("eapp", help="eapp name (bundled) or path")
+    me.add_argument("--name", required=True, help="the enclave's name")
+    me.add_argument("--server", action="store_true", help="a server enclave (default: normal)")
+    me.set_defaults(fn=_measure)
+
+    pk = sub.add_parser("pubkey", help="print the public key of a monitor key file")
+    pk.add_argument("file", metavar="FILE")
+    pk.set_defaults(fn=_pubkey)
 
     b = sub.add_parser("bench", help="measure call_enclave against raw floors")
     b.add_argument("--json", action="store_true", help="print JSON")

@@ -34,7 +34,8 @@ from .errors import BadSize, BadState, InvalidArgument, TvmError, error_for
 __all__ = [
     "CallArg", "call_enclave_arg_t", "eapp_print", "eapp_mmap", "eapp_unmap",
     "acquire_enclave", "call_enclave", "SERVER_RETURN", "EAPP_RETURN", "get_enclave_id",
-    "get_caller_id", "get_report", "mem", "ints", "check", "last_error", "PAGE",
+    "get_caller_id", "get_report", "get_key", "ENCLAVE_KEY", "STORAGE_KEY", "mem", "ints",
+    "check", "last_error", "PAGE",
 ]
 
 
@@ -95,6 +96,34 @@ def eapp_print(fmt: str, *args) -> int:
     data = _format(fmt, args).encode()
     os.write(1, data)
     return len(data)
+
+
+# ---------------------------------------------------------------- keys
+#: ``get_key`` types, Penglai's numbering (its ATTEST_KEY, 2, is refused here)
+ENCLAVE_KEY = 0
+STORAGE_KEY = 1
+
+
+def get_key(key_type: int = ENCLAVE_KEY, size: int = 32):
+    """Penglai's ``get_key``: ``size`` bytes (1 .. 8160) of a key only enclaves with
+    this enclave's measurement get, or None (see :func:`last_error`: InvalidArgument,
+    BadSize).
+
+    The monitor derives it with HKDF-SHA256 from its own secret key, salted with the
+    measurement (tvmrt/_attest.py): the same code, name and type get the same key
+    from a monitor started with the same ``--key FILE``, across restarts; any other
+    measurement, type or monitor key, an unrelated one.  ENCLAVE_KEY and STORAGE_KEY
+    are different keys (on Penglai they are equal)."""
+    rt = _rt()
+    if type(key_type) is not int or key_type not in (ENCLAVE_KEY, STORAGE_KEY):
+        _refuse(rt, InvalidArgument(f"key type must be ENCLAVE_KEY (0) or STORAGE_KEY "
+                                    f"(1), not {key_type!r:.40}"))
+        return None
+    if type(size) is not int or not 1 <= size <= 255 * 32:
+        _refuse(rt, BadSize(f"key size must be 1 .. 8160 bytes, not {size!r:.40}"))
+        return None
+    m = _ask(rt, {"op": "key", "type": key_type, "size": size})
+    return None if isinstance(m, TvmError) else m["key"]
 
 
 # ---------------------------------------------------------------- memory
@@ -229,8 +258,12 @@ def get_caller_id() -> int:
 def get_report(name: str | None, nonce: int):
     """Attestation report of this enclave (``name`` None) or of server ``name``.
 
-    Returns a dict (``hash``, ``sig`` (64 bytes), ``nonce``, ``measurement``), or None
-    (see :func:`last_error`).
+    Returns the dict of :meth:`tvmrt.host.Enclave.attest` (``measurement``, ``nonce``,
+    ``name``, ``type``, ``public_key``, ``sig``: 64-byte Ed25519), or None (see
+    :func:`last_error`: InvalidArgument, NoSuchServer).  Either report carries the
+    measurement taken at ``create``: unlike Penglai, ``get_report(None)`` does not
+    re-measure the live enclave and ``get_report(name)`` does not change the server's
+    stored measurement (its later reports and keys stay the same).
     """
     rt = _rt()
     try:

@@ -39,9 +39,15 @@ The tree, by what a user catches (each category is also the matching builtin)::
     ├── ResourceExhausted    OSError          -45  out of a resource
     │   ├── QuotaExceeded                     -18  a per-host quota would be exceeded
     │   └── NoMemory                          -23  no memory / address space / segments
-    └── ProtocolError                         -46  a malformed or unexpected message
-        ├── LocalProtocolError  ValueError    -24  you sent garbage (refused here or there)
-        └── RemoteProtocolError               -32  the other side sent garbage
+    ├── ProtocolError                         -46  a malformed or unexpected message
+    │   ├── LocalProtocolError  ValueError    -24  you sent garbage (refused here or there)
+    │   └── RemoteProtocolError               -32  the other side sent garbage
+    └── VerifyError          ValueError       -50  an attestation report does not verify
+        ├── MalformedReport                   -51  not a report: a field missing or wrong
+        ├── BadSignature                      -52  the signature does not cover these fields
+        ├── WrongKey                          -53  signed by another key than the expected
+        ├── MeasurementMismatch               -54  another enclave than the expected one
+        └── NonceMismatch                     -55  the report answers another nonce
 
 Penglai's own codes keep their meaning where they exist (-2 for a busy server);
 no failure is reported as a generic -1.
@@ -231,6 +237,37 @@ class LocalProtocolError(ProtocolError, ValueError):
 class RemoteProtocolError(ProtocolError):
     """the other side sent a malformed or unexpected message"""
     code = -32
+
+
+# ---------------------------------------------------------------- attestation
+class VerifyError(TvmError, ValueError):
+    """an attestation report does not verify"""
+    code = -50
+
+
+class MalformedReport(VerifyError):
+    """not an attestation report: a field is missing or has the wrong type or size"""
+    code = -51
+
+
+class BadSignature(VerifyError):
+    """the report's signature does not match its signed fields and public key"""
+    code = -52
+
+
+class WrongKey(VerifyError):
+    """the report is signed by another key than the one expected"""
+    code = -53
+
+
+class MeasurementMismatch(VerifyError):
+    """the report is of another enclave (measurement) than the one expected"""
+    code = -54
+
+
+class NonceMismatch(VerifyError):
+    """the report answers another nonce than the one expected"""
+    code = -55
 
 
 def _walk(cls):

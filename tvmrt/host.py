@@ -189,7 +189,20 @@ class Enclave:
         return r["retval"]
 
     def attest(self, nonce: int) -> dict:
-        """Attestation report: ``hash`` = SHA-256(measurement || nonce), ``sig`` (64 B)."""
+        """This enclave's attestation report for ``nonce`` (u64), signed by the monitor.
+
+        A dict: ``measurement`` (32 bytes: SHA-256 over a prefix, type, name and the
+        exact code, see :func:`tvmrt.measure`), ``nonce``, ``name``, ``type``,
+        ``public_key`` (the monitor's Ed25519 key, 32 bytes) and ``sig`` (64 bytes,
+        Ed25519 over the bytes tvmrt/_attest.py defines).  Anyone checks it with
+        :func:`tvmrt.verify_report` or ``tvmrt verify`` (JSON:
+        :func:`tvmrt.report_to_json`).
+
+        Any live enclave can be attested -- fresh, running, a server (its handle: every
+        instance has the same measurement) -- where Penglai allows only FRESH or STOPPED
+        ones and no server: the report signs the measurement taken at ``create``, never
+        a re-measured live address space, so the state does not matter.  An enclave
+        that ended raises what ended it."""
         return self.host._request({"op": "attest", "handle": self.handle,
                                    "nonce": check_u64(nonce, "nonce")})["report"]
 
@@ -233,21 +246,31 @@ class Host:
 
     @classmethod
     def connect(cls, path: str | None = None, embedded: bool | None = None,
-                verbose: bool = False) -> Host:
+                verbose: bool = False, key_file: str | None = None) -> Host:
         """Connect to the monitor at ``path`` (default: :func:`default_socket_path`).
 
         ``embedded=None`` starts a private monitor when none answers, ``True`` always
         starts one, ``False`` never does (raises MonitorGone instead).
+
+        ``key_file``: start a private monitor with that key (``tvmrt monitor --key``:
+        made 0600 if missing), whatever runs at ``path`` -- a running monitor has a key
+        of its own.  InvalidArgument with ``embedded=False`` or ``path``, or if the
+        file cannot be used.
         """
         from ._embedded import EmbeddedMonitor
         target = path or default_socket_path()
+        if key_file is not None:
+            if embedded is False or path is not None:
+                raise InvalidArgument("key_file starts a private monitor: it takes "
+                                      "neither embedded=False nor a path")
+            embedded = True
         if embedded is not True:
             try:
                 return cls(_dial(target), target)
             except MonitorGone:
                 if embedded is False or path is not None:
                     raise
-        mon = EmbeddedMonitor(verbose=verbose).start()
+        mon = EmbeddedMonitor(verbose=verbose, key_file=key_file).start()
         try:
             return cls(_dial(mon.path), mon.path, embedded=mon)
         except BaseException:
@@ -324,9 +347,11 @@ class Host:
         return Enclave(self, r, name, type)
 
     def ps(self) -> dict:
-        """What the monitor holds: enclaves, regions and owners, host count."""
+        """What the monitor holds: enclaves, regions and owners, host count, and its
+        ``public_key`` (raw Ed25519, 32 bytes: what its reports verify with)."""
         r = self._request({"op": "ps"})
-        return {"enclaves": r["enclaves"], "regions": r["regions"], "hosts": r["hosts"]}
+        return {"enclaves": r["enclaves"], "regions": r["regions"], "hosts": r["hosts"],
+                "public_key": r["public_key"]}
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:

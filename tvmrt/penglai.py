@@ -234,6 +234,11 @@ def PLenclave_run(enclave: PLenclave) -> int:
 
 
 def PLenclave_attest(enclave: PLenclave, nonce: int) -> int:
+    """Attest ``enclave`` with ``nonce``: 0, and the report in
+    ``enclave.attest_param.report``, or the negative code.  The report is the dict of
+    :meth:`tvmrt.host.Enclave.attest` (``sig`` is a 64-byte Ed25519 signature, like
+    Penglai's 64-byte SM2 one, that :func:`tvmrt.verify_report` checks with
+    ``public_key``), not Penglai's 328-byte struct."""
     if enclave is None or enclave._enclave is None:
         return _fail("PLenclave_attest", InvalidArgument(_NULL))
     try:

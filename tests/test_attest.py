@@ -294,6 +294,8 @@ def test_key_file_persists_reports_and_derived_keys(tmp_path):
     pub = first["srv"]["public_key"]
     assert second["srv"]["public_key"] == pub != fresh["srv"]["public_key"]
     assert first["srv"] == second["srv"]           # same key, same fields: same report
+    with Host.connect(key_file=str(kf)) as h:          # an embedded monitor with that key
+        assert h.embedded is not None and h.ps()["public_key"] == pub
     r = tvmrt_cmd("pubkey", str(kf))
     assert r.returncode == 0 and r.stdout.strip() == pub.hex()
     seed = load_key(str(kf))

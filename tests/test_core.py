@@ -238,6 +238,29 @@ def test_create_lowest_free_eid_and_generation_handles(d):
     assert rep["name"] == "srv" and rep["nonce"] == 7 and len(rep["sig"]) == 64
 
 
+def test_reports_and_keys_are_computed_from_the_config_key(d):
+    """The core signs with Config.key (an Ed25519 seed) and derives get_key from it:
+    pure computation, the same for the same measurement, nothing changed."""
+    from tvmrt import verify_report
+    h = d.connect()
+    p1, h1 = create(d, h, "same")
+    p2, _ = create(d, h, "same")                 # same code, name, type: same measurement
+    p3, _ = create(d, h, "other")
+    before = snapshot(d.core)
+    rep = ok(hreq(d, h, "attest", handle=h1, nonce=3))["report"]
+    assert ok(ereq(d, p1, "report", nonce=3))["report"] == rep
+    verify_report(rep, measurement=measure(NORMAL, "same", b"print(1)"), nonce=3,
+                  key=Core(Config(key=KEY)).signer.public_key)
+    k = [ok(ereq(d, p, "key", type=t, size=32))["key"] for p in (p1, p2, p3) for t in (0, 1)]
+    assert k[0] == k[2] and k[1] == k[3] and len(set(k)) == 4
+    assert snapshot(d.core) == before
+    other = Driver(Core(Config(key=b"o" * 32)))
+    oh = other.connect()
+    op_, _ = create(other, oh, "same")
+    assert ok(ereq(other, op_, "key", type=0, size=32))["key"] != k[0]
+    other.finish()
+
+
 def test_create_with_shm_window(d):
     h = d.connect()
     rep = ok(hreq(d, h, "shmget", size=4 * PAGE))
@@ -723,6 +746,12 @@ def test_bad_arguments_have_distinct_codes_and_change_nothing(d):
         (c, {"op": "exit", "v": "0"}, E.InvalidArgument),
         (c, {"op": "fault", "why": 3}, E.InvalidArgument),
         (c, {"op": "report", "nonce": -1}, E.InvalidArgument),
+        (c, {"op": "key", "type": 2, "size": 32}, E.InvalidArgument),    # ATTEST_KEY
+        (c, {"op": "key", "type": "0", "size": 32}, E.InvalidArgument),
+        (c, {"op": "key", "size": 32}, E.InvalidArgument),
+        (c, {"op": "key", "type": 0, "size": 0}, E.BadSize),
+        (c, {"op": "key", "type": 0, "size": 8161}, E.BadSize),
+        (c, {"op": "key", "type": 0}, E.InvalidArgument),
         # unknown ops
         (h, {"op": "frobnicate"}, E.LocalProtocolError),
         (h, {"op": "mmap", "size": PAGE}, E.LocalProtocolError),     # an enclave op

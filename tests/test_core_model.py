@@ -303,16 +303,21 @@ class CoreMachine(RuleBasedStateMachine):
         self.esend(p, "unmap", vaddr=vaddr, size=size)
 
     @precondition(lambda self: self.hosts() or self.enclaves())
-    @rule(data=st.data(), op=st.sampled_from(["acquire", "report", "attest", "ps"]),
+    @rule(data=st.data(), op=st.sampled_from(["acquire", "report", "key", "attest", "ps"]),
           name=st.sampled_from(NAMES + ["zz", None]))
     def query(self, data, op, name):
-        """Requests that change nothing: acquire, report (enclaves), attest, ps (hosts)."""
-        if op in ("acquire", "report"):
+        """Requests that change nothing: acquire, report, key (enclaves), attest, ps
+        (hosts)."""
+        if op in ("acquire", "report", "key"):
             if not self.enclaves():
                 return
             p = self.pick(data, self.enclaves())
             kw = {} if name is None else {"name": name}
-            self.esend(p, op, nonce=3, **kw) if op == "report" else \
+            if op == "report":
+                self.esend(p, op, nonce=3, **kw)
+            elif op == "key":
+                self.esend(p, op, type=0 if name is None else 2, size=32)
+            else:
                 self.esend(p, op, name=name or "a")
         elif self.hosts():
             h = self.pick(data, self.hosts())

@@ -159,13 +159,15 @@ def _launch(ns) -> int:
     opened = False
     try:
         path = ns.socket or default_socket_path()
-        try:
-            if ns.key is not None:
-                raise MonitorGone("a key of its own: an embedded monitor")
-            _dial(path).close()
-        except MonitorGone:
-            if ns.socket is not None:
-                raise
+        running = False
+        if ns.key is None:              # a key file asks for a monitor of its own
+            try:
+                _dial(path).close()
+                running = True
+            except MonitorGone:
+                if ns.socket is not None:
+                    raise
+        if not running:
             embedded = EmbeddedMonitor(verbose=ns.verbose, key_file=ns.key).start()
             path = embedded.path
         with demo.monitor_loss_raises():

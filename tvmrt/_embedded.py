@@ -140,11 +140,13 @@ class EmbeddedMonitor:
     hang-up) reach this process, which stops it, never the monitor behind its back.
     """
 
-    def __init__(self, verbose: bool = False, cpu: int | None = None):
+    def __init__(self, verbose: bool = False, cpu: int | None = None, sandbox: bool = True):
         self.dir = None
         self.path = None
         self.proc = None
         self.verbose = verbose
+        #: False: ``--no-sandbox`` (debugging: enclaves unsandboxed, the monitor dumpable)
+        self.sandbox = sandbox
         self.ready_pipe = None
 
     def start(self, timeout: float = 20.0) -> EmbeddedMonitor:
@@ -180,6 +182,8 @@ class EmbeddedMonitor:
                "--ready-fd", str(w), "--quiet", "--own-socket-dir"]
         if self.verbose:
             cmd.append("--verbose")
+        if not self.sandbox:
+            cmd.append("--no-sandbox")
         parent = os.getpid()
 
         def in_child():

@@ -233,11 +233,13 @@ class Host:
 
     @classmethod
     def connect(cls, path: str | None = None, embedded: bool | None = None,
-                verbose: bool = False) -> Host:
+                verbose: bool = False, sandbox: bool = True) -> Host:
         """Connect to the monitor at ``path`` (default: :func:`default_socket_path`).
 
         ``embedded=None`` starts a private monitor when none answers, ``True`` always
-        starts one, ``False`` never does (raises MonitorGone instead).
+        starts one, ``False`` never does (raises MonitorGone instead).  A private
+        monitor sandboxes its enclaves unless ``sandbox=False`` (debugging); a running
+        monitor's choice is its own (``tvmrt monitor --no-sandbox``).
         """
         from ._embedded import EmbeddedMonitor
         target = path or default_socket_path()
@@ -247,7 +249,7 @@ class Host:
             except MonitorGone:
                 if embedded is False or path is not None:
                     raise
-        mon = EmbeddedMonitor(verbose=verbose).start()
+        mon = EmbeddedMonitor(verbose=verbose, sandbox=sandbox).start()
         try:
             return cls(_dial(mon.path), mon.path, embedded=mon)
         except BaseException:
@@ -324,9 +326,11 @@ class Host:
         return Enclave(self, r, name, type)
 
     def ps(self) -> dict:
-        """What the monitor holds: enclaves, regions and owners, host count."""
+        """What the monitor holds: enclaves (each with its ``sandbox`` state), regions and
+        owners, host count, and the ``sandbox`` state it gives new enclaves."""
         r = self._request({"op": "ps"})
-        return {"enclaves": r["enclaves"], "regions": r["regions"], "hosts": r["hosts"]}
+        return {"enclaves": r["enclaves"], "regions": r["regions"], "hosts": r["hosts"],
+                "sandbox": r.get("sandbox")}
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:

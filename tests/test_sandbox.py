@@ -34,6 +34,7 @@ ATTACKS = (
     "unshare a user namespace", "dumpable (value)", "no_new_privs (value)",
     "open fds above 2 (value)", "stdin is /dev/null (value)",
     "connect to an abstract socket outside", "exec a program",
+    "effective capabilities (value)",
 )
 RESULTS, CALL_RC, CALL_VAL = 64, 60, 61
 SUPPORT = _sandbox.probe()
@@ -143,6 +144,7 @@ def test_hostile_eapp_is_refused_and_the_others_carry_on(sandboxed, targets):
         assert got["no_new_privs (value)"] == 1
         assert got["open fds above 2 (value)"] == 1         # its channel to the monitor
         assert got["stdin is /dev/null (value)"] == 1
+        assert got["effective capabilities (value)"] == 0
         # after all that, a call from the hostile enclave itself still works...
         assert (v[CALL_RC], v[CALL_VAL]) == (0, 42)
         assert not os.path.exists(targets.tmp)

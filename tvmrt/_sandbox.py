@@ -6,8 +6,9 @@ and map the host's segments.  Each enclave process therefore, before any eapp co
 runs (:func:`enter`, called by the zygote in the freshly forked child):
 
 * is non-dumpable (``PR_SET_DUMPABLE`` 0: processes of its uid without
-  ``CAP_SYS_PTRACE`` cannot open its ``/proc`` files nor ptrace it) and has
-  ``PR_SET_NO_NEW_PRIVS`` (no set-uid gain; required by both filters below);
+  ``CAP_SYS_PTRACE`` cannot open its ``/proc`` files nor ptrace it), has
+  ``PR_SET_NO_NEW_PRIVS`` (no set-uid gain; required by both filters below) and holds
+  no capability (a monitor run by root would otherwise give its enclaves root's);
 * enters a **Landlock** domain that lets it read the Python installation (the
   prefixes, the standard library, site-packages, the tvmrt package) and the system's
   shared libraries that extension modules load, and nothing else of the filesystem:
@@ -52,6 +53,10 @@ PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 PR_GET_SECCOMP = 21
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
@@ -90,6 +95,28 @@ class _PathBeneathAttr(ctypes.Structure):
     _pack_ = 1                          # __attribute__((packed)) in the kernel's header
     _fields_ = [("allowed_access", ctypes.c_uint64),
                 ("parent_fd", ctypes.c_int32)]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> None:
+    """Give up every capability: the bounding set (when this process may change it:
+    only with CAP_SETPCAP, i.e. as root), the ambient set, then effective, permitted
+    and inheritable.  Raises OSError if the last step fails."""
+    for cap in range(64):
+        if _prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break                   # EINVAL past the last capability; EPERM: not root
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)   # EINVAL before 4.3
+    if _libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)),
+                    (_CapData * 2)()) != 0:
+        _fail("capset")
 
 
 class _SockFilter(ctypes.Structure):
@@ -136,7 +163,7 @@ def level(support: Support, enabled: bool = True) -> str:
     ``off`` (``--no-sandbox``); ``full`` (Landlock with scoping and seccomp); else the
     parts that are there, joined by ``+``: ``landlock-fs`` (the filesystem rules),
     ``scoped`` (signals and abstract sockets), ``seccomp`` -- or ``basic`` when only
-    non-dumpable, no-new-privs and the closed fds remain."""
+    non-dumpable, no-new-privs, no capabilities and the closed fds remain."""
     if not enabled:
         return "off"
     parts = []
@@ -437,6 +464,7 @@ class Prepared:
         set_dumpable(False)
         if _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             _fail("prctl(PR_SET_NO_NEW_PRIVS)")
+        drop_capabilities()
         if self.ruleset_fd is not None:
             fd, self.ruleset_fd = self.ruleset_fd, None
             try:

@@ -27,6 +27,7 @@ ATTACKS = (
     "unshare a user namespace", "dumpable (value)", "no_new_privs (value)",
     "open fds above 2 (value)", "stdin is /dev/null (value)",
     "connect to an abstract socket outside", "exec a program",
+    "effective capabilities (value)",
 )
 RESULTS, CALL_RC, CALL_VAL = 64, 60, 61
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -90,6 +91,14 @@ def _kcmp(pid):
     return _libc_errno(_libc.syscall(nr, os.getpid(), pid, 0, 0, 0))   # KCMP_FILE
 
 
+def _capabilities():
+    hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)()
+    if _libc.capget(hdr, data) != 0:
+        return -2
+    return int(bool(data[0] | data[3]))      # any effective capability (both words)
+
+
 def _open_fds():
     n = 0
     for fd in range(3, 1024):
@@ -148,6 +157,7 @@ def main(args):
         put[18] = _libc.prctl(39, 0, 0, 0, 0)                              # NO_NEW_PRIVS
         put[19] = _open_fds()
         put[20] = int(os.fstat(0).st_rdev == os.makedev(1, 3))
+        put[23] = _capabilities()
     for i, v in put.items():
         shm[RESULTS + i] = v
     if mode in (0, 2):

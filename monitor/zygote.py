@@ -152,7 +152,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
         if sandbox != "off":
             _sandbox.set_dumpable(False)
         prepared = _sandbox.Prepared(sandbox, support or _sandbox.probe())
-    except OSError as exc:
+    except Exception as exc:
         # every create is then refused with this reason (no enclave runs unsandboxed)
         unprepared = f"cannot prepare the enclave sandbox ({sandbox}): {exc}"
         print(f"tvmrt zygote: {unprepared}", file=sys.stderr, flush=True)

@@ -351,9 +351,9 @@ class Daemon:
         missing -- nothing when the sandbox is full."""
         if self.sandbox == "off":
             print("tvmrt monitor: --no-sandbox: the monitor, the zygote and every enclave "
-                  "are dumpable, enclaves run without no-new-privs, Landlock and seccomp: "
-                  "an enclave can read this uid's files and other processes' memory",
-                  file=sys.stderr, flush=True)
+                  "are dumpable, enclaves keep this process's capabilities and run without "
+                  "no-new-privs, Landlock and seccomp: an enclave can read this uid's files "
+                  "and other processes' memory", file=sys.stderr, flush=True)
             return
         _sandbox.set_dumpable(False)
         gaps = _sandbox.missing(self.support)

@@ -49,6 +49,10 @@ class Config:
     max_tombstones: int = 4096
     #: largest eapp code accepted by create (bytes)
     max_code: int = 1 << 20
+    #: the sandbox every enclave process enters, as the shell found it on this kernel
+    #: (:func:`tvmrt._sandbox.level`: "full", "landlock-fs+seccomp", ..., "off"); the
+    #: core only records it per enclave, for ``ps``
+    sandbox: str = "off"
 
     def __post_init__(self) -> None:
         if type(self.key) is not bytes or len(self.key) != 32:

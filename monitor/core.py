@@ -162,9 +162,9 @@ _NO_QUEUE: deque = deque()       # a normal enclave's (always empty) queue
 
 class Enclave:
     __slots__ = ("peer", "eid", "gen", "name", "type", "host", "state", "frame_in", "out",
-                 "measurement", "shm", "pool", "pid", "end", "create_rid")
+                 "measurement", "shm", "pool", "pid", "end", "create_rid", "sandbox")
 
-    def __init__(self, peer, eid, gen, name, etype, host, measurement):
+    def __init__(self, peer, eid, gen, name, etype, host, measurement, sandbox="off"):
         self.peer = peer
         self.eid = eid
         self.gen = gen
@@ -180,6 +180,8 @@ class Enclave:
         self.pid = None
         self.end: tuple[type[E.TvmError], str] | None = None   # what ended it
         self.create_rid: int | None = None    # the host's create, answered at ready
+        #: the sandbox its process enters (Config.sandbox when it was created); shown by ps
+        self.sandbox = sandbox
 
     @property
     def handle(self):
@@ -1167,7 +1169,8 @@ def _start_enclave(core, fx, p, name, etype, code, path, measurement, shm, pool,
         core.slots.append(None)
         core.gens.append(0)
     ep = core._new_peer(ENCLAVE)
-    e = Enclave(ep.id, eid, core.gens[eid], name, etype, p.id, measurement)
+    e = Enclave(ep.id, eid, core.gens[eid], name, etype, p.id, measurement,
+                core.config.sandbox)
     ep.enclave = e
     core.slots[eid] = e
     p.enclaves.add(ep.id)
@@ -1273,12 +1276,14 @@ def _h_attest(core, fx, p, msg, rid, nfds, now):
 def _h_ps(core, fx, p, msg, rid, nfds, now):
     encl = [{"eid": e.eid, "handle": e.handle, "name": e.name, "type": e.type,
              "state": e.state, "host": e.host, "pid": e.pid, "peer": e.peer,
+             "sandbox": e.sandbox,
              "pool": e.pool.handle if e.pool is not None else None,
              "instance": e.pool.members.index(e) if e.pool is not None else None}
             for e in core.slots if e is not None]
     regs = [{"id": r.id, "seg": r.seg, "kind": r.kind, "vaddr": r.vaddr, "size": r.length,
              "owner": r.owner, "lenders": list(r.stack)} for r in core.regions.values()]
     core._send(fx, p.id, {"op": "r", "rid": rid, "enclaves": encl, "regions": regs,
+                          "sandbox": core.config.sandbox,
                           "hosts": sum(1 for q in core.peers.values() if q.kind == HOST),
                           "public_key": core.signer.public_key})
 

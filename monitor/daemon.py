@@ -17,10 +17,11 @@ import stat
 import sys
 import time
 import traceback
+from dataclasses import replace
 
 import posix_ipc
 
-from tvmrt import _memory as memory, _wire as wire
+from tvmrt import _memory as memory, _sandbox, _wire as wire
 from tvmrt._paths import default_socket_path
 from tvmrt.errors import (
     MonitorGone,
@@ -183,13 +184,21 @@ class _Epoll:
 
 
 class Daemon:
-    """Run the monitor on ``path`` until SIGINT/SIGTERM (or :meth:`stop`)."""
+    """Run the monitor on ``path`` until SIGINT/SIGTERM (or :meth:`stop`).
+
+    With ``sandbox`` (the default) the monitor and its zygote are non-dumpable and every
+    enclave process enters the sandbox of :mod:`tvmrt._sandbox`, with what this kernel
+    offers; ``sandbox=False`` (``--no-sandbox``, for debugging) turns all of it off.
+    Either way :meth:`run` says on stderr, in one line, what is missing or off."""
 
     def __init__(self, path: str | None = None, verbose: bool = False,
-                 config: Config | None = None):
+                 config: Config | None = None, sandbox: bool = True):
         self.path = path or default_socket_path()
         self.verbose = verbose
-        self.core = Core(config or Config(key=secrets.token_bytes(32)))
+        self.support = _sandbox.probe()
+        self.sandbox = _sandbox.level(self.support, sandbox)
+        self.core = Core(replace(config or Config(key=secrets.token_bytes(32)),
+                                 sandbox=self.sandbox))
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
         self.segs: dict[int, posix_ipc.SharedMemory] = {}
@@ -210,6 +219,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ set-up
     def _start_zygote(self):
+        # Before any peer socket exists: the zygote inherits nothing but its channel.
         mine, theirs = wire.seqpacket_pair()
         me = os.getpid()
         pid = os.fork()
@@ -219,7 +229,7 @@ class Daemon:
                 keep = theirs.fileno()
                 os.closerange(3, keep)
                 os.closerange(keep + 1, 65536)
-                zygote.serve(theirs, me)
+                zygote.serve(theirs, me, self.sandbox, self.support)
             finally:
                 os._exit(0)
         theirs.close()
@@ -259,6 +269,7 @@ class Daemon:
         stop_sigs = (signal.SIGINT, signal.SIGTERM)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in stop_sigs}
         try:
+            self._announce_sandbox()
             # The monitor maps nothing, but it reserves the arenas like every tvmrt
             # process: the zygote and every enclave inherit the reservation through fork.
             memory.reserve_arenas()
@@ -333,6 +344,22 @@ class Daemon:
             os.close(wake_r)
             os.close(wake_w)
         return 0
+
+    def _announce_sandbox(self):
+        """Make the monitor non-dumpable (the zygote and the enclaves inherit it through
+        fork) unless the sandbox is off, and say in one line on stderr what is off or
+        missing -- nothing when the sandbox is full."""
+        if self.sandbox == "off":
+            print("tvmrt monitor: --no-sandbox: the monitor, the zygote and every enclave "
+                  "are dumpable, enclaves keep this process's capabilities and run without "
+                  "no-new-privs, Landlock and seccomp: an enclave can read this uid's files "
+                  "and other processes' memory", file=sys.stderr, flush=True)
+            return
+        _sandbox.set_dumpable(False)
+        gaps = _sandbox.missing(self.support)
+        if gaps:
+            print(f"tvmrt monitor: enclave sandbox is {self.sandbox!r}: " + "; ".join(gaps),
+                  file=sys.stderr, flush=True)
 
     def _on_signal(self, signum, frame):
         self.running = False

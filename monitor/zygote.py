@@ -36,6 +36,13 @@ below an enclave is re-parented to the zygote, not to init.
 
 Every enclave process also gets ``PR_SET_PDEATHSIG(SIGKILL)`` towards the zygote
 (re-checked after fork), for when the zygote itself is SIGKILLed.
+
+Before the eapp's code runs, every enclave process keeps only the fds it is meant to
+have -- 0 (``/dev/null``: never the monitor's terminal), 1 and 2 (what its host gave),
+its channel to the monitor and its shared-memory segment until mapped -- and enters
+the sandbox (:mod:`tvmrt._sandbox`), whose Landlock ruleset and seccomp program the
+zygote builds once at start.  An enclave that cannot enter it ends (exit status 70,
+the reason on its stderr): it never runs with less than ``ps`` shows.
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ import socket
 import sys
 import traceback
 
-from tvmrt import _memory as memory, _wire as wire
+from tvmrt import _memory as memory, _sandbox, _wire as wire
 
 
 def describe_status(status: int) -> str:
@@ -113,8 +120,12 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def serve(sock: socket.socket, monitor_pid: int) -> None:
-    """Run the zygote loop on ``sock`` until the monitor says exit or goes away."""
+def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
+          support: _sandbox.Support | None = None) -> None:
+    """Run the zygote loop on ``sock`` until the monitor says exit or goes away.
+
+    ``sandbox`` is the state every enclave gets (:func:`tvmrt._sandbox.level` of
+    ``support``); the zygote is non-dumpable unless it is ``off``."""
     # SIGTERM, not SIGKILL, when the monitor dies: the zygote must live on long enough to
     # kill its enclaves' groups (a grandchild does not inherit anyone's PDEATHSIG).
     stop: list[bool] = []
@@ -130,6 +141,21 @@ def serve(sock: socket.socket, monitor_pid: int) -> None:
         print(f"tvmrt zygote: {exc}; processes orphaned in an enclave go to init",
               file=sys.stderr, flush=True)
     memory.reserve_arenas()
+    # Imported here, once: an enclave then starts without reading a file, and its
+    # runtime and eapp API are in place before its sandbox forbids most reads.
+    import tvmrt.eapp  # noqa: F401
+    from tvmrt import _runtime  # noqa: F401
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    prepared: _sandbox.Prepared | None = None
+    unprepared = None
+    try:
+        if sandbox != "off":
+            _sandbox.set_dumpable(False)
+        prepared = _sandbox.Prepared(sandbox, support or _sandbox.probe())
+    except Exception as exc:
+        # every create is then refused with this reason (no enclave runs unsandboxed)
+        unprepared = f"cannot prepare the enclave sandbox ({sandbox}): {exc}"
+        print(f"tvmrt zygote: {unprepared}", file=sys.stderr, flush=True)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -214,6 +240,10 @@ def serve(sock: socket.socket, monitor_pid: int) -> None:
         op = msg.get("op")
         if op == "spawn":
             peer = msg["k"]
+            if prepared is None:
+                wire.close_all(fds)
+                wire.send(sock, {"op": "spawn_failed", "k": peer, "why": unprepared})
+                continue
             try:
                 pid = os.fork()
             except OSError as exc:
@@ -221,7 +251,7 @@ def serve(sock: socket.socket, monitor_pid: int) -> None:
                 wire.send(sock, {"op": "spawn_failed", "k": peer, "why": str(exc)})
                 continue
             if pid == 0:
-                _child(me, sock, (wake_r, wake_w), msg["spec"], fds)
+                _child(me, sock, (wake_r, wake_w), msg["spec"], fds, prepared, devnull)
             wire.close_all(fds)
             children[pid] = peer
             by_peer[peer] = pid
@@ -238,8 +268,9 @@ def serve(sock: socket.socket, monitor_pid: int) -> None:
             wire.close_all(fds)
 
 
-def _child(zygote_pid, zsock, wake, spec, fds):
-    """In the new enclave process: cut ties with the zygote, then run the eapp."""
+def _child(zygote_pid, zsock, wake, spec, fds, prepared, devnull):
+    """In the new enclave process: cut ties with the zygote, keep only the enclave's
+    fds, enter the sandbox, then run the eapp."""
     code = 70
     try:
         memory.set_pdeathsig(signal.SIGKILL)
@@ -263,10 +294,24 @@ def _child(zygote_pid, zsock, wake, spec, fds):
         sys.stderr.flush()
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
-        for fd in (out_fd, err_fd):
-            if fd > 2:
-                os.close(fd)
+        os.dup2(devnull, 0)
+        # Every other fd goes: whatever the zygote held (or a bug leaked to it) is no
+        # business of the eapp's.  The ruleset fd is closed by enter().
+        keep = {enc_fd, *prepared.fds()}
+        if shm_fd is not None:
+            keep.add(shm_fd)
+        lo = 3
+        for fd in sorted(keep):
+            os.closerange(lo, fd)
+            lo = fd + 1
+        os.closerange(lo, 1 << 20)
         from tvmrt import _runtime as eapp_runtime
+        try:
+            prepared.enter()
+        except OSError as exc:
+            print(f"tvmrt: enclave {spec.get('name')!r} cannot enter its sandbox "
+                  f"({prepared.state}): {exc}", file=sys.stderr, flush=True)
+            os._exit(code)
         code = eapp_runtime.run(enc_fd, spec, shm_fd)
     except BaseException:
         try:

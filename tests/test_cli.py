@@ -78,9 +78,10 @@ def test_ps_shows_memory_and_cpu_of_each_enclave(host):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     header, row = r.stdout.splitlines()[1:3]
-    assert header.split()[-3:] == ["rss", "uss", "cpu"]
-    rss, uss, cpu = row.split()[-3:]
+    assert header.split()[-4:] == ["rss", "uss", "cpu", "sandbox"]
+    rss, uss, cpu, sandbox = row.split()[-4:]
     assert rss[-1] in "KMG" and uss[-1] in "KMG" and cpu.endswith("s")
+    assert sandbox == e["sandbox"] == host.ps()["sandbox"]
 
 
 def test_ps_shows_a_dash_for_a_vanished_pid():
@@ -93,7 +94,7 @@ def test_ps_shows_a_dash_for_a_vanished_pid():
                           "state": "running", "pid": gone.pid,
                           **cli._proc_stats(gone.pid)}]}
     row = cli._ps_lines(info)[2].split()
-    assert row[-4:] == [str(gone.pid), "-", "-", "-"]
+    assert row[-5:] == [str(gone.pid), "-", "-", "-", "-"]
 
 
 def test_ps_without_monitor_says_so(tmp_path):

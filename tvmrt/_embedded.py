@@ -141,13 +141,15 @@ class EmbeddedMonitor:
     """
 
     def __init__(self, verbose: bool = False, cpu: int | None = None,
-                 key_file: str | None = None):
+                 key_file: str | None = None, sandbox: bool = True):
         #: the monitor's key file (``tvmrt monitor --key``), or None: a fresh key
         self.key_file = None if key_file is None else os.path.abspath(key_file)
         self.dir = None
         self.path = None
         self.proc = None
         self.verbose = verbose
+        #: False: ``--no-sandbox`` (debugging: enclaves unsandboxed, the monitor dumpable)
+        self.sandbox = sandbox
         self.ready_pipe = None
 
     def start(self, timeout: float = 20.0) -> EmbeddedMonitor:
@@ -190,6 +192,8 @@ class EmbeddedMonitor:
             cmd.append("--verbose")
         if self.key_file is not None:
             cmd += ["--key", self.key_file]
+        if not self.sandbox:
+            cmd.append("--no-sandbox")
         parent = os.getpid()
 
         def in_child():

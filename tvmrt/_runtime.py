@@ -213,6 +213,21 @@ def _exit_code(exc: SystemExit) -> int:
 current: Runtime | None = None
 
 
+def _remember_source(path: str, code) -> None:
+    """Put the eapp's source in ``linecache``: its tracebacks show their lines although
+    the sandbox does not let the enclave read its own file (``mtime`` None: checkcache
+    keeps the entry)."""
+    import linecache
+    try:
+        text = code.decode("utf-8", "replace") if isinstance(code, bytes) else str(code)
+    except Exception:
+        return
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    linecache.cache[path] = (len(text), None, lines, path)
+
+
 def run(fd: int, spec: dict, shm_fd: int | None) -> int:
     """Entry of a freshly forked enclave process.  Returns the process exit code."""
     global current
@@ -230,6 +245,7 @@ def run(fd: int, spec: dict, shm_fd: int | None) -> int:
         rt.table.add_shared(vaddr, size)
         rt.shm = (vaddr, size)
     path = spec.get("path") or f"<eapp {rt.name}>"
+    _remember_source(path, spec["code"])
     ns = {"__name__": "__eapp__", "__file__": path, "__builtins__": __builtins__}
     try:
         code = compile(spec["code"], path, "exec")

@@ -310,8 +310,10 @@ class Floors:
 class Tvm:
     """A private embedded monitor, bench-server and a shm region for the samples."""
 
-    def __init__(self, max_n: int):
+    def __init__(self, max_n: int, sandbox: bool = True):
         self.max_n = max_n
+        self.sandbox = sandbox
+        self.state = None               # the enclaves' sandbox, as ps shows it
         self.host = None
         self.shm = None
         self.blocks = 0
@@ -319,7 +321,8 @@ class Tvm:
 
     def start(self) -> Tvm:
         from .host import SERVER, Host
-        self.host = Host.connect(embedded=True)
+        self.host = Host.connect(embedded=True, sandbox=self.sandbox)
+        self.state = self.host.ps().get("sandbox")
         self.shm = self.host.shmget(page_round(HDR.size + 8 * self.max_n))
         self.host.create("bench_server", name=SERVER_NAME, type=SERVER)
         return self
@@ -365,8 +368,9 @@ def counts(ns) -> dict:
     return c
 
 
-def measure(c: dict, progress=None) -> dict:
-    """Run every config ``c["rounds"]`` times; returns the result dict (see :func:`main`)."""
+def measure(c: dict, progress=None, sandbox: bool = True) -> dict:
+    """Run every config ``c["rounds"]`` times; returns the result dict (see :func:`main`).
+    ``sandbox=False``: the embedded monitor runs the enclaves unsandboxed."""
     rounds = c["rounds"]
 
     def split(total, r):
@@ -386,7 +390,7 @@ def measure(c: dict, progress=None) -> dict:
     try:
         floors = Floors()
         floors.start()                  # before the host: they inherit no tvmrt fd
-        tvm = Tvm(max_n)
+        tvm = Tvm(max_n, sandbox)
         tvm.start()
         for r in range(rounds):
             order = list(CONFIGS)
@@ -442,6 +446,7 @@ def measure(c: dict, progress=None) -> dict:
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "rounds": rounds,
+        "sandbox": tvm.state,
         "warmup_per_block": {k: plan(k, 0)[1] for k in CONFIGS},
         "rows": rows,
         "target": {"what": "null call median <= 1.5 x relay floor median",
@@ -453,7 +458,7 @@ def measure(c: dict, progress=None) -> dict:
 
 def format_table(res: dict) -> str:
     lines = [f"tvmrt bench: {res['placement']}, {res['implementation']} {res['python']}, "
-             f"{res['rounds']} rounds, {res['elapsed_s']:.1f} s",
+             f"{res['rounds']} rounds, {res['elapsed_s']:.1f} s, sandbox {res['sandbox']}",
              "",
              f"{'config':28} {'n':>7} {'median µs':>11} {'p99 µs':>11}  ratio"]
     for r in res["rows"]:
@@ -508,7 +513,7 @@ def _main(ns) -> int:
             def progress(text):
                 print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
         try:
-            res = measure(c, progress)
+            res = measure(c, progress, sandbox=not getattr(ns, "no_sandbox", False))
         finally:
             if progress:
                 print("\r\033[K", end="", file=sys.stderr, flush=True)

@@ -38,8 +38,9 @@ def _monitor(ns) -> int:
             from tvmrt.monitor.config import Config
             from tvmrt.monitor.keyfile import load_or_create_key
             config = Config(key=load_or_create_key(ns.key))
-        return Daemon(ns.socket, verbose=ns.verbose, config=config).run(
-            ready_fd=ns.ready_fd, announce=not ns.quiet)
+        return Daemon(ns.socket, verbose=ns.verbose, config=config,
+                      sandbox=not ns.no_sandbox).run(ready_fd=ns.ready_fd,
+                                                     announce=not ns.quiet)
     except TvmError as exc:
         print(f"tvmrt monitor: {exc.reason}", file=sys.stderr)
         return 1
@@ -168,7 +169,8 @@ def _launch(ns) -> int:
                 if ns.socket is not None:
                     raise
         if not running:
-            embedded = EmbeddedMonitor(verbose=ns.verbose, key_file=ns.key).start()
+            embedded = EmbeddedMonitor(verbose=ns.verbose, key_file=ns.key,
+                                       sandbox=not ns.no_sandbox).start()
             path = embedded.path
         with demo.monitor_loss_raises():
             if penglai.open_device(path) != 0:
@@ -234,16 +236,17 @@ def _size(n) -> str:
 def _ps_lines(info: dict) -> list[str]:
     """The text of ``tvmrt ps`` for ``info`` (enclaves already carrying their stats)."""
     key = info.get("public_key")
-    lines = [f"hosts: {info['hosts']}" + (f"   public key: {key.hex()}" if key else ""),
+    lines = [f"hosts: {info['hosts']}  sandbox: {info.get('sandbox', '-')}"
+             + (f"   public key: {key.hex()}" if key else ""),
              f"{'eid':>4} {'handle':>12} {'name':16} {'type':6} {'inst':>4} {'state':8} "
-             f"{'pid':>7} {'rss':>7} {'uss':>7} {'cpu':>8}"]
+             f"{'pid':>7} {'rss':>7} {'uss':>7} {'cpu':>8} sandbox"]
     for e in info["enclaves"]:
         cpu = "-" if e.get("cpu") is None else f"{e['cpu']:.2f}s"
         inst = "-" if e.get("instance") is None else e["instance"]
         lines.append(f"{e['eid']:>4} {e['handle']:>#12x} {e['name']:16} "
                      f"{'server' if e['type'] else 'normal':6} {inst:>4} {e['state']:8} "
                      f"{e['pid'] or '-':>7} {_size(e.get('rss')):>7} "
-                     f"{_size(e.get('uss')):>7} {cpu:>8}")
+                     f"{_size(e.get('uss')):>7} {cpu:>8} {e.get('sandbox', '-')}")
     lines.append(f"{'id':>8} {'kind':6} {'vaddr':>14} {'size':>10} owner lenders")
     for r in info["regions"]:
         lines.append(f"{r['id']:>#8x} {r['kind']:6} {r['vaddr']:>#14x} {r['size']:>#10x} "
@@ -398,6 +401,9 @@ def main(argv=None) -> int:
     m.add_argument("--key", metavar="FILE", help="the monitor's Ed25519 key (PEM, 0600), "
                    "made if missing: reports verify with the same key across restarts "
                    "(default: a fresh key per start)")
+    m.add_argument("--no-sandbox", action="store_true",
+                   help="debugging only: enclaves run without the sandbox (dumpable, no "
+                   "Landlock, no seccomp) and the monitor and zygote are dumpable")
     # embedded monitors (tvmrt._embedded): remove the socket's directory on exit
     m.add_argument("--own-socket-dir", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(fn=_monitor)
@@ -411,6 +417,8 @@ def main(argv=None) -> int:
                     "file (as tvmrt monitor --key)")
     la.add_argument("--report", metavar="FILE", help="write the host's report of the "
                     "caller (nonce 1234) as JSON, for tvmrt verify")
+    la.add_argument("--no-sandbox", action="store_true",
+                    help="an embedded monitor runs its enclaves without the sandbox")
     la.set_defaults(fn=_launch)
 
     ps = sub.add_parser("ps", help="list enclaves (with RSS, USS, CPU time) and regions of a "
@@ -446,6 +454,8 @@ def main(argv=None) -> int:
     b.add_argument("--big-calls", type=int, default=20, help="calls for the 64 MiB row")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
+    b.add_argument("--no-sandbox", action="store_true",
+                   help="the embedded monitor runs the enclaves without the sandbox")
     b.set_defaults(fn=_bench)
 
     st = sub.add_parser("stress", help="host processes, server instances and callers "

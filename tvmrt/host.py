@@ -246,11 +246,14 @@ class Host:
 
     @classmethod
     def connect(cls, path: str | None = None, embedded: bool | None = None,
-                verbose: bool = False, key_file: str | None = None) -> Host:
+                verbose: bool = False, key_file: str | None = None,
+                sandbox: bool = True) -> Host:
         """Connect to the monitor at ``path`` (default: :func:`default_socket_path`).
 
         ``embedded=None`` starts a private monitor when none answers, ``True`` always
-        starts one, ``False`` never does (raises MonitorGone instead).
+        starts one, ``False`` never does (raises MonitorGone instead).  A private
+        monitor sandboxes its enclaves unless ``sandbox=False`` (debugging); a running
+        monitor's choice is its own (``tvmrt monitor --no-sandbox``).
 
         ``key_file``: start a private monitor with that key (``tvmrt monitor --key``:
         made 0600 if missing), whatever runs at ``path`` -- a running monitor has a key
@@ -270,7 +273,7 @@ class Host:
             except MonitorGone:
                 if embedded is False or path is not None:
                     raise
-        mon = EmbeddedMonitor(verbose=verbose, key_file=key_file).start()
+        mon = EmbeddedMonitor(verbose=verbose, key_file=key_file, sandbox=sandbox).start()
         try:
             return cls(_dial(mon.path), mon.path, embedded=mon)
         except BaseException:
@@ -347,11 +350,12 @@ class Host:
         return Enclave(self, r, name, type)
 
     def ps(self) -> dict:
-        """What the monitor holds: enclaves, regions and owners, host count, and its
+        """What the monitor holds: enclaves (each with its ``sandbox`` state), regions and
+        owners, host count, the ``sandbox`` state it gives new enclaves, and its
         ``public_key`` (raw Ed25519, 32 bytes: what its reports verify with)."""
         r = self._request({"op": "ps"})
         return {"enclaves": r["enclaves"], "regions": r["regions"], "hosts": r["hosts"],
-                "public_key": r["public_key"]}
+                "sandbox": r.get("sandbox"), "public_key": r["public_key"]}
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:

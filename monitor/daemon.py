@@ -192,13 +192,15 @@ class Daemon:
     Either way :meth:`run` says on stderr, in one line, what is missing or off."""
 
     def __init__(self, path: str | None = None, verbose: bool = False,
-                 config: Config | None = None, sandbox: bool = True):
+                 config: Config | None = None, sandbox: bool = True,
+                 key_file: str | None = None):
         self.path = path or default_socket_path()
         self.verbose = verbose
         self.support = _sandbox.probe()
         self.sandbox = _sandbox.level(self.support, sandbox)
-        self.core = Core(replace(config or Config(key=secrets.token_bytes(32)),
-                                 sandbox=self.sandbox))
+        self._config = config
+        self._key_file = key_file
+        self.core: Core = None      # type: ignore[assignment]  # set by run()
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
         self.segs: dict[int, posix_ipc.SharedMemory] = {}
@@ -234,6 +236,21 @@ class Daemon:
                 os._exit(0)
         theirs.close()
         self.zpid, self.zsock = pid, mine
+
+    def _make_core(self) -> Core:
+        """The core, with the monitor's key: loaded (``key_file``, made if missing), from
+        ``config``, else drawn fresh.  Called after the zygote is forked, so that the key
+        never exists in the zygote's memory and so in no enclave's (each is a fork of the
+        zygote): an enclave that searched its own memory would find nothing to sign with."""
+        if self._key_file is not None:
+            from .keyfile import load_or_create_key
+            key = load_or_create_key(self._key_file)
+        elif self._config is not None:
+            key = self._config.key
+        else:
+            key = secrets.token_bytes(32)
+        base = self._config or Config(key=key)
+        return Core(replace(base, key=key, sandbox=self.sandbox))
 
     def _listen(self):
         """Bind and listen on :attr:`path` (see :func:`prepare_socket_path`)."""
@@ -275,6 +292,7 @@ class Daemon:
             memory.reserve_arenas()
             self._start_zygote()
             try:
+                self.core = self._make_core()
                 self.listener = self._listen()
             except BaseException:
                 self._stop_zygote()

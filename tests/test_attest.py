@@ -413,3 +413,21 @@ def test_demo_prints_real_signatures_and_its_report_verifies(tmp_path):
     assert r.returncode == 0, r
     r = tvmrt_cmd("launch", "caller", "server", "--key", str(kf), "--socket", "x")
     assert r.returncode == 2 and "--key" in r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_enclaves_do_not_inherit_the_monitor_key(tmp_path):
+    """Every enclave is a fork of the zygote, itself a fork of the monitor: the key must
+    come into being only after the zygote is forked, or any eapp could find it in its own
+    memory and sign reports of its own making."""
+    kf = tmp_path / "m.key"
+    seed = load_or_create_key(str(kf))
+    with Host.connect(key_file=str(kf)) as h:
+        assert h.ps()["public_key"] == Ed25519PrivateKey.from_private_bytes(seed) \
+            .public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        shm = h.shmget(0x1000)
+        shm.view[:32] = seed
+        enc = h.create(eapp("key_hunt"), name="hunter", shm=shm)
+        found = enc.run()
+        assert found == 0, f"the enclave found the key: {bytes(shm.view[64:1024])!r}"
+        shm.remove()

@@ -287,7 +287,7 @@ def test_ps_shows_each_enclaves_sandbox(sandboxed):
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         lines = r.stdout.splitlines()
-        assert lines[0].endswith(f"sandbox: {STATE}")
+        assert f"sandbox: {STATE}" in lines[0].split("   public key")[0]
         assert lines[1].split()[-1] == "sandbox" and lines[2].split()[-1] == STATE
 
 

@@ -33,12 +33,8 @@ def _monitor(ns) -> int:
         if own_dir is not None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         from tvmrt.monitor.daemon import Daemon
-        config = None
-        if ns.key is not None:
-            from tvmrt.monitor.config import Config
-            from tvmrt.monitor.keyfile import load_or_create_key
-            config = Config(key=load_or_create_key(ns.key))
-        return Daemon(ns.socket, verbose=ns.verbose, config=config,
+        # the key file is read by the daemon once its zygote runs (see Daemon._make_core)
+        return Daemon(ns.socket, verbose=ns.verbose, key_file=ns.key,
                       sandbox=not ns.no_sandbox).run(ready_fd=ns.ready_fd,
                                                      announce=not ns.quiet)
     except TvmError as exc:

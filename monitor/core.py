@@ -30,6 +30,8 @@ Effects:
     NewSeg(seg, size, arena)           create a segment, report segment_created/failed
     FreeSeg(seg)                       close the monitor's fd of a segment
     Log(text)                          a line for the monitor's log
+    Stats(msg)                         put the monitor's own pid, fds, RSS into
+                                       ``msg["monitor"]`` (the Send of msg follows)
 
 Every change of ownership goes through ``_lend``, ``_take``, ``_unlend``, ``_give``,
 ``_return_to_lender``, ``_skip_lender`` and ``_free``; every change of an enclave's
@@ -52,7 +54,7 @@ from tvmrt import errors as E
 from tvmrt._attest import ENCLAVE_KEY, KEY_MAX, STORAGE_KEY, Signer, measure as measure
 
 from .config import Config
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, Stats
 from .validate import (
     U64,
     Invalid,
@@ -1282,10 +1284,12 @@ def _h_ps(core, fx, p, msg, rid, nfds, now):
             for e in core.slots if e is not None]
     regs = [{"id": r.id, "seg": r.seg, "kind": r.kind, "vaddr": r.vaddr, "size": r.length,
              "owner": r.owner, "lenders": list(r.stack)} for r in core.regions.values()]
-    core._send(fx, p.id, {"op": "r", "rid": rid, "enclaves": encl, "regions": regs,
-                          "sandbox": core.config.sandbox,
-                          "hosts": sum(1 for q in core.peers.values() if q.kind == HOST),
-                          "public_key": core.signer.public_key})
+    reply = {"op": "r", "rid": rid, "enclaves": encl, "regions": regs,
+             "sandbox": core.config.sandbox,
+             "hosts": sum(1 for q in core.peers.values() if q.kind == HOST),
+             "public_key": core.signer.public_key}
+    fx.append(Stats(reply))           # the shell adds the monitor's own pid, fds, RSS
+    core._send(fx, p.id, reply)
 
 
 _HOST_OPS = {

@@ -34,7 +34,7 @@ from tvmrt.errors import (
 from . import zygote
 from .config import Config
 from .core import Core
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, Stats
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 _lseek, _SEEK_END = os.lseek, os.SEEK_END
@@ -568,6 +568,19 @@ class Daemon:
                 self._drop_sock(eff.peer)
             elif t is Log:
                 self._log(eff.text)
+            elif t is Stats:
+                eff.msg["monitor"] = self._stats()
+
+    def _stats(self) -> dict:
+        """This process's figures for ``ps`` (see :class:`Stats`)."""
+        try:
+            fds = len(os.listdir("/proc/self/fd")) - 1     # less listdir's own
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            fds = rss = -1
+        return {"pid": os.getpid(), "fds": fds, "rss": rss, "segments": len(self.segs),
+                "sockets": len(self.socks)}
 
     def _send(self, eff):
         peer, msg, segs = eff

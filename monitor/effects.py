@@ -61,4 +61,12 @@ class Log(NamedTuple):
     text: str
 
 
-ALL = (Send, Spawn, Kill, Close, NewSeg, FreeSeg, Log)
+class Stats(NamedTuple):
+    """Put the monitor process's own figures into ``msg["monitor"]`` (``pid``, ``fds``,
+    ``rss`` in bytes, ``segments``, ``sockets``) before the ``Send`` of ``msg`` that
+    follows.  The core cannot know them (no syscalls), and a host cannot read them itself
+    when the monitor is non-dumpable and the host is not root: its ``/proc`` is root's."""
+    msg: dict[str, Any]
+
+
+ALL = (Send, Spawn, Kill, Close, NewSeg, FreeSeg, Log, Stats)

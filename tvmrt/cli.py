@@ -247,6 +247,10 @@ def _ps_lines(info: dict) -> list[str]:
     for r in info["regions"]:
         lines.append(f"{r['id']:>#8x} {r['kind']:6} {r['vaddr']:>#14x} {r['size']:>#10x} "
                      f"{r['owner']} {r['lenders']}")
+    m = info.get("monitor")
+    if m:
+        lines.append(f"monitor: pid {m['pid']}  fds {m['fds']}  rss {_size(m['rss'])}  "
+                     f"segments {m['segments']}  sockets {m['sockets']}")
     return lines
 
 

@@ -352,10 +352,13 @@ class Host:
     def ps(self) -> dict:
         """What the monitor holds: enclaves (each with its ``sandbox`` state), regions and
         owners, host count, the ``sandbox`` state it gives new enclaves, and its
-        ``public_key`` (raw Ed25519, 32 bytes: what its reports verify with)."""
+        ``public_key`` (raw Ed25519, 32 bytes: what its reports verify with), and
+        ``monitor``: the monitor process's ``pid``, ``fds``, ``rss`` (bytes), ``segments``
+        and ``sockets`` as it counts them itself."""
         r = self._request({"op": "ps"})
         return {"enclaves": r["enclaves"], "regions": r["regions"], "hosts": r["hosts"],
-                "sandbox": r.get("sandbox"), "public_key": r["public_key"]}
+                "sandbox": r.get("sandbox"), "public_key": r["public_key"],
+                "monitor": r.get("monitor")}
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:

@@ -770,7 +770,12 @@ class Core:
     def _host_gone(self, fx, p: Peer):
         p.alive = False
         for ep in list(p.enclaves):
-            e = self.peers[ep].enclave
+            # destroying one instance of a pool that never started ends its siblings too,
+            # and one without a process is reaped at once: it may be gone by its turn
+            q = self.peers.get(ep)
+            if q is None:
+                continue
+            e = q.enclave
             if e.state != DONE:
                 e.end = e.end or (E.UnknownHandle, "its host disconnected")
                 self._destroy(fx, e)

@@ -107,6 +107,10 @@ class Driver:
         self.tamper: set[int] = set()         # segments to report resized at their next grant
         self.tamper_closed: set[int] = set()  # peers cut off for tampering
         self.hold: dict[int, int] = {}        # seg -> peer it was last given to
+        # the lender model, kept from the grants the peers receive: seg -> [[peer, the
+        # frame (run or call) in which it received the region, None for its creator]],
+        # its creator first, its holder last
+        self.chain: dict[int, list[list]] = {}
         self.open: set[int] = set()           # peers whose socket the shell holds
         self.closed: set[int] = set()         # peers the core closed (or failed to spawn)
         self.gone: set[int] = set()           # hosts that disconnected
@@ -243,6 +247,7 @@ class Driver:
                 self.live[seg] = size
                 if src is not None:
                     self.hold[seg] = src["peer"]
+                    self.chain[seg] = [[src["peer"], None]]
                 done += self._apply(self.core.segment_created(seg), src)
             elif t is FreeSeg:
                 seg = eff.seg
@@ -250,6 +255,7 @@ class Driver:
                         f"({'freed before' if seg in self.freed else 'never created'})")
                 del self.live[seg]
                 self.freed.add(seg)
+                self.chain.pop(seg, None)
             elif t is Spawn:
                 peer, spec, shm_seg, stdio = eff
                 _assert(peer not in self.enclaves and peer not in self.hosts,
@@ -333,6 +339,7 @@ class Driver:
             mapped[seg] = (vaddr, length)
             if kind == "relay":
                 self.hold[seg] = peer
+                self._follow_loan(seg, peer, msg["op"])
         _assert(list(segs) == fd_segs, f"fds {segs} do not match the grants {msg.get('g')}")
         op = msg["op"]
         if op == "call":
@@ -348,6 +355,53 @@ class Driver:
         if op in REPLY_OPS:
             self._account_reply(peer, msg, src)
         self.inbox[peer].append(msg)
+
+    def _frame_of(self, peer):
+        p = self.core.peers.get(peer)
+        e = getattr(p, "enclave", None)
+        return None if e is None else e.frame_in
+
+    def _skippable(self, peer, frame):
+        """A lender the region may pass on its way back: dead, or no longer in the frame
+        (the run, or the call it serves) in which it received the region.  Its creator
+        (``frame`` None) stays a lender while it lives."""
+        p = self.core.peers.get(peer)
+        if p is None or not p.alive:
+            return True
+        return frame is not None and self._frame_of(peer) is not frame
+
+    def _follow_loan(self, seg, peer, op):
+        """The model of "a loan returns to its nearest live lender": a relay region granted
+        to ``peer`` in a message ``op``.  Lent on (a ``call`` to a server, a ``start`` of a
+        run), the chain grows by the new holder: a peer already in it may get it again
+        only in a new frame (it left the one it got it in, or it created the region).
+        Going back, it reaches the nearest entry of ``peer``: every lender it passes must
+        be skippable and the one it reaches must not be.  Given for good (a response
+        region), the chain starts again with its new owner."""
+        chain = self.chain.setdefault(seg, [[peer, None]])
+        if op in ("call", "start"):
+            for q, frame in chain:
+                _assert(q != peer or frame is None or self._skippable(q, frame),
+                        f"segment {seg} lent on to {peer}, a lender still in its frame "
+                        f"(lenders {chain})")
+            chain.append([peer, self._frame_of(peer)])
+            return
+        if chain[-1][0] == peer:
+            return                             # its holder has it again (a refused call)
+        back = [i for i, (q, _) in enumerate(chain) if q == peer]
+        if not back:                           # a response region: a new owner for good
+            self.chain[seg] = [[peer, None]]
+            return
+        i = back[-1]
+        for q, frame in chain[i + 1:-1]:
+            _assert(self._skippable(q, frame), f"segment {seg} went back to {peer} past "
+                    f"lender {q}, which is alive and still in the frame it got it in")
+        p = self.core.peers.get(peer)
+        # (a peer that died later in the same event got messages the shell drops)
+        if i and p is not None and p.alive:
+            _assert(not self._skippable(*chain[i]), f"segment {seg} went back to "
+                    f"{peer}, which has left the frame it got it in (lenders {chain})")
+        del chain[i + 1:]
 
     def _account_reply(self, peer, msg, src):
         rid = msg.get("rid")
@@ -442,7 +496,10 @@ class Driver:
                             f"region {r.id:#x} is owned by {r.owner} but was last given "
                             f"to {self.hold.get(r.seg)}")
             for lender in r.stack:
-                _assert(lender != r.owner, f"region {r.id:#x} lent to its own lender")
+                # its creator may get it back in a new frame while a loan of it is out
+                # (its own call timed out, then the holder calls it with the region)
+                _assert(lender != r.owner or lender == r.creator,
+                        f"region {r.id:#x} lent to its own lender")
         # mappings
         for r in regs:
             for m in r.mappers:

@@ -393,6 +393,40 @@ class CoreMachine(RuleBasedStateMachine):
                 serving = [s] if self.enc(s).state == C.SERVING else []
         self._call(callers=serving, servers=self._other_servers, **kw)
 
+    @precondition(lambda self: len(self.core.servers) >= 2)
+    @rule(data=st.data(), timeout=st.sampled_from([None, 0, 1]))
+    def lend_on(self, data, timeout):
+        """A server lends a loan it holds on to another server (making a chain of lenders
+        first, host -> enclave -> server, if need be): the chains along which a loan must
+        come back to its nearest live lender when holders return, die or time out."""
+        def holders():
+            return [(r.owner, r.vaddr, r.length) for r in self.regions(
+                lambda r: r.kind == "relay" and r.stack and r.owner in self.core.peers
+                and self.enc(r.owner) is not None and self.enc(r.owner).state == C.SERVING
+                and len(self.enc(r.owner).out) < 2)]
+        if not holders():
+            callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
+                                    and len(e.out) < 2)
+            idle = [m.peer for pool in self.core.servers.values() for m in pool.live()
+                    if m.state == C.IDLE]
+            first = self.pick(data, callers)
+            s = self.pick(data, [p for p in idle if p != first])
+            if first is None or s is None:
+                return
+            self._call(data=data, callers=[first], servers=lambda p: [self.enc(s).handle],
+                       nb=False, timeout=None, req_arg=1, with_region=1, size_ok=1)
+        got = holders()
+        if not got:
+            return
+        p, vaddr, length = self.pick(data, got)
+        handle = self.pick(data, self._other_servers(p))
+        if handle is None:
+            return
+        msg = {"handle": handle, "a": [1, 0, vaddr, length, 0, 0], "nb": False}
+        if timeout is not None:
+            msg["timeout"] = timeout
+        self.esend(p, "call", **msg)
+
     @precondition(lambda self: self.enclaves())
     @rule(**CALL_ARGS)
     def call_busy_server(self, **kw):

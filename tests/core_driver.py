@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from tvmrt.monitor import core as C
-from tvmrt.monitor.effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn
+from tvmrt.monitor.effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, Stats
 
 REPLY_OPS = ("r", "e")
 NOTES = ("ready", "ret", "exit", "fault")
@@ -282,6 +282,9 @@ class Driver:
                 self.closed.add(eff.peer)
             elif t is Log:
                 _assert(isinstance(eff.text, str), "log text must be a str")
+            elif t is Stats:
+                _assert(isinstance(eff.msg, dict) and eff.msg.get("op") == "r",
+                        f"stats for a message that is not a reply: {eff.msg!r:.200}")
             else:
                 raise Violation(f"unknown effect {eff!r:.200}")
         for peer in spawned:

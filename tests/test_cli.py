@@ -105,3 +105,15 @@ def test_ps_without_monitor_says_so(tmp_path):
     assert r.stdout == ""
     assert r.stderr.startswith("tvmrt ps: no monitor listening on")
     assert len(r.stderr.splitlines()) == 1, r.stderr      # one line, no traceback
+
+
+def test_ps_carries_the_monitors_own_figures(host, clean):
+    """The monitor reports its pid, fds and RSS itself (a non-root host cannot read a
+    non-dumpable monitor's /proc); they match what root sees there."""
+    import psutil
+    m = host.ps()["monitor"]
+    assert m["pid"] == clean.pid
+    assert m["fds"] == psutil.Process(clean.pid).num_fds()
+    rss = psutil.Process(clean.pid).memory_info().rss
+    assert abs(m["rss"] - rss) < 4 << 20
+    assert m["sockets"] >= 1 and m["segments"] >= 0

@@ -22,6 +22,7 @@ def _check(res, callers):
         f"their region"
     assert totals["other"] == 0, f"unexpected error code {res['other_code']}"
     assert totals["ok"] > 0 and kills["instance"] > 0, res
+    assert res["deep"] > 0, "no call went three servers deep and came back correct"
     # stopped at random instants, no region was writable by two processes, nor by one the
     # monitor did not name as its owner
     assert res["samples"] > 0 and not res["violations"], res["violations"]
@@ -34,7 +35,18 @@ def test_chaos_short(host):
     res = run_host(host, 0, callers=3, calls=800, max_pages=64, instances=2, duration=8,
                    chaos=True, pace=(0.02, 0.15))
     _check(res, 3)
-    print(f"\nchaos short: {res['final']}, kills {res['kills']}")
+    print(f"\nchaos short: {res['final']}, kills {res['kills']}, deep {res['deep']}, "
+          f"{res['mib']} MiB")
+
+
+def test_chaos_large_regions(host):
+    """Regions up to 64 MiB (log-uniform from 4 KiB), checksummed whole at every hop,
+    three servers deep, while instances of every level are killed."""
+    res = run_host(host, 0, callers=2, calls=150, max_pages=16384, instances=2, duration=6,
+                   chaos=True, pace=(0.05, 0.3))
+    _check(res, 2)
+    print(f"\nchaos large: {res['final']}, kills {res['kills']}, deep {res['deep']}, "
+          f"{res['mib']} MiB")
 
 
 @pytest.mark.stress

@@ -465,7 +465,7 @@ def main(argv=None) -> int:
     st.add_argument("--callers", type=int, default=3, help="caller enclaves per host")
     st.add_argument("--calls", type=int, default=500, help="calls per caller")
     st.add_argument("--instances", type=int, default=2, help="server instances per host")
-    st.add_argument("--max-pages", type=int, default=256,
+    st.add_argument("--max-pages", type=int, default=16384,
                     help="largest loaned region, in pages (sizes are random from 1 page)")
     st.add_argument("--duration", type=float, default=20.0,
                     help="seconds of killing (the calls go on to the end)")

@@ -373,6 +373,20 @@ class CoreMachine(RuleBasedStateMachine):
         self._call(callers=self.enclaves(lambda e: e.state == C.RUNNING and len(e.out) < 2),
                    servers=self._servers, **kw)
 
+    def _serve_a_loan(self, data):
+        """Put an idle server inside a call with a region from a running enclave; returns
+        the server's peer (or None)."""
+        callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
+                                and len(e.out) < 2)
+        idle = [m.peer for pool in self.core.servers.values() for m in pool.live()
+                if m.state == C.IDLE]
+        first = self.pick(data, callers)
+        s = self.pick(data, [p for p in idle if p != first])
+        if first is not None and s is not None:
+            self._call(data=data, callers=[first], servers=lambda p: [self.enc(s).handle],
+                       nb=False, timeout=None, req_arg=1, with_region=1, size_ok=1)
+        return s
+
     @precondition(lambda self: self.enclaves())
     @rule(**CALL_ARGS)
     def nested_call(self, **kw):
@@ -381,15 +395,8 @@ class CoreMachine(RuleBasedStateMachine):
         data = kw["data"]
         serving = self.enclaves(lambda e: e.state == C.SERVING and len(e.out) < 2)
         if not serving and len(self.core.servers) >= 2:
-            callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
-                                    and len(e.out) < 2)
-            idle = [m.peer for pool in self.core.servers.values() for m in pool.live()
-                    if m.state == C.IDLE]
-            first = self.pick(data, callers)
-            s = self.pick(data, [p for p in idle if p != first])
-            if first is not None and s is not None:
-                self._call(data=data, callers=[first], servers=lambda p: [self.enc(s).handle],
-                           nb=False, timeout=None, req_arg=1, with_region=1, size_ok=1)
+            s = self._serve_a_loan(data)
+            if s is not None:
                 serving = [s] if self.enc(s).state == C.SERVING else []
         self._call(callers=serving, servers=self._other_servers, **kw)
 
@@ -405,16 +412,7 @@ class CoreMachine(RuleBasedStateMachine):
                 and self.enc(r.owner) is not None and self.enc(r.owner).state == C.SERVING
                 and len(self.enc(r.owner).out) < 2)]
         if not holders():
-            callers = self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
-                                    and len(e.out) < 2)
-            idle = [m.peer for pool in self.core.servers.values() for m in pool.live()
-                    if m.state == C.IDLE]
-            first = self.pick(data, callers)
-            s = self.pick(data, [p for p in idle if p != first])
-            if first is None or s is None:
-                return
-            self._call(data=data, callers=[first], servers=lambda p: [self.enc(s).handle],
-                       nb=False, timeout=None, req_arg=1, with_region=1, size_ok=1)
+            self._serve_a_loan(data)
         got = holders()
         if not got:
             return

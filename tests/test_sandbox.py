@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib.util
 import json
 import os
 import secrets
@@ -25,18 +26,12 @@ from tvmrt._embedded import EmbeddedMonitor
 from tvmrt.errors import EnclaveFault
 from tvmrt.host import SERVER, Host
 
-ATTACKS = (
-    "open /proc/monitor/fd/N", "list /proc/monitor/fd", "read /proc/host/mem",
-    "read /proc/other enclave/maps", "kill the monitor", "kill another enclave",
-    "kill the zygote", "ptrace attach the monitor", "process_vm_readv the host",
-    "open a file in /dev/shm", "list /dev/shm", "read a file in $HOME",
-    "write a file in /tmp", "pidfd_open the monitor", "kcmp", "memfd_create MFD_EXEC",
-    "unshare a user namespace", "dumpable (value)", "no_new_privs (value)",
-    "open fds above 2 (value)", "stdin is /dev/null (value)",
-    "connect to an abstract socket outside", "exec a program",
-    "effective capabilities (value)",
-)
-RESULTS, CALL_RC, CALL_VAL = 64, 60, 61
+# the attacks and the shm layout are the hostile eapp's own (one list, not two)
+_spec = importlib.util.spec_from_file_location("hostile_eapp", eapp("hostile"))
+_hostile = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_hostile)
+ATTACKS = _hostile.ATTACKS
+RESULTS, CALL_RC, CALL_VAL = _hostile.RESULTS, _hostile.CALL_RC, _hostile.CALL_VAL
 SUPPORT = _sandbox.probe()
 STATE = _sandbox.level(SUPPORT)
 EACCES, EPERM = errno.EACCES, errno.EPERM

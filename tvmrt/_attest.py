@@ -158,29 +158,27 @@ def _check_fields(report) -> None:
         raise MalformedReport("the report's 'name' is not valid Unicode") from None
 
 
+def _bytes32(value, what: str) -> bytes:
+    """32 raw bytes from bytes or hex text; ValueError naming ``what`` otherwise."""
+    if isinstance(value, str):
+        try:
+            value = bytes.fromhex(value)
+        except ValueError:
+            raise ValueError(f"{what} in hex is 64 hex digits") from None
+    if type(value) is not bytes or len(value) != 32:
+        raise ValueError(f"{what} is 32 bytes (64 hex digits)")
+    return value
+
+
 def _key_bytes(key) -> bytes:
     """Raw 32 bytes of a public key given as bytes, hex text or an Ed25519PublicKey."""
     if isinstance(key, Ed25519PublicKey):
         return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    if isinstance(key, str):
-        try:
-            key = bytes.fromhex(key)
-        except ValueError:
-            raise ValueError("a public key in hex is 64 hex digits") from None
-    if type(key) is not bytes or len(key) != 32:
-        raise ValueError("an Ed25519 public key is 32 bytes (64 hex digits)")
-    return key
+    return _bytes32(key, "an Ed25519 public key")
 
 
 def _measurement_bytes(m) -> bytes:
-    if isinstance(m, str):
-        try:
-            m = bytes.fromhex(m)
-        except ValueError:
-            raise ValueError("a measurement in hex is 64 hex digits") from None
-    if type(m) is not bytes or len(m) != 32:
-        raise ValueError("a measurement is 32 bytes (64 hex digits)")
-    return m
+    return _bytes32(m, "a measurement")
 
 
 def verify_report(report: dict, measurement: bytes | str | None = None,

@@ -36,6 +36,8 @@ def _writable_segments(pid: int) -> set[int]:
                     fields = name.split(".")
                     if len(fields) == 4:
                         out.add(int(fields[2], 16))
+    except PermissionError:
+        raise       # not root: an enclave is non-dumpable, its /proc is root's
     except (OSError, ValueError):
         pass                                # it died meanwhile: it holds nothing
     return out
@@ -50,7 +52,7 @@ def _state(pid: int) -> str:
         return "?"
 
 
-def ownership_sample(host, names) -> list[str]:
+def ownership_sample(host, names) -> list[str] | None:
     """Stop every live enclave whose name is in ``names`` (SIGSTOP), read which segments
     each maps writable (``/proc/PID/maps``), ask the monitor who owns what, and let them
     go on.  With the holders stopped nothing about their regions can be in flight, so: no
@@ -58,7 +60,8 @@ def ownership_sample(host, names) -> list[str]:
     process's in the monitor's table.  (A freed region may still be mapped by the process
     that freed it until it reads the reply carrying its drop: not a violation.)  Segments
     are told apart by the number in their name, not by address: addresses are reused.
-    Returns the violations found."""
+    Returns the violations found, or None if this user cannot read the enclaves'
+    ``/proc/PID/maps`` (they are non-dumpable: only root can)."""
     rows = [e for e in host.ps()["enclaves"]
             if e["state"] != "done" and e["pid"] and e["name"] in names]
     stopped = []
@@ -82,9 +85,12 @@ def ownership_sample(host, names) -> list[str]:
             if st in ("T", "t"):
                 frozen.append(e)
         writers: dict[int, list[dict]] = {}
-        for e in frozen:
-            for seg in _writable_segments(e["pid"]):
-                writers.setdefault(seg, []).append(e)
+        try:
+            for e in frozen:
+                for seg in _writable_segments(e["pid"]):
+                    writers.setdefault(seg, []).append(e)
+        except PermissionError:
+            return None
         table = host.ps()
     finally:
         for e in stopped:
@@ -145,7 +151,7 @@ def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances
     deep and came back correct, "mib": MiB loaned}``; ``progress(done)`` is called every
     0.5 s; a kill comes every ``pace`` (low, high) seconds.  Between kills an
     :func:`ownership_sample` compares who can write each region with the monitor's table
-    (``samples``, ``violations``).
+    (``samples``, ``violations``; ``unreadable``: samples this user could not take).
     """
     from tvmrt import SERVER
     from tvmrt.errors import NameInUse, TvmError
@@ -190,15 +196,19 @@ def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances
     for t in threads:
         t.start()
     kills = {"instance": 0, "caller": 0}
-    samples, violations = 0, []
+    samples, unreadable, violations = 0, 0, []
     servers = set(levels.values())
     names = servers | {f"caller-{tag}-{i}" for i in range(callers)}
     t0 = time.monotonic()
     last = 0.0
     while any(t.is_alive() for t in threads):
         time.sleep(rnd.uniform(*pace) if chaos else 0.1)
-        violations += ownership_sample(host, names)
-        samples += 1
+        found = ownership_sample(host, names)
+        if found is None:
+            unreadable += 1
+        else:
+            violations += found
+            samples += 1
         rows = [e for e in host.ps()["enclaves"] if e["state"] != "done" and e["pid"]
                 and e["name"] in names]
         if chaos and time.monotonic() - t0 < duration and rows:
@@ -235,7 +245,8 @@ def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances
     for shm in configs.values():
         shm.remove()
     return {"final": totals, "kills": kills, "ends": ends, "other_code": code,
-            "samples": samples, "violations": violations[:20], "deep": deep,
+            "samples": samples, "unreadable": unreadable, "violations": violations[:20],
+            "deep": deep,
             "mib": kib // 1024}
 
 
@@ -369,6 +380,7 @@ def main(ns) -> int:
     deep = sum(m["deep"] for m in finals.values())
     mib = sum(m["mib"] for m in finals.values())
     samples = sum(m["samples"] for m in finals.values())
+    unreadable = sum(m.get("unreadable", 0) for m in finals.values())
     violations = [v for m in finals.values() for v in m["violations"]]
     for v in violations[:10]:
         print(f"ownership violation: {v}")
@@ -391,7 +403,9 @@ def main(ns) -> int:
             ("corrupted data or lost region", str(sums["bad"])),
             ("instances / callers killed", f"{kills['instance']} / {kills['caller']}"),
             ("ownership samples (/proc/PID/maps)",
-             f"{samples}, {len(violations)} with a second writer or a wrong owner"),
+             f"{samples}, {len(violations)} with a second writer or a wrong owner"
+             + (f"; {unreadable} not taken (enclaves are non-dumpable: only root can "
+                f"read their maps)" if unreadable else "")),
             ("monitor answered ps", f"{answers} times during the run"),
             ("enclaves / regions left", f"{len(left_e)} / {len(left_r) - len(base['regions'])}"),
             ("/dev/shm segments", f"{segs0} -> {segs1}"),

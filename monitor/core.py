@@ -145,12 +145,18 @@ class Pool:
     """The instances of one server name.  Callers queue here (FIFO) and each call is
     dispatched to an idle instance; the pool lives while one instance does.  Its handle
     is its first instance's, and stays valid when that instance dies."""
-    __slots__ = ("name", "handle", "host", "members", "queue", "create_rid")
+    __slots__ = ("name", "handle", "host", "members", "queue", "create_rid", "account",
+                 "allow")
 
-    def __init__(self, name, host):
+    def __init__(self, name, host, account=None, allow=None):
         self.name = name
         self.handle = -1                      # the first instance's handle (set at create)
         self.host = host                      # peer id of the host that created it
+        # who may acquire and call it: None, enclaves of the host process that created it
+        # (``account``, its quota account); True, any enclave; else a frozenset of enclave
+        # names (str) and measurements (32 bytes)
+        self.account = account
+        self.allow = allow
         self.members: list[Enclave] = []      # instances, in creation order (dead ones too)
         self.queue: deque[Frame] = deque()    # calls waiting for an idle instance
         self.create_rid: int | None = None    # the host's create, answered when all ready
@@ -158,13 +164,22 @@ class Pool:
     def live(self) -> list[Enclave]:
         return [m for m in self.members if m.state != DONE]
 
+    def may_call(self, e) -> bool:
+        """May enclave ``e`` acquire and call this server?  (``e.account`` of an
+        enclave is its own; the host process it belongs to is ``e.hostacct``.)"""
+        a = self.allow
+        if a is None:
+            return e.hostacct is self.account
+        return a is True or e.name in a or e.measurement in a
+
 
 _NO_QUEUE: deque = deque()       # a normal enclave's (always empty) queue
 
 
 class Enclave:
     __slots__ = ("peer", "eid", "gen", "name", "type", "host", "state", "frame_in", "out",
-                 "measurement", "shm", "pool", "pid", "end", "create_rid", "sandbox")
+                 "measurement", "shm", "pool", "pid", "end", "create_rid", "sandbox",
+                 "hostacct")
 
     def __init__(self, peer, eid, gen, name, etype, host, measurement, sandbox="off"):
         self.peer = peer
@@ -184,6 +199,8 @@ class Enclave:
         self.create_rid: int | None = None    # the host's create, answered at ready
         #: the sandbox its process enters (Config.sandbox when it was created); shown by ps
         self.sandbox = sandbox
+        #: the quota account of its host process: who may call a server (Pool.may_call)
+        self.hostacct: Account | None = None
 
     @property
     def handle(self):
@@ -1149,10 +1166,11 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
         if size == 0 or off + size > r.length:
             raise E.BadSize(f"shm window {off:#x}+{size:#x} outside region of {r.length:#x}")
         shm = (r, off, size)
+    allow = _callers(msg, etype)
     pool = None
     if etype == SERVER:
         # registered now: calls queue until an instance is ready
-        pool = core.servers[name] = Pool(name, p.id)
+        pool = core.servers[name] = Pool(name, p.id, p.account, allow)
         pool.create_rid = rid
     measurement = measure(etype, name, code)
     for i in range(instances):
@@ -1163,6 +1181,25 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
     else:
         pool.handle = pool.members[0].handle
         core.pools[pool.handle] = pool
+
+
+def _callers(msg, etype):
+    """The ``callers`` of a create: who may acquire and call the server (see
+    :attr:`Pool.allow`): absent or None, enclaves of the same host process; ``"*"``, any
+    enclave; a list of enclave names and 32-byte measurements (at most 64)."""
+    c = msg.get("callers")
+    if c is None:
+        return None
+    if etype != SERVER:
+        raise E.InvalidArgument("only a server has callers")
+    if c == "*":
+        return True
+    if (type(c) is not list or len(c) > 64 or not all(
+            (type(x) is str and 0 < len(x) <= 64) or (type(x) is bytes and len(x) == 32)
+            for x in c)):
+        raise E.InvalidArgument("callers must be '*' or a list of at most 64 enclave "
+                                "names and 32-byte measurements")
+    return frozenset(c)
 
 
 def _start_enclave(core, fx, p, name, etype, code, path, measurement, shm, pool, index,
@@ -1178,6 +1215,7 @@ def _start_enclave(core, fx, p, name, etype, code, path, measurement, shm, pool,
     ep = core._new_peer(ENCLAVE)
     e = Enclave(ep.id, eid, core.gens[eid], name, etype, p.id, measurement,
                 core.config.sandbox)
+    e.hostacct = p.account
     ep.enclave = e
     core.slots[eid] = e
     p.enclaves.add(ep.id)
@@ -1327,7 +1365,8 @@ def _e_unmap(core, fx, p, e, msg, rid, now):
 def _e_acquire(core, fx, p, e, msg, rid, now):
     name = get_name(msg, "name")
     pool = core.servers.get(name)
-    if pool is None:
+    # one the caller may not call is one that does not exist, to the letter
+    if pool is None or not pool.may_call(e):
         raise E.NoSuchServer(f"no server named {name!r}")
     core._send(fx, p.id, {"op": "r", "rid": rid, "handle": pool.handle})
 
@@ -1366,6 +1405,8 @@ def _e_call(core, fx, p, e, msg, rid, now):
             if s.type != SERVER or s.pool is None:
                 raise E.UnknownHandle(f"enclave {s.name!r} is not a server")
             pool = s.pool                       # called by one instance's own handle
+        if pool.allow is not True and not pool.may_call(e):
+            raise E.UnknownHandle(f"no live enclave {handle:#x}")    # as if none
         members = pool.members
         # cycle: an instance is the caller itself, or waits (down all its outgoing calls,
         # running or queued) for the caller -- which covers the caller's own chain

@@ -17,6 +17,7 @@ import stat
 import sys
 import time
 import traceback
+from collections.abc import Iterable
 from dataclasses import replace
 
 import posix_ipc
@@ -137,6 +138,12 @@ def _bye(conn: socket.socket, exc: TvmError) -> None:
     try:
         conn.setblocking(False)
         wire.send(conn, {"op": "bye", "c": exc.code, "why": exc.reason})
+        # read what the client sent already (a client sends its first request as soon as
+        # it is connected): closing with unread data makes the kernel reset the
+        # connection, and the client would read ECONNRESET instead of the bye
+        for _ in range(64):
+            if not conn.recv(1):
+                break
     except (TvmError, OSError):
         pass
     finally:
@@ -193,8 +200,11 @@ class Daemon:
 
     def __init__(self, path: str | None = None, verbose: bool = False,
                  config: Config | None = None, sandbox: bool = True,
-                 key_file: str | None = None):
+                 key_file: str | None = None, allow_uids: Iterable[int] = ()):
         self.path = path or default_socket_path()
+        # hosts of these uids are served too (``--allow-uid``); their enclaves run as
+        # this monitor's uid, which is why it is asked for by name
+        self.allow_uids = frozenset(allow_uids) | {os.getuid(), 0}
         self.verbose = verbose
         self.support = _sandbox.probe()
         self.sandbox = _sandbox.level(self.support, sandbox)
@@ -399,9 +409,10 @@ class Daemon:
             cred = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)
             pid, uid, _gid = (int.from_bytes(cred[i:i + 4], sys.byteorder)
                               for i in (0, 4, 8))
-            if uid != os.getuid() and uid != 0:
+            if uid not in self.allow_uids:
                 _bye(conn, NotPermitted(f"this monitor serves uid {os.getuid()} only, "
-                                        f"not uid {uid}"))
+                                        f"not uid {uid} (its owner may start it with "
+                                        f"--allow-uid {uid})"))
                 return
             wire.tune(conn)
             conn.setblocking(False)

@@ -63,7 +63,8 @@ class Log(NamedTuple):
 
 class Stats(NamedTuple):
     """Put the monitor process's own figures into ``msg["monitor"]`` (``pid``, ``fds``,
-    ``rss`` in bytes, ``segments``, ``sockets``) before the ``Send`` of ``msg`` that
+    ``rss`` in bytes, ``segments``, ``sockets``; -1 for a figure it cannot read, e.g.
+    ``fds`` when it has no fd left to open ``/proc/self/fd``) before the ``Send`` of ``msg`` that
     follows.  The core cannot know them (no syscalls), and a host cannot read them itself
     when the monitor is non-dumpable and the host is not root: its ``/proc`` is root's."""
     msg: dict[str, Any]

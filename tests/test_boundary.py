@@ -12,7 +12,6 @@ import sys
 import tempfile
 
 import msgpack
-import psutil
 import pytest
 
 from conftest import eapp, wait_until
@@ -23,13 +22,13 @@ from tvmrt.host import Host
 pytestmark = pytest.mark.timeout(60)
 
 
-def _start(sock, cwd=None, nofile=None):
+def _start(sock, cwd=None, nofile=None, extra=()):
     """A foreground ``tvmrt monitor --socket sock``; returns the process once it listens
     (or has exited)."""
     def limit():
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-    p = subprocess.Popen([sys.executable, "-m", "tvmrt", "monitor", "--socket", sock],
+    p = subprocess.Popen([sys.executable, "-m", "tvmrt", "monitor", "--socket", sock, *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                          preexec_fn=limit)
     line = p.stdout.readline()
@@ -179,10 +178,14 @@ def test_out_of_fds_refuses_one_client_and_serves_the_rest(tmp_path):
             refused["why"]
         assert p.poll() is None                             # the monitor lives on
         # one fd free: not enough for an enclave's socket pair
-        mon = psutil.Process(p.pid)
-        n = mon.num_fds()
+        # the monitor's fds as it counts them (any user may ask; its /proc is root's)
+        rids = iter(range(1000, 2000))
+
+        def fds():
+            return _request(conns[1], {"op": "ps", "rid": next(rids)})["monitor"]["fds"]
+        assert fds() == -1            # it cannot even open /proc/self/fd to count
         conns.pop().close()
-        assert wait_until(lambda: mon.num_fds() == n - 1, 10)
+        assert wait_until(lambda: fds() >= 0, 10)      # the close freed one
         # a create carrying its stdio (2 fds) cannot even be received whole: refused
         rep = _create(conns[0], 6, eapp("exiter"), "no-stdio", stdio=True)
         assert rep["op"] == "e" and rep["c"] == E.ResourceExhausted.code, rep
@@ -192,11 +195,11 @@ def test_out_of_fds_refuses_one_client_and_serves_the_rest(tmp_path):
         assert rep["op"] == "e" and rep["c"] in (E.ResourceExhausted.code,), rep
         # everyone else is still served
         assert _request(conns[1], {"op": "ps", "rid": 2})["op"] == "r"
-        n = mon.num_fds()
+        n = fds()
         for s in conns[2:20]:
             s.close()
         del conns[2:20]
-        assert wait_until(lambda: mon.num_fds() <= n - 18, 10)
+        assert wait_until(lambda: fds() <= n - 18, 10)
         rep = _create(conns[0], 8, eapp("exiter"), "fed", stdio=False)
         assert rep["op"] == "r", rep
         with Host.connect(sock, embedded=False) as h:
@@ -209,11 +212,14 @@ def test_out_of_fds_refuses_one_client_and_serves_the_rest(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
-def test_a_refused_uid_is_told_why():
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_refused_uid_is_told_why(allowed):
+    """Another uid is refused, in one line saying how to allow it; allowed by
+    ``--allow-uid`` it is served (here: a ps request)."""
     d = tempfile.mkdtemp(prefix="tvmrt-test-uid-")           # in /tmp: others can reach it
     os.chmod(d, 0o755)
     sock = os.path.join(d, "m.sock")
-    p = _start(sock)
+    p = _start(sock, extra=("--allow-uid", "65534") if allowed else ())
     try:
         os.chmod(sock, 0o777)                    # reachable, so that accept decides
         r, w = os.pipe()
@@ -226,6 +232,10 @@ def test_a_refused_uid_is_told_why():
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 s.connect(sock)
                 s.settimeout(10)
+                try:
+                    s.send(msgpack.packb({"op": "ps", "rid": 1}))
+                except OSError:
+                    pass                         # refused: the bye is waiting
                 data = s.recv(65536)
                 os.write(w, data or b"EOF")
             finally:
@@ -234,9 +244,13 @@ def test_a_refused_uid_is_told_why():
         data = os.read(r, 65536)
         os.close(r)
         os.waitpid(pid, 0)
+        assert data not in (b"", b"EOF"), data
         msg = msgpack.unpackb(data)
-        assert msg["op"] == "bye" and msg["c"] == E.NotPermitted.code
-        assert "serves uid" in msg["why"]
+        if allowed:
+            assert msg["op"] == "r" and msg["rid"] == 1 and "enclaves" in msg, msg
+        else:
+            assert msg["op"] == "bye" and msg["c"] == E.NotPermitted.code
+            assert "serves uid" in msg["why"] and "--allow-uid 65534" in msg["why"]
     finally:
         assert _stop(p) == 0
         os.rmdir(d)

@@ -71,7 +71,8 @@ def test_ps_shows_memory_and_cpu_of_each_enclave(host):
     assert proc.ppid() != os.getpid()                 # the monitor's, not ours
     # a live Python interpreter: megabytes resident, some of them its own
     assert e["rss"] > 1 << 20
-    assert e["uss"] is not None and 0 < e["uss"] <= e["rss"]
+    if os.geteuid() == 0:       # (USS needs /proc/PID/smaps: root's, the enclave is
+        assert e["uss"] is not None and 0 < e["uss"] <= e["rss"]    # non-dumpable)
     # CPU seconds since the zygote forked it: may still round to 0.00
     assert isinstance(e["cpu"], float) and 0 <= e["cpu"] <= sum(proc.cpu_times()[:2]) + 0.01
     r = subprocess.run([sys.executable, "-m", "tvmrt", "ps", "--socket", host.path],
@@ -80,7 +81,8 @@ def test_ps_shows_memory_and_cpu_of_each_enclave(host):
     header, row = r.stdout.splitlines()[1:3]
     assert header.split()[-4:] == ["rss", "uss", "cpu", "sandbox"]
     rss, uss, cpu, sandbox = row.split()[-4:]
-    assert rss[-1] in "KMG" and uss[-1] in "KMG" and cpu.endswith("s")
+    assert rss[-1] in "KMG" and cpu.endswith("s")
+    assert uss[-1] in "KMG" or (uss == "-" and os.geteuid() != 0)
     assert sandbox == e["sandbox"] == host.ps()["sandbox"]
 
 
@@ -107,6 +109,7 @@ def test_ps_without_monitor_says_so(tmp_path):
     assert len(r.stderr.splitlines()) == 1, r.stderr      # one line, no traceback
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="compares with the monitor's /proc (root's)")
 def test_ps_carries_the_monitors_own_figures(host, clean):
     """The monitor reports its pid, fds and RSS itself (a non-root host cannot read a
     non-dumpable monitor's /proc); they match what root sees there."""

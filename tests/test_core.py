@@ -94,8 +94,8 @@ def create(d, host, name="e", etype=NORMAL, **kw):
     return spawns[0].peer, rep["handle"]
 
 
-def server(d, host, name="srv"):
-    return create(d, host, name, SERVER)
+def server(d, host, name="srv", **kw):
+    return create(d, host, name, SERVER, **kw)
 
 
 def running(d, host, name="c", **runargs):
@@ -614,7 +614,7 @@ def test_host_disconnect_kills_enclaves_and_frees_regions(d):
     d.take(s)
     mmap(d, s, PAGE)
     # a server of another host keeps a call from this host's enclave
-    s9, h9 = server(d, other, "os")
+    s9, h9 = server(d, other, "os", callers="*")
     call(d, c, h9, [0, 0, d.core.regions[rid_].vaddr, 2 * PAGE, 0, 0])
     d.take(s9)
     d.disconnected(h)
@@ -1594,3 +1594,43 @@ def test_enclave_quota_is_per_host():
     create(d, h2, "c")                     # another host is not affected
     err(hreq(d, h2, "create", name="d", type=NORMAL, code=b""), E.QuotaExceeded)   # global
     d.check()
+
+
+def test_servers_are_callable_by_their_host_process_unless_opened():
+    """Authority: by default only enclaves of the host process that created a server may
+    acquire or call it (a connection of the same process counts as the same host); to
+    anyone else it looks exactly like a server that does not exist.  ``callers`` opens
+    it: "*" to every enclave, or a list of enclave names and measurements (a list
+    replaces the default)."""
+    d = Driver(Core(Config(key=b"k" * 32)))
+    h, other = d.connect(), d.connect()
+    h_again = d.connect(pid=d.core.peers[h].pid)
+    s, sh = server(d, h, "mine")
+    for host_, name in ((h, "c1"), (h_again, "c2"), (other, "c3")):
+        running(d, host_, name)
+    c1, c2, c3 = (next(p for p, q in d.core.peers.items() if q.kind == C.ENCLAVE
+                       and q.enclave.name == n) for n in ("c1", "c2", "c3"))
+
+    def acquire(c, name):
+        return ereq(d, c, "acquire", name=name)
+
+    assert ok(acquire(c1, "mine"))["handle"] == sh
+    assert ok(acquire(c2, "mine"))["handle"] == sh
+    nope, ghost = acquire(c3, "mine"), acquire(c3, "no-such")
+    assert nope["c"] == ghost["c"] == E.NoSuchServer.code
+    assert nope["why"].replace("mine", "X") == ghost["why"].replace("no-such", "X")
+    # a guessed handle is refused as an unknown one
+    assert ereq(d, c3, "call", handle=sh, a=[0] * 6)["c"] == E.UnknownHandle.code
+    # opened by name, by measurement, to all
+    server(d, h, "named", callers=["c3"])
+    server(d, h, "measured", callers=[d.core.peers[c1].enclave.measurement])
+    server(d, h, "open", callers="*")
+    assert ok(acquire(c3, "named")) and ok(acquire(c3, "open"))
+    assert ok(acquire(c1, "measured"))
+    assert acquire(c3, "measured")["c"] == E.NoSuchServer.code   # another measurement
+    assert acquire(c1, "named")["c"] == E.NoSuchServer.code      # not on the list
+    for bad in ("x", ["a" * 65], [b"short"], [1], ["a"] * 65):
+        assert hreq(d, h, "create", name="bad", type=SERVER, code=b"s",
+                    callers=bad)["c"] == E.InvalidArgument.code
+    assert hreq(d, h, "create", name="n", type=NORMAL, code=b"s",
+                callers="*")["c"] == E.InvalidArgument.code

@@ -43,7 +43,7 @@ from tvmrt.monitor.effects import Kill
 ARENA_PAGES = 16
 NAMES = ["a", "b", "c"]
 FIELDS = ["rid", "size", "id", "name", "type", "code", "path", "shm", "handle", "mem", "nonce",
-          "vaddr", "a", "nb", "timeout", "v", "why", "c"]
+          "vaddr", "a", "nb", "timeout", "v", "why", "c", "callers"]
 OPS = (sorted(C._HOST_OPS) + sorted(C._ENCLAVE_OPS) + sorted(C._ENCLAVE_NOTES)
        + ["r", "e", "grant", "start", "", "OP"])
 NOTES = tuple(C._ENCLAVE_NOTES)
@@ -155,6 +155,10 @@ class CoreMachine(RuleBasedStateMachine):
         for name in NAMES[:servers]:
             n = data.draw(st.integers(1, 3))
             kw = {"instances": n} if n > 1 else {}
+            # who may call it: its host process (the default), everyone, or by name
+            callers = data.draw(st.sampled_from([None, "*", ["n"]]))
+            if callers is not None:
+                kw["callers"] = callers
             self.hsend(self.pick(data, hosts), "create", name=name, type=C.SERVER, code=b"s",
                        **kw)
         for _ in range(normals):

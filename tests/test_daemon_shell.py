@@ -14,6 +14,8 @@ from test_protocol import PAGE, _create, _raw, _recv, _request
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads the monitor's /proc (root's: the "
+                    "monitor is non-dumpable)")
 def test_segments_carry_the_monitor_name(clean):
     """Segments are created as /tvmrt.<monitor pid>.<hex> (and unlinked at once)."""
     s = _raw(clean.path)

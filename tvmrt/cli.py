@@ -35,8 +35,9 @@ def _monitor(ns) -> int:
         from tvmrt.monitor.daemon import Daemon
         # the key file is read by the daemon once its zygote runs (see Daemon._make_core)
         return Daemon(ns.socket, verbose=ns.verbose, key_file=ns.key,
-                      sandbox=not ns.no_sandbox).run(ready_fd=ns.ready_fd,
-                                                     announce=not ns.quiet)
+                      sandbox=not ns.no_sandbox,
+                      allow_uids=ns.allow_uid or ()).run(ready_fd=ns.ready_fd,
+                                                         announce=not ns.quiet)
     except TvmError as exc:
         print(f"tvmrt monitor: {exc.reason}", file=sys.stderr)
         return 1
@@ -401,6 +402,9 @@ def main(argv=None) -> int:
     m.add_argument("--key", metavar="FILE", help="the monitor's Ed25519 key (PEM, 0600), "
                    "made if missing: reports verify with the same key across restarts "
                    "(default: a fresh key per start)")
+    m.add_argument("--allow-uid", type=int, action="append", metavar="UID",
+                   help="also serve hosts of this uid (repeatable); their enclaves run as "
+                   "this monitor's uid (default: this uid and root only)")
     m.add_argument("--no-sandbox", action="store_true",
                    help="debugging only: enclaves run without the sandbox (dumpable, no "
                    "Landlock, no seccomp) and the monitor and zygote are dumpable")

@@ -308,7 +308,7 @@ class Host:
     # -- enclaves --------------------------------------------------------------
     def create(self, eapp, name: str, type: int = NORMAL, shm=None,
                timeout: float | None = None, path: str | None = None,
-               instances: int = 1) -> Enclave:
+               instances: int = 1, callers=None) -> Enclave:
         """Start an enclave running ``eapp`` (bytes, a path, or a bundled eapp name).
 
         ``shm`` is a SharedMemory (whole) or ``(SharedMemory, offset, size)``; it is
@@ -323,6 +323,11 @@ class Host:
         goes to an idle instance, callers queue (FIFO) when all are busy, and an
         instance that dies fails only the call it was serving.  The returned
         Enclave (its handle) stands for all of them: ``destroy()`` ends every one.
+
+        ``callers`` (servers only): who may acquire and call it.  None (the default):
+        enclaves of this host process only; ``"*"``: any enclave of the monitor; a list
+        of enclave names (str) and measurements (32 bytes): those only.  To any other
+        enclave the server looks exactly like one that does not exist.
         """
         if not isinstance(name, str):
             raise InvalidArgument(f"enclave name must be a str, not {name!r:.40}")
@@ -338,6 +343,8 @@ class Host:
             if not isinstance(instances, int) or isinstance(instances, bool):
                 raise InvalidArgument(f"instances must be an int, not {instances!r:.40}")
             msg["instances"] = instances
+        if callers is not None:
+            msg["callers"] = callers if callers == "*" else list(callers)
         if shm is not None:
             if isinstance(shm, SharedMemory):
                 shm = (shm, 0, shm.size)

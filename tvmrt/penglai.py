@@ -54,6 +54,9 @@ class enclave_args:
         self.shm_size = 0
         #: tvmrt extension: processes serving a server's name (see Host.create)
         self.instances = 1
+        #: tvmrt extension: who may call a server (None: this host process; "*": any
+        #: enclave; a list of enclave names and measurements; see Host.create)
+        self.callers = None
 
 
 class penglai_enclave_user_param:
@@ -189,7 +192,8 @@ def PLenclave_create(enclave: PLenclave, elffile: elf_args, args: enclave_args) 
     try:
         enc = dev.host.create(elffile.ptr, name=args.name, type=args.type, shm=shm,
                               path=getattr(elffile, "path", None) or elffile.filename,
-                              instances=getattr(args, "instances", 1))
+                              instances=getattr(args, "instances", 1),
+                              callers=getattr(args, "callers", None))
     except TvmError as exc:
         return _fail("PLenclave_create", exc)
     enclave.elffile = elffile

@@ -38,7 +38,7 @@ HOST = textwrap.dedent("""
 
 @pytest.mark.parametrize("hosts,callers,calls", [(3, 2, 3000)])
 def test_many_hosts_many_callers_one_server(host, hosts, callers, calls):
-    host.create(eapp("echo_server"), name="echo", type=SERVER)
+    host.create(eapp("echo_server"), name="echo", type=SERVER, callers="*")
     procs = [subprocess.Popen([sys.executable, "-c", HOST, host.path, eapp("stress_caller"),
                                str(calls), str(callers)], stdout=subprocess.PIPE, text=True)
              for _ in range(hosts)]

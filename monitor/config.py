@@ -30,7 +30,7 @@ class Config:
     #: largest single region
     max_region: int = 4 << 30
     #: enclaves one host process (across its connections) may have at once
-    max_enclaves: int = 256
+    max_enclaves: int = 1024
     #: enclaves the whole monitor may have at once (a hard cap across hosts)
     max_enclaves_total: int = 4096
     #: instances (processes) one server may have

@@ -39,3 +39,19 @@ def test_bench_quick_json():
     assert res["placement"].startswith(("pinned to cpu", "unpinned (CPUs"))
     assert isinstance(res["target"]["met"], bool)
     assert shm_names() <= shm_before, "the bench left segments in /dev/shm"
+
+
+@pytest.mark.timeout(300)
+def test_throughput_and_scale_tables_run(host):
+    """``tvmrt bench --throughput`` / ``--scale`` on small counts: every caller's calls
+    are counted, rates are positive, live enclaves reach the number asked for, and
+    everything they created goes again (the ``clean`` fixture)."""
+    from tvmrt import _scale
+    t = _scale.throughput(host, calls=200, pairs=(1, 4), instances=(1, 2),
+                          progress=lambda *a: None)
+    assert set(t["pairs"]) == {1, 4} and all(v > 0 for v in t["pairs"].values())
+    assert set(t["instances"]) == {(1, 0), (2, 0), (1, 200), (2, 200)}
+    r = _scale.scale(host, 30, calls=200, progress=lambda *a: None)
+    assert r["live"] >= 30 and r["rate_10"] > 0 and r["rate_n"] > 0
+    assert r["monitor_rss"] > 0
+    assert not [e for e in host.ps()["enclaves"] if e["state"] != "done"]

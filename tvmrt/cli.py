@@ -381,8 +381,39 @@ def _pubkey(ns) -> int:
 
 
 def _bench(ns) -> int:
+    if ns.throughput or ns.scale:
+        return _bench_scale(ns)
     from tvmrt import bench
     return bench.main(ns)
+
+
+def _bench_scale(ns) -> int:
+    """``tvmrt bench --throughput`` / ``--scale N`` (see :mod:`tvmrt._scale`), on a
+    private monitor."""
+    import json
+
+    from tvmrt import _scale
+    from tvmrt.host import Host
+    say = (lambda *a: None) if ns.json else print
+    out: dict = {}
+    with Host.connect(embedded=True, sandbox=not ns.no_sandbox) as host:
+        if ns.throughput:
+            say("throughput (aggregate calls/s, callers start together):")
+            t = _scale.throughput(host, calls=ns.calls if ns.calls != 20000 else 4000,
+                                  progress=say)
+            out["pairs"] = t["pairs"]
+            out["instances"] = {f"{k} instances, {w} us work": v
+                                for (k, w), v in t["instances"].items()}
+        if ns.scale:
+            say(f"scale ({ns.scale} live enclaves):")
+            r = out["scale"] = _scale.scale(host, ns.scale, progress=say)
+            mib = 2 ** 20
+            say(f"  one pair at {ns.scale} live: {r['rate_n'] / r['rate_10']:.0%} of its "
+                f"rate at 10; monitor RSS {r['monitor_rss'] / mib:.1f} MiB; per enclave "
+                f"RSS {_size(r['enclave_rss'])}, USS {_size(r['enclave_uss'])}")
+    if ns.json:
+        print(json.dumps(out, default=str))
+    return 0
 
 
 def _stress(ns) -> int:
@@ -458,6 +489,10 @@ def main(argv=None) -> int:
     b.add_argument("--big-calls", type=int, default=20, help="calls for the 64 MiB row")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
+    b.add_argument("--throughput", action="store_true", help="aggregate calls/s with 1, 2, "
+                   "4, 16, 64 caller/server pairs and one server of 1, 2, 4 instances")
+    b.add_argument("--scale", type=int, metavar="N", help="a pair's call rate with 10 and "
+                   "with N live enclaves, monitor and enclave memory")
     b.add_argument("--no-sandbox", action="store_true",
                    help="the embedded monitor runs the enclaves without the sandbox")
     b.set_defaults(fn=_bench)

@@ -22,10 +22,12 @@ class CallArg:
         self.resp_size = resp_size
 
     def to_list(self) -> list:
+        """The six fields, in call_enclave_arg_t's order."""
         return [self.req_arg, self.resp_val, self.req_vaddr, self.req_size, self.resp_vaddr,
                 self.resp_size]
 
     def set_from(self, values) -> None:
+        """Set the six fields from ``values``, in call_enclave_arg_t's order."""
         (self.req_arg, self.resp_val, self.req_vaddr, self.req_size, self.resp_vaddr,
          self.resp_size) = values
 

@@ -282,6 +282,7 @@ class Host:
 
     @property
     def closed(self) -> bool:
+        """True once this connection is closed (by close() or by the monitor)."""
         return self.chan.closed
 
     def _request(self, msg, fds=(), timeout=None, loan=None) -> dict:

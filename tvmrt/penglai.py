@@ -78,6 +78,9 @@ class penglai_enclave_user_param:
 
 
 class penglai_enclave_attest_param:
+    """``enclave->attest_param``: ``eid``, ``nonce`` and, after PLenclave_attest, the
+    ``report`` dict (see Enclave.attest)."""
+
     def __init__(self):
         self.eid = -1
         self.nonce = 0
@@ -143,6 +146,8 @@ def _fail(fn: str, exc: TvmError) -> int:
 
 # ---------------------------------------------------------------- elf / params
 def elf_args_init(elf: elf_args, filename: str) -> None:
+    """Read the eapp ``filename`` (a path or a bundled eapp name) into ``elf``; a file
+    that cannot be read leaves ``elf`` invalid (see elf_valid)."""
     elf.filename = filename
     try:
         elf.ptr, elf.path = resolve_eapp(filename)
@@ -154,10 +159,12 @@ def elf_args_init(elf: elf_args, filename: str) -> None:
 
 
 def elf_valid(elf: elf_args) -> int:
+    """1 if ``elf`` holds eapp code (elf_args_init succeeded), else 0."""
     return 1 if (elf.fd >= 0 and elf.size > 0 and elf.ptr is not None) else 0
 
 
 def elf_args_destroy(elf: elf_args) -> None:
+    """Forget the code ``elf`` holds."""
     elf.ptr, elf.size, elf.fd = None, 0, -1
 
 
@@ -180,6 +187,9 @@ def PLenclave_init(enclave: PLenclave) -> int:
 
 
 def PLenclave_create(enclave: PLenclave, elffile: elf_args, args: enclave_args) -> int:
+    """Create an enclave of ``elffile`` as ``args`` say (name, type, shm window,
+    ``instances``, ``callers``) bound to ``enclave`` (after PLenclave_init); 0, or -1
+    with the reason printed (Penglai style)."""
     if enclave is None or enclave.fd < 0 or not elf_valid(elffile):
         return _fail("PLenclave_create", InvalidArgument("bad enclave or elf arguments"))
     dev = _dev()
@@ -208,6 +218,8 @@ def PLenclave_create(enclave: PLenclave, elffile: elf_args, args: enclave_args) 
 
 def PLenclave_set_mem_arg(enclave: PLenclave, mm_arg_id: int, mm_arg_offset: int,
                           mm_arg_size: int) -> int:
+    """Lend schrodinger region ``mm_arg_id`` (window ``mm_arg_offset``,
+    ``mm_arg_size``) to the enclave for its next run (``args[13]``/``[14]``); 0 or -1."""
     if enclave is None:
         return _fail("PLenclave_set_mem_arg", InvalidArgument(_NULL))
     up = enclave.user_param
@@ -255,6 +267,8 @@ def PLenclave_attest(enclave: PLenclave, nonce: int) -> int:
 
 
 def PLenclave_destroy(enclave: PLenclave) -> int:
+    """Destroy the enclave (every instance of a server); its regions are freed and loans
+    go back.  0 or -1."""
     if enclave is None or enclave._enclave is None:
         return _fail("PLenclave_destroy", InvalidArgument(_NULL))
     try:
@@ -297,6 +311,7 @@ def PLenclave_shmat(shmid: int, addr: int = 0) -> int:
 
 
 def PLenclave_shmdt(shmid: int, addr: int = 0) -> int:
+    """Unmap shared memory ``shmid`` from this host (it lives on while mapped); 0 or -1."""
     return _region_call("PLenclave_shmdt", "shm", shmid, lambda r: r.detach() or 0)
 
 
@@ -310,6 +325,7 @@ def PLenclave_shmctl(shmid: int) -> int:
 
 
 def PLenclave_schrodinger_get(size: int) -> int:
+    """A new schrodinger region of ``size`` bytes (page multiple); its id, or -1."""
     try:
         region = _dev().host.schrodinger_get(size, attach=False)
     except TvmError as exc:
@@ -319,15 +335,18 @@ def PLenclave_schrodinger_get(size: int) -> int:
 
 
 def PLenclave_schrodinger_at(id: int, addr: int = 0) -> int:
+    """Map schrodinger region ``id`` in this host; its address, or -1."""
     return _region_call("PLenclave_schrodinger_at", "schrodinger", id, lambda r: r.attach())
 
 
 def PLenclave_schrodinger_dt(id: int, addr: int = 0) -> int:
+    """Unmap schrodinger region ``id`` from this host; 0 or -1."""
     return _region_call("PLenclave_schrodinger_dt", "schrodinger", id,
                         lambda r: r.detach() or 0)
 
 
 def PLenclave_schrodinger_ctl(id: int) -> int:
+    """Remove schrodinger region ``id`` (freed once nobody holds it); 0 or -1."""
     def ctl(r):
         r.revoke()
         del _dev().schrodinger[id]

@@ -55,3 +55,21 @@ def test_throughput_and_scale_tables_run(host):
     assert r["live"] >= 30 and r["rate_10"] > 0 and r["rate_n"] > 0
     assert r["monitor_rss"] > 0
     assert not [e for e in host.ps()["enclaves"] if e["state"] != "done"]
+
+
+@pytest.mark.timeout(120)
+def test_peers_are_measured_in_the_same_run():
+    """``tvmrt bench --peers``: the relay floor, tvmrt's null call and multiprocessing.Pipe
+    always; pyzmq's rows when it is installed, else a row saying how to install it; and
+    no process or socket file left behind."""
+    import glob
+
+    from tvmrt import _peers
+    res = _peers.measure(n=100, rounds=1)
+    assert res["relay floor"]["ratio"] == 1.0
+    for row in ("tvmrt null call_enclave", "multiprocessing.Pipe"):
+        assert res[row]["median"] > 0 and res[row]["p99"] >= res[row]["median"]
+    for row in ("pyzmq REQ/REP", "pyzmq REQ/REP via zmq.proxy"):
+        assert res[row].get("median", 0) > 0 or "pip install" in res[row]["missing"]
+    assert "x relay floor" in _peers.format_table(res)
+    assert not glob.glob("/tmp/tvmrt-peers-*")

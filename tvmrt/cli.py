@@ -383,6 +383,14 @@ def _pubkey(ns) -> int:
 def _bench(ns) -> int:
     if ns.throughput or ns.scale:
         return _bench_scale(ns)
+    if ns.peers:
+        import json
+
+        from tvmrt import _peers
+        res = _peers.measure(n=ns.calls if ns.calls != 20000 else 5000,
+                             rounds=ns.rounds, sandbox=not ns.no_sandbox)
+        print(json.dumps(res) if ns.json else _peers.format_table(res))
+        return 0
     from tvmrt import bench
     return bench.main(ns)
 
@@ -489,6 +497,8 @@ def main(argv=None) -> int:
     b.add_argument("--big-calls", type=int, default=20, help="calls for the 64 MiB row")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
+    b.add_argument("--peers", action="store_true", help="tvmrt's null call next to "
+                   "multiprocessing.Pipe and pyzmq REQ/REP (direct and brokered), same run")
     b.add_argument("--throughput", action="store_true", help="aggregate calls/s with 1, 2, "
                    "4, 16, 64 caller/server pairs and one server of 1, 2, 4 instances")
     b.add_argument("--scale", type=int, metavar="N", help="a pair's call rate with 10 and "

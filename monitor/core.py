@@ -218,7 +218,7 @@ class Region:
 class Frame:
     """One run (host -> normal enclave) or call (enclave -> server)."""
     __slots__ = ("kind", "caller", "server", "loans", "arg", "rid", "deadline", "full",
-                 "queued", "answered")
+                 "queued", "answered", "paused")
 
     def __init__(self, kind, caller, server, loans, arg, rid):
         self.kind = kind          # "run" or "call"
@@ -231,6 +231,7 @@ class Frame:
         self.full = False         # the deadline covers the server's run too (a timeout given)
         self.queued = False
         self.answered = False     # the caller has had its answer (a timeout): late results go
+        self.paused: int | None = None    # run: the enclave's rid of eapp_return_relay_page
 
 
 class VaAllocator:
@@ -860,7 +861,10 @@ class Core:
             while ended.queue:
                 f = ended.queue.popleft()
                 self._unqueue(f)
-                self._fail_queued(fx, f, call_exc)
+                if f.kind == "asyn":
+                    _drop_asyn(self, fx, f)     # nobody waits: the region was the server's
+                else:
+                    self._fail_queued(fx, f, call_exc)
         # calls it waits for are withdrawn: a queued one leaves its queue (its loans come
         # back here and are settled below); a running one finishes, and its loans then
         # skip this dead caller on their way back
@@ -964,7 +968,10 @@ class Core:
             f = q.popleft()
             self._unqueue(f)
             f.server = s
-            self._dispatch(fx, f)
+            if f.kind == "asyn":
+                _dispatch_asyn(self, fx, f)
+            else:
+                self._dispatch(fx, f)
 
     def _fail_queued(self, fx, f: Frame, exc):
         """A queued call that never reached its server: give the loans back, report."""
@@ -1543,3 +1550,182 @@ def _n_fault(core, fx, p, e, msg, now):
 
 
 _ENCLAVE_NOTES = {"ready": _n_ready, "ret": _n_ret, "exit": _n_exit, "fault": _n_fault}
+
+
+# ---------------------------------------------------------------------- relay pages, the rest
+#: the only rerun reason Penglai accepts (RETURN_USER_RELAY_PAGE)
+RERUN_RELAY_PAGE = 1
+
+
+def _e_return_relay(core, fx, p, e, msg, rid, now):
+    """``eapp_return_relay_page``: the running enclave hands its schrodinger region(s)
+    back to the host mid-run.  The host's ``run`` is answered ``relay: 1`` (Penglai's
+    PLenclave_run returning 1) with the regions granted back; this request stays
+    unanswered until the host's ``rerun`` lends them again at the same address (or the
+    enclave ends).  The runtime revoked the regions it sends (``v``: their vaddrs)."""
+    f = e.frame_in
+    v = msg.get("v")
+    back = [r for r in (f.loans if f is not None else ())
+            if type(v) is list and r.vaddr in v and r.owner == p.id and r.seg in p.segs]
+    try:
+        if e.type != NORMAL or e.state != RUNNING or f is None or f.kind != "run":
+            raise E.BadState("eapp_return_relay_page outside a run")
+        if f.paused is not None:
+            raise E.BadState("the relay page was returned already")
+        if e.out:
+            raise E.BadState("eapp_return_relay_page while a call is in flight")
+        if type(v) is not list or sorted(v) != sorted(r.vaddr for r in f.loans):
+            raise E.InvalidArgument("'v' must list the run's relay regions")
+        if len(back) != len(f.loans):
+            raise E.NotOwned("a relay region of the run is not held by this enclave")
+    except (Invalid, E.TvmError) as exc:
+        if back:
+            exc.regrant = back[0]       # type: ignore[union-attr]
+        raise
+    for r in f.loans:
+        core._return_to_lender(fx, r)       # the host (a dead host's enclave is dead)
+    f.paused = rid
+    if f.deadline is not None:
+        core.timers.pop(f, None)
+        f.deadline = None
+    g, segs = core._grants(f.caller, f.loans)
+    if f.answered:                          # the host's run timed out: just the pages
+        if g:
+            core._send(fx, f.caller, {"op": "grant", "g": g}, segs)
+    else:
+        f.answered = True
+        core._send(fx, f.caller, {"op": "r", "rid": f.rid, "retval": 0, "relay": 1,
+                                  "g": g}, segs)
+
+
+def _h_rerun(core, fx, p, msg, rid, nfds, now):
+    """``PLenclave_set_rerun_arg(1)`` + ``PLenclave_run``: continue an enclave that
+    returned its relay page.  The same regions are lent to it again at the same
+    addresses (the host's client revoked the ones it maps before sending); its
+    ``eapp_return_relay_page`` returns 0.  Answered like ``run``."""
+    e = _own_enclave(core, p, msg)
+    f = e.frame_in
+    back = [r for r in (f.loans if f is not None else ())
+            if r.owner == p.id and not r.stack and r.seg in p.segs]
+    try:
+        reason = get_int(msg, "reason")
+        if reason != RERUN_RELAY_PAGE:
+            raise E.InvalidArgument(f"rerun reason must be 1 (RETURN_USER_RELAY_PAGE), "
+                                    f"not {reason}")
+        timeout = _timeout(msg, None)
+        if f is None or f.kind != "run" or f.paused is None:
+            raise E.BadState(f"enclave {e.name!r} is {e.state} and has not returned its "
+                             f"relay page: nothing to rerun")
+        for r in f.loans:
+            if r.id not in core.regions:
+                raise E.UnknownId(f"schrodinger region {r.id:#x} was removed")
+            if r.owner != p.id or r.stack:
+                raise E.RegionLoaned(f"schrodinger region {r.id:#x} is not the host's")
+    except (Invalid, E.TvmError) as exc:
+        if back:
+            exc.regrant = back[0]       # type: ignore[union-attr]
+        raise
+    erid, f.paused = f.paused, None
+    f.rid = rid
+    f.answered = False
+    if timeout is not None:
+        f.deadline = now + timeout
+        f.full = True
+        core.timers[f] = f.deadline
+    for r in f.loans:
+        core._lend(r, p.id, e.peer)
+    g, segs = core._grants(e.peer, f.loans)
+    core._send(fx, e.peer, {"op": "r", "rid": erid, "g": g}, segs)
+
+
+def _e_asyn(core, fx, p, e, msg, rid, now):
+    """``asyn_enclave_call(name, arg)``: give the caller's whole region ``vaddr``
+    (``size`` bytes; or none: vaddr 0) to the server ``name`` for good, and deliver
+    ``arg`` to it like a call whose return goes nowhere.  Answered at once: 0, or the
+    error (no such server, its queue full, a region not owned outright).  From then on
+    the region is the server's: queued while the server is busy (FIFO with calls,
+    bounded by ``max_queue``), freed if the server ends before or after taking it."""
+    vaddr = msg.get("vaddr")
+    mine = core.by_vaddr.get(vaddr) if type(vaddr) is int else None
+    if mine is not None and (mine.kind != "relay" or mine.owner != p.id
+                             or mine.seg not in p.segs):
+        mine = None
+    try:
+        if e.state not in (RUNNING, SERVING):
+            raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
+        name = get_name(msg, "name")
+        arg = get_u64(msg, "arg")
+        vaddr = get_u64(msg, "vaddr")
+        size = get_u64(msg, "size")
+        pool = core.servers.get(name)
+        if pool is None:
+            raise E.NoSuchServer(f"no server named {name!r}")
+        if any(m is e for m in pool.members):
+            raise E.CallCycle(f"server {name!r} is this enclave")
+        regs = []
+        if vaddr:
+            if vaddr % core.page:
+                raise E.Unaligned(f"req_vaddr {vaddr:#x} is not page aligned")
+            r = core.by_vaddr.get(vaddr)
+            if r is None or r.kind != "relay" or r.owner != p.id:
+                raise E.NotOwned(f"no region at {vaddr:#x} owned by the caller")
+            if r.stack:
+                raise E.RegionLoaned(f"region {vaddr:#x} is on loan to this enclave: "
+                                     f"only a region it owns may be given away")
+            if size != r.length:
+                raise E.BadSize(f"req_size {size:#x} must cover the whole region "
+                                f"({r.length:#x})")
+            regs.append(r)
+        free = None
+        if not pool.queue:
+            for m in pool.members:
+                if m.state == IDLE:
+                    free = m
+                    break
+        if free is None and len(pool.queue) >= core.config.max_queue:
+            raise E.QuotaExceeded(f"server {name!r} has {len(pool.queue)} callers "
+                                  f"queued (at most {core.config.max_queue})")
+    except (Invalid, E.TvmError) as exc:
+        if mine is not None:
+            exc.regrant = mine      # type: ignore[union-attr]
+        raise
+    f = Frame("asyn", p.id, free if free is not None else pool.live()[0], regs,
+              [arg, 0, vaddr, size, 0, 0], None)
+    f.answered = True               # nobody waits for its return
+    f.paused = e.eid                # the sender's eid, for get_caller_id (it may be gone)
+    for r in regs:
+        r.prev = p.id
+        r.owner = None              # in escrow, with no lender: it never goes back
+    core._send(fx, p.id, {"op": "r", "rid": rid})
+    if free is not None:
+        _dispatch_asyn(core, fx, f)
+    else:
+        f.queued = True
+        pool.queue.append(f)
+
+
+def _dispatch_asyn(core, fx, f: Frame) -> None:
+    """Start the asynchronous call ``f`` on its idle server: its region is the
+    server's now (given, not lent: nothing goes back at the return)."""
+    s = f.server
+    core._set_state(s, SERVING)
+    s.frame_in = f
+    regs, f.loans = f.loans, []
+    for r in regs:
+        r.owner = s.peer
+    g, segs = core._grants(s.peer, regs)
+    a = f.arg
+    core._send(fx, s.peer, {"op": "acall", "a": [a[0], a[2], a[3]], "c": f.paused,
+                            "g": g}, segs)
+
+
+def _drop_asyn(core, fx, f: Frame) -> None:
+    """A queued asynchronous call whose server ended: its region is freed."""
+    for r in f.loans:
+        core._free(fx, r)
+    f.loans = []
+
+
+_HOST_OPS["rerun"] = _h_rerun
+_ENCLAVE_OPS["rrp"] = _e_return_relay
+_ENCLAVE_OPS["asyn"] = _e_asyn

@@ -128,6 +128,7 @@ def _launch(ns) -> int:
     ``--key FILE`` starts an embedded monitor with that key (``tvmrt monitor --key``)
     even if one is running; ``--report FILE`` writes the host's report of the caller
     (nonce 1234, the one whose signature it prints) as JSON for ``tvmrt verify``."""
+    import os
     import signal
 
     from tvmrt import _demo as demo, penglai
@@ -149,8 +150,13 @@ def _launch(ns) -> int:
         print("tvmrt launch: --report is for the test-caller demo (CALLER SERVER "
               "[SERVER1]): the host attests the caller", file=sys.stderr)
         return 2
+    if len(names) == 2 and names[1].isdigit():
+        if not 1 <= int(names[1]) <= 64:
+            print("tvmrt launch: EAPP N runs 1 .. 64 enclaves at once", file=sys.stderr)
+            return 2
     for name in names:
-        _check_eapp(name)
+        if not name.isdigit():
+            _check_eapp(name)
     old_handlers = {s: signal.signal(s, _raise_stopped) for s in _stop_signals()}
     embedded = None
     opened = False
@@ -172,6 +178,11 @@ def _launch(ns) -> int:
             if penglai.open_device(path) != 0:
                 return 1
             opened = True
+            if len(names) == 2 and names[1].isdigit():
+                return demo.host(names[0], int(names[1]))     # ./host ELF N
+            stem = os.path.basename(names[0]).removesuffix(".py")
+            if len(names) == 1 and stem in ("relay_page", "mem"):
+                return demo.host(names[0], 1)
             if len(names) == 1:
                 return demo.run_one(names[0])
             return demo.test_caller(*names, report_file=ns.report)

@@ -1603,11 +1603,14 @@ def _h_rerun(core, fx, p, msg, rid, nfds, now):
     returned its relay page.  The same regions are lent to it again at the same
     addresses (the host's client revoked the ones it maps before sending); its
     ``eapp_return_relay_page`` returns 0.  Answered like ``run``."""
-    e = _own_enclave(core, p, msg)
-    f = e.frame_in
-    back = [r for r in (f.loans if f is not None else ())
-            if r.owner == p.id and not r.stack and r.seg in p.segs]
+    # ``mem``: the id of the region the client revoked for this request, given back
+    # on any refusal (the enclave's frame names the regions that really move)
+    r = core.regions.get(msg.get("mem"))
+    back = [r] if (r is not None and r.kind == "relay" and r.owner == p.id
+                   and r.creator == p.id and not r.stack and r.seg in p.segs) else []
     try:
+        e = _own_enclave(core, p, msg)
+        f = e.frame_in
         reason = get_int(msg, "reason")
         if reason != RERUN_RELAY_PAGE:
             raise E.InvalidArgument(f"rerun reason must be 1 (RETURN_USER_RELAY_PAGE), "

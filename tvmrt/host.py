@@ -226,6 +226,7 @@ class Enclave:
         loan = None
         mem = self._ran_mem
         if mem is not None and mem[0].attached and self.relay_returned:
+            msg["mem"] = mem[0].id
             try:
                 loan = self.host.table.lend(mem[0].address, mem[0].size)
             except NotOwned:

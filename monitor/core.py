@@ -54,7 +54,7 @@ from tvmrt import errors as E
 from tvmrt._attest import ENCLAVE_KEY, KEY_MAX, STORAGE_KEY, Signer, measure as measure
 
 from .config import Config
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, Stats
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, SplitSeg, Stats
 from .validate import (
     U64,
     Invalid,
@@ -197,7 +197,7 @@ class Enclave:
 
 class Region:
     __slots__ = ("id", "seg", "vaddr", "length", "kind", "arena", "creator", "owner",
-                 "stack", "mappers", "revoked", "prev", "account")
+                 "stack", "mappers", "revoked", "prev", "account", "off")
 
     def __init__(self, rid, seg, vaddr, length, kind, arena, creator):
         self.id = rid
@@ -213,6 +213,7 @@ class Region:
         self.revoked = False      # shm id revoked by shmctl (or no fd exists)
         self.prev = None          # the owner before the current one (violation suspect)
         self.account: Account | None = None   # charged for it (its creator's)
+        self.off = 0              # where it starts in its segment's file (split halves)
 
 
 class Frame:
@@ -314,6 +315,9 @@ class Core:
         self.tombs: dict[int, tuple[int, type[E.TvmError], str]] = {}
         # quota accounts of host processes (uid, pid): shared by their connections
         self.accounts: dict[tuple, Account] = {}
+        # split regions: seg -> size of the file it shares with its family
+        self.fsize: dict[int, int] = {}
+        self.split_from: dict[int, Region] = {}   # second half's seg -> first half
 
     # ------------------------------------------------------------------ transitions
     def _set_state(self, e: Enclave, new: str) -> None:
@@ -376,6 +380,8 @@ class Core:
             return
         self.by_vaddr.pop(r.vaddr, None)
         self.seg_region.pop(r.seg, None)
+        if r.off or self.fsize:
+            self.fsize.pop(r.seg, None)
         self.arenas[r.arena].release(r.vaddr, r.length)
         a = r.account
         if a is not None:
@@ -430,7 +436,8 @@ class Core:
                 segs.append(r.seg)
                 p.segs.add(r.seg)
                 r.mappers.add(peer_id)
-            g.append([r.seg, r.vaddr, r.length, 1 if need else 0, r.kind])
+            # has_fd: 1 + the region's offset in the file (a split half starts inside it)
+            g.append([r.seg, r.vaddr, r.length, 1 + r.off if need else 0, r.kind])
         return g, segs
 
     def _waits_for(self, start: Enclave, target: Enclave) -> bool:
@@ -649,7 +656,9 @@ class Core:
             return []
         peer_id, rid, op = pend
         fx: list = []
-        if op == "mmap":
+        if op == "split":
+            _split_done(self, fx, r, peer_id, rid)
+        elif op == "mmap":
             g, segs = self._grants(peer_id, [r])
             self._send(fx, peer_id, {"op": "r", "rid": rid, "vaddr": r.vaddr, "g": g}, segs)
         else:
@@ -665,6 +674,9 @@ class Core:
             return []
         peer_id, rid, _op = pend
         fx: list = []
+        if _op == "split":
+            _split_undo(self, fx, r, peer_id, rid, why)
+            return fx
         r.revoked = True          # no fd exists, so no FreeSeg
         self._free(fx, r)
         self._send(fx, peer_id, _err(E.NoMemory(f"cannot create shared memory: {why}"), rid))
@@ -1729,6 +1741,94 @@ def _drop_asyn(core, fx, f: Frame) -> None:
     f.loans = []
 
 
+def _e_split(core, fx, p, e, msg, rid, now):
+    """``split_mem_region(addr, size, split_at)``: the region at ``addr`` (``size``
+    bytes, the whole region, owned outright by this enclave) becomes two regions,
+    ``[addr, split_at)`` and ``[split_at, addr+size)``, each with its own fate (loan,
+    asyn, unmap).  Both stay in the one segment file: the second half gets a segment
+    number of its own (the shell dups the fd: ``SplitSeg``) and its offset in the file
+    (``Region.off``), so every grant, revoke and drop stays per region.  Answered when
+    the fd exists (``segment_created``) with ``split``: ``[seg1, len1, seg2, len2]``;
+    a failed dup undoes the split (``segment_failed``)."""
+    addr = get_u64(msg, "vaddr")
+    size = get_u64(msg, "size")
+    at = get_u64(msg, "at")
+    if e.state not in (RUNNING, SERVING):
+        raise E.BadState(f"enclave is {e.state}; only a running enclave may split")
+    r = core.by_vaddr.get(addr)
+    if r is None or r.kind != "relay" or r.owner != p.id or r.seg in core.pending_seg:
+        raise E.NotOwned(f"no region at {addr:#x} owned by this enclave")
+    if r.stack:
+        raise E.RegionLoaned(f"region {addr:#x} is on loan to this enclave: only a "
+                             f"region it owns may be split")
+    if size != r.length:
+        raise E.BadSize(f"size {size:#x} must be the whole region ({r.length:#x})")
+    if at % core.page:
+        raise E.Unaligned(f"split address {at:#x} is not page aligned")
+    if not addr < at < addr + size:
+        raise E.BadSize(f"split address {at:#x} is not inside the region "
+                        f"({addr:#x} .. {addr + size:#x}): each half needs a page")
+    a = r.account
+    if a is not None and a.regions + 1 > core.config.max_regions:
+        raise E.QuotaExceeded(f"quota: {a.regions} regions in use "
+                              f"(at most {core.config.max_regions})")
+    file_size = core.fsize.get(r.seg, r.length)     # never split: the file is r
+    h = Region(core._next_id, core._next_seg, at, addr + size - at, "relay", r.arena,
+               r.creator)
+    core._next_id += 1
+    core._next_seg += 1
+    h.off = r.off + (at - addr)
+    h.owner = p.id
+    h.prev = r.prev
+    r.length = at - addr
+    core.regions[h.id] = h
+    core.by_vaddr[at] = h
+    core.seg_region[h.seg] = h
+    if a is not None:
+        a.regions += 1                  # the bytes stay the same, in two regions
+        h.account = a
+    # former holders keep a PROT_NONE mapping of the whole old range: they unmap it
+    # (a later grant of either half brings an fd), the owner re-keys its own
+    for m in r.mappers:
+        q = core.peers.get(m)
+        if m != p.id and q is not None and q.alive:
+            q.segs.discard(r.seg)
+            q.drops.append(r.seg)
+    r.mappers = {p.id}
+    h.mappers = {p.id}
+    p.segs.add(h.seg)
+    core.fsize[r.seg] = core.fsize[h.seg] = file_size
+    core.split_from[h.seg] = r
+    core.pending_seg[h.seg] = (p.id, rid, "split")
+    fx.append(SplitSeg(h.seg, r.seg, file_size))
+
+
+def _split_done(core, fx, h: Region, peer_id, rid) -> None:
+    """The second half's fd exists: answer the split."""
+    first = core.split_from.pop(h.seg)
+    core._send(fx, peer_id, {"op": "r", "rid": rid,
+                             "split": [first.seg, first.length, h.seg, h.length]})
+
+
+def _split_undo(core, fx, h: Region, peer_id, rid, why) -> None:
+    """The shell could not dup the fd: the two halves are one region again (the
+    former holders' mappings are gone either way; they get fds when granted)."""
+    first = core.split_from.pop(h.seg)
+    first.length += h.length
+    core.fsize.pop(h.seg, None)      # first's entry stays right: the file's size
+    core.regions.pop(h.id, None)
+    core.by_vaddr.pop(h.vaddr, None)
+    core.seg_region.pop(h.seg, None)
+    p = core.peers.get(peer_id)
+    if p is not None:
+        p.segs.discard(h.seg)
+    if h.account is not None:
+        h.account.regions -= 1
+        h.account = None
+    core._send(fx, peer_id, _err(E.ResourceExhausted(f"cannot split: {why}"), rid))
+
+
 _HOST_OPS["rerun"] = _h_rerun
+_ENCLAVE_OPS["split"] = _e_split
 _ENCLAVE_OPS["rrp"] = _e_return_relay
 _ENCLAVE_OPS["asyn"] = _e_asyn

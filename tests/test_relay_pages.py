@@ -212,3 +212,18 @@ def test_launch_mem_5(clean):
     for call, off in (("0", 0x1000), ("-4096", 0), ("4*4096", 0x7000),
                       ("1*4096", 0x8000), ("-10*4096", 0)):
         assert off in offsets[call]
+
+
+# ---------------------------------------------------------------- split_mem_region
+def test_split_then_loan_one_half_while_writing_the_other(host):
+    shm = host.shmget(0x1000)
+    v = shm.view.cast("i")
+    host.create(eapp("echo_server"), name="echo", type=SERVER)
+    enc = host.create(eapp("split_caller"), name="splitter", shm=shm)
+    assert enc.run() == 0
+    got = list(v[16:35])
+    assert got[:10] == [0, 0, 1, 31, 40, 10, 0, 0, 41, 31]
+    assert got[10:15] == [Unaligned.code, BadSize.code, BadSize.code, BadSize.code,
+                          NotOwned.code]
+    assert got[15:] == [0, 41, 0, 0]
+    assert wait_until(lambda: all(r["kind"] == "shm" for r in host.ps()["regions"]), 5)

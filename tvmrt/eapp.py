@@ -36,6 +36,7 @@ __all__ = [
     "acquire_enclave", "call_enclave", "SERVER_RETURN", "EAPP_RETURN", "get_enclave_id",
     "get_caller_id", "get_report", "get_key", "ENCLAVE_KEY", "STORAGE_KEY", "mem", "ints",
     "check", "last_error", "PAGE", "eapp_return_relay_page", "asyn_enclave_call",
+    "split_mem_region",
 ]
 
 
@@ -353,3 +354,29 @@ def asyn_enclave_call(name: str, arg: CallArg) -> int:
         rt.table.revoke_owned(vaddr)
     m = _ask(rt, {"op": "asyn", "name": name, "arg": req, "vaddr": vaddr, "size": size})
     return m.code if isinstance(m, TvmError) else 0
+
+
+def split_mem_region(mem_addr: int, mem_size: int, split_addr: int) -> int:
+    """Penglai's ``split_mem_region``: the region at ``mem_addr`` (``mem_size`` bytes,
+    the whole region, one this enclave owns outright: from ``eapp_mmap``, not on loan)
+    becomes two regions, ``[mem_addr, split_addr)`` and ``[split_addr,
+    mem_addr+mem_size)``, at the same addresses with the same contents: each half can
+    then be lent (``call_enclave``), given (``asyn_enclave_call``) or unmapped
+    (``eapp_unmap``) on its own.  ``split_addr`` must be page aligned and strictly
+    inside (each half at least a page).  Views taken of the whole region die; take new
+    ones.  Returns 0, or a negative code (see :func:`last_error`): NotOwned,
+    RegionLoaned, BadSize, Unaligned, QuotaExceeded (one region more),
+    ResourceExhausted (the monitor is out of fds)."""
+    rt = _rt()
+    try:
+        mem_addr = check_u64(mem_addr, "mem_addr")
+        mem_size = check_u64(mem_size, "mem_size")
+        split_addr = check_u64(split_addr, "split_addr")
+    except TvmError as exc:
+        return _refuse(rt, exc).code
+    m = _ask(rt, {"op": "split", "vaddr": mem_addr, "size": mem_size, "at": split_addr})
+    if isinstance(m, TvmError):
+        return m.code
+    seg1, len1, seg2, len2 = m["split"]
+    rt.table.split(mem_addr, seg1, len1, seg2, len2)
+    return 0

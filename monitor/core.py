@@ -29,6 +29,9 @@ Effects:
     Close(peer)                        close the peer's socket
     NewSeg(seg, size, arena)           create a segment, report segment_created/failed
     FreeSeg(seg)                       close the monitor's fd of a segment
+    SplitSeg(seg, parent, size)        a second fd on ``parent``'s file (a split region's
+                                       half), report segment_created/failed; ``size``
+                                       is the file's, checked at grants
     Log(text)                          a line for the monitor's log
     Stats(msg)                         put the monitor's own pid, fds, RSS into
                                        ``msg["monitor"]`` (the Send of msg follows)
@@ -1787,14 +1790,6 @@ def _e_split(core, fx, p, e, msg, rid, now):
     if a is not None:
         a.regions += 1                  # the bytes stay the same, in two regions
         h.account = a
-    # former holders keep a PROT_NONE mapping of the whole old range: they unmap it
-    # (a later grant of either half brings an fd), the owner re-keys its own
-    for m in r.mappers:
-        q = core.peers.get(m)
-        if m != p.id and q is not None and q.alive:
-            q.segs.discard(r.seg)
-            q.drops.append(r.seg)
-    r.mappers = {p.id}
     h.mappers = {p.id}
     p.segs.add(h.seg)
     core.fsize[r.seg] = core.fsize[h.seg] = file_size
@@ -1806,6 +1801,14 @@ def _e_split(core, fx, p, e, msg, rid, now):
 def _split_done(core, fx, h: Region, peer_id, rid) -> None:
     """The second half's fd exists: answer the split."""
     first = core.split_from.pop(h.seg)
+    # former holders keep a PROT_NONE mapping of the whole old range: they unmap it
+    # (a later grant of either half brings an fd); the owner re-keys its own
+    for m in first.mappers:
+        q = core.peers.get(m)
+        if m != peer_id and q is not None and q.alive:
+            q.segs.discard(first.seg)
+            q.drops.append(first.seg)
+    first.mappers = {peer_id}
     core._send(fx, peer_id, {"op": "r", "rid": rid,
                              "split": [first.seg, first.length, h.seg, h.length]})
 

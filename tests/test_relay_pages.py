@@ -227,3 +227,41 @@ def test_split_then_loan_one_half_while_writing_the_other(host):
                           NotOwned.code]
     assert got[15:] == [0, 41, 0, 0]
     assert wait_until(lambda: all(r["kind"] == "shm" for r in host.ps()["regions"]), 5)
+
+
+def test_split_then_give_one_half_away_by_asyn(host):
+    enc, v, log = _asyn(host, 4)
+    assert enc.run() == 0
+    assert list(v[16:21]) == [0, 0, 1023, 0, 0]
+    assert wait_until(lambda: log[0] == 1, 5)
+    assert list(log[1:4]) == [5, 77, 3 * 0x1000]     # the server got the right pages
+
+
+def test_asyn_to_a_full_queue_is_refused_at_once():
+    """The queue bound, on the core itself (a real monitor's is 1024 deep)."""
+    from core_driver import Driver
+    from tvmrt._layout import ARENAS, PAGE
+    from tvmrt.errors import QuotaExceeded
+    from tvmrt.monitor import core as C
+    from tvmrt.monitor.config import Config
+
+    d = Driver(C.Core(Config(key=b"k" * 32, max_queue=1, arenas=dict(ARENAS))))
+    h = d.connect()
+    d.message(h, {"op": "create", "rid": 1, "name": "s", "type": C.SERVER, "code": b"s"})
+    d.message(h, {"op": "create", "rid": 2, "name": "n", "type": C.NORMAL, "code": b"n"})
+    n = next(e for e in d.core.slots if e is not None and e.name == "n")
+    d.message(h, {"op": "run", "rid": 3, "handle": n.handle})
+    codes = []
+    for rid in (10, 11, 12):
+        d.message(n.peer, {"op": "mmap", "rid": rid + 100, "size": PAGE})
+        vaddr = d.last_reply["vaddr"]
+        d.message(n.peer, {"op": "asyn", "rid": rid, "name": "s", "arg": rid,
+                           "vaddr": vaddr, "size": PAGE})
+        rep = d.last_reply
+        codes.append(0 if rep["op"] == "r" else rep["c"])
+        d.check()
+    # the first is served, the second queued, the third refused (its region granted back)
+    assert codes == [0, 0, QuotaExceeded.code]
+    assert "g" in d.last_reply and d.last_reply["g"][0][1] == vaddr
+    assert d.core.by_vaddr[vaddr].owner == n.peer
+    d.finish()

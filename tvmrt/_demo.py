@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 
 from . import penglai
 from .errors import InvalidArgument, MonitorGone
@@ -230,6 +231,14 @@ def host(eapp_file: str, count: int = 1) -> int:
         return 1
     failed = []
     lock = threading.Lock()
+    say_lock = threading.Lock()
+
+    def say(line: str) -> None:
+        # one write per line: the threads' lines (and the enclaves', which share the
+        # terminal) never interleave mid-line
+        with say_lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     def one(i: int) -> None:
         enclave, params = PLenclave(), enclave_args()
@@ -252,7 +261,7 @@ def host(eapp_file: str, count: int = 1) -> int:
             with lock:              # elf_args is shared by the threads, as in host.c
                 created = PLenclave_create(enclave, elf, params)
             if created < 0:
-                print("host: failed to create enclave")
+                say("host: failed to create enclave")
                 failed.append(i)
                 return
             PLenclave_attest(enclave, 0)
@@ -266,9 +275,9 @@ def host(eapp_file: str, count: int = 1) -> int:
                     continue
                 break
             if ret < 0:
-                print("host: failed to run enclave")
+                say("host: failed to run enclave")
                 failed.append(i)
-            print("host: PLenclave run is finish ", flush=True)
+            say("host: PLenclave run is finish ")
         finally:
             if shm > 0:
                 PLenclave_shmdt(shmid, shm)
@@ -285,6 +294,6 @@ def host(eapp_file: str, count: int = 1) -> int:
         t.start()
     for t in threads:
         t.join()
-    print("host: after exit the thread", flush=True)
+    say("host: after exit the thread")
     elf_args_destroy(elf)
     return 1 if failed else 0

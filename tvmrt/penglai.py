@@ -214,7 +214,10 @@ def PLenclave_set_mem_arg(enclave: PLenclave, mm_arg_id: int, mm_arg_offset: int
 
 
 def PLenclave_run(enclave: PLenclave) -> int:
-    """Run to the end; the exit value lands in ``enclave.user_param.retval``."""
+    """Run to the end: 0, with the exit value in ``enclave.user_param.retval``; or 1
+    (RETURN_USER_RELAY_PAGE) when the eapp called ``eapp_return_relay_page``: the relay
+    page is the host's until ``PLenclave_set_rerun_arg(enclave, 1)`` and the next
+    ``PLenclave_run`` continue the enclave (``retval`` untouched); or -1."""
     if enclave is None or enclave._enclave is None:
         return _fail("PLenclave_run", InvalidArgument("enclave was not created"))
     dev = _dev()

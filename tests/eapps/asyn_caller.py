@@ -3,6 +3,8 @@
    still ours (0 expected), get_enclave_id.
 1: three asyn calls in a row (args 100, 2, 3: the first keeps the server busy).
 2: asyn calls to a server that dies: 102 (in service, dies), then 3 queued behind it.
+4: split a 4-page region at page 1, give the 3-page half to the server by asyn, keep
+   writing the first page; records rc of split and asyn, then the first page's int.
 3: errors: unknown name, a region not owned, a partial size, a misaligned address;
    then a good call (arg 4).
 """
@@ -65,5 +67,17 @@ def main(args):
         shm[out + 5] = owned(v)
         rc, _ = send("asyn", 4, 7)
         shm[out + 6] = rc
+    elif scenario == 4:
+        v = eapp_mmap(0, 4 * PAGE)
+        ints(v + PAGE, 1)[0] = 77
+        shm[out] = split_mem_region(v, 4 * PAGE, v + PAGE)
+        shm[out + 1] = asyn_enclave_call("asyn", CallArg(req_arg=5, req_vaddr=v + PAGE,
+                                                         req_size=3 * PAGE))
+        first = ints(v, PAGE // 4)
+        for i in range(PAGE // 4):
+            first[i] = i                    # the half we kept is still ours
+        shm[out + 2] = first[PAGE // 4 - 1]
+        shm[out + 3] = owned(v + PAGE)
+        shm[out + 4] = eapp_unmap(v, PAGE)
     os.sched_yield()
     return 0

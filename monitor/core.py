@@ -235,7 +235,9 @@ class Frame:
         self.full = False         # the deadline covers the server's run too (a timeout given)
         self.queued = False
         self.answered = False     # the caller has had its answer (a timeout): late results go
-        self.paused: int | None = None    # run: the enclave's rid of eapp_return_relay_page
+        # run: the enclave's rid of eapp_return_relay_page while the host has the page;
+        # asyn: the sender's eid (for get_caller_id; the sender may be gone)
+        self.paused: int | None = None
 
 
 class VaAllocator:

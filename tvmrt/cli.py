@@ -419,8 +419,10 @@ def main(argv=None) -> int:
     m.add_argument("--own-socket-dir", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(fn=_monitor)
 
-    la = sub.add_parser("launch", help="run Penglai's demo host: CALLER [SERVER [SERVER1]]")
-    la.add_argument("eapps", nargs="+", help="eapp names (bundled) or paths")
+    la = sub.add_parser("launch", help="run Penglai's demo host: CALLER [SERVER [SERVER1]], "
+                        "or EAPP N (N enclaves at once, demo/host: relay_page, mem 5)")
+    la.add_argument("eapps", nargs="+", help="eapp names (bundled) or paths; EAPP N runs N "
+                    "enclaves of EAPP at once")
     la.add_argument("--socket", help="use the monitor on this socket (default: a running "
                     "monitor on the default socket, else an embedded one)")
     la.add_argument("--verbose", "-v", action="store_true")

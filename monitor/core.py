@@ -29,6 +29,9 @@ Effects:
     Close(peer)                        close the peer's socket
     NewSeg(seg, size, arena)           create a segment, report segment_created/failed
     FreeSeg(seg)                       close the monitor's fd of a segment
+    SplitSeg(seg, parent, size)        a second fd on ``parent``'s file (a split region's
+                                       half), report segment_created/failed; ``size``
+                                       is the file's, checked at grants
     Log(text)                          a line for the monitor's log
     Stats(msg)                         put the monitor's own pid, fds, RSS into
                                        ``msg["monitor"]`` (the Send of msg follows)
@@ -54,7 +57,7 @@ from tvmrt import errors as E
 from tvmrt._attest import ENCLAVE_KEY, KEY_MAX, STORAGE_KEY, Signer, measure as measure
 
 from .config import Config
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, Stats
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, SplitSeg, Stats
 from .validate import (
     U64,
     Invalid,
@@ -214,7 +217,7 @@ class Enclave:
 
 class Region:
     __slots__ = ("id", "seg", "vaddr", "length", "kind", "arena", "creator", "owner",
-                 "stack", "mappers", "revoked", "prev", "account")
+                 "stack", "mappers", "revoked", "prev", "account", "off")
 
     def __init__(self, rid, seg, vaddr, length, kind, arena, creator):
         self.id = rid
@@ -230,12 +233,13 @@ class Region:
         self.revoked = False      # shm id revoked by shmctl (or no fd exists)
         self.prev = None          # the owner before the current one (violation suspect)
         self.account: Account | None = None   # charged for it (its creator's)
+        self.off = 0              # where it starts in its segment's file (split halves)
 
 
 class Frame:
     """One run (host -> normal enclave) or call (enclave -> server)."""
     __slots__ = ("kind", "caller", "server", "loans", "arg", "rid", "deadline", "full",
-                 "queued", "answered")
+                 "queued", "answered", "paused")
 
     def __init__(self, kind, caller, server, loans, arg, rid):
         self.kind = kind          # "run" or "call"
@@ -248,6 +252,9 @@ class Frame:
         self.full = False         # the deadline covers the server's run too (a timeout given)
         self.queued = False
         self.answered = False     # the caller has had its answer (a timeout): late results go
+        # run: the enclave's rid of eapp_return_relay_page while the host has the page;
+        # asyn: the sender's eid (for get_caller_id; the sender may be gone)
+        self.paused: int | None = None
 
 
 class VaAllocator:
@@ -330,6 +337,9 @@ class Core:
         self.tombs: dict[int, tuple[int, type[E.TvmError], str]] = {}
         # quota accounts of host processes (uid, pid): shared by their connections
         self.accounts: dict[tuple, Account] = {}
+        # split regions: seg -> size of the file it shares with its family
+        self.fsize: dict[int, int] = {}
+        self.split_from: dict[int, Region] = {}   # second half's seg -> first half
 
     # ------------------------------------------------------------------ transitions
     def _set_state(self, e: Enclave, new: str) -> None:
@@ -392,6 +402,8 @@ class Core:
             return
         self.by_vaddr.pop(r.vaddr, None)
         self.seg_region.pop(r.seg, None)
+        if r.off or self.fsize:
+            self.fsize.pop(r.seg, None)
         self.arenas[r.arena].release(r.vaddr, r.length)
         a = r.account
         if a is not None:
@@ -446,7 +458,8 @@ class Core:
                 segs.append(r.seg)
                 p.segs.add(r.seg)
                 r.mappers.add(peer_id)
-            g.append([r.seg, r.vaddr, r.length, 1 if need else 0, r.kind])
+            # has_fd: 1 + the region's offset in the file (a split half starts inside it)
+            g.append([r.seg, r.vaddr, r.length, 1 + r.off if need else 0, r.kind])
         return g, segs
 
     def _waits_for(self, start: Enclave, target: Enclave) -> bool:
@@ -665,7 +678,9 @@ class Core:
             return []
         peer_id, rid, op = pend
         fx: list = []
-        if op == "mmap":
+        if op == "split":
+            _split_done(self, fx, r, peer_id, rid)
+        elif op == "mmap":
             g, segs = self._grants(peer_id, [r])
             self._send(fx, peer_id, {"op": "r", "rid": rid, "vaddr": r.vaddr, "g": g}, segs)
         else:
@@ -681,6 +696,9 @@ class Core:
             return []
         peer_id, rid, _op = pend
         fx: list = []
+        if _op == "split":
+            _split_undo(self, fx, r, peer_id, rid, why)
+            return fx
         r.revoked = True          # no fd exists, so no FreeSeg
         self._free(fx, r)
         self._send(fx, peer_id, _err(E.NoMemory(f"cannot create shared memory: {why}"), rid))
@@ -877,7 +895,10 @@ class Core:
             while ended.queue:
                 f = ended.queue.popleft()
                 self._unqueue(f)
-                self._fail_queued(fx, f, call_exc)
+                if f.kind == "asyn":
+                    _drop_asyn(self, fx, f)     # nobody waits: the region was the server's
+                else:
+                    self._fail_queued(fx, f, call_exc)
         # calls it waits for are withdrawn: a queued one leaves its queue (its loans come
         # back here and are settled below); a running one finishes, and its loans then
         # skip this dead caller on their way back
@@ -981,7 +1002,10 @@ class Core:
             f = q.popleft()
             self._unqueue(f)
             f.server = s
-            self._dispatch(fx, f)
+            if f.kind == "asyn":
+                _dispatch_asyn(self, fx, f)
+            else:
+                self._dispatch(fx, f)
 
     def _fail_queued(self, fx, f: Frame, exc):
         """A queued call that never reached its server: give the loans back, report."""
@@ -1362,12 +1386,18 @@ def _e_unmap(core, fx, p, e, msg, rid, now):
     core._send(fx, p.id, {"op": "r", "rid": rid})
 
 
-def _e_acquire(core, fx, p, e, msg, rid, now):
-    name = get_name(msg, "name")
+def _server_for(core, name, e) -> Pool:
+    """The server ``name`` as enclave ``e`` may see it (acquire, asyn call): one it may
+    not call is, to the letter, one that does not exist (NoSuchServer)."""
     pool = core.servers.get(name)
-    # one the caller may not call is one that does not exist, to the letter
     if pool is None or not pool.may_call(e):
         raise E.NoSuchServer(f"no server named {name!r}")
+    return pool
+
+
+def _e_acquire(core, fx, p, e, msg, rid, now):
+    name = get_name(msg, "name")
+    pool = _server_for(core, name, e)
     core._send(fx, p.id, {"op": "r", "rid": rid, "handle": pool.handle})
 
 
@@ -1584,3 +1614,271 @@ def _n_fault(core, fx, p, e, msg, now):
 
 
 _ENCLAVE_NOTES = {"ready": _n_ready, "ret": _n_ret, "exit": _n_exit, "fault": _n_fault}
+
+
+# ---------------------------------------------------------------------- relay pages, the rest
+#: the only rerun reason Penglai accepts (RETURN_USER_RELAY_PAGE)
+RERUN_RELAY_PAGE = 1
+
+
+def _e_return_relay(core, fx, p, e, msg, rid, now):
+    """``eapp_return_relay_page``: the running enclave hands its schrodinger region(s)
+    back to the host mid-run.  The host's ``run`` is answered ``relay: 1`` (Penglai's
+    PLenclave_run returning 1) with the regions granted back; this request stays
+    unanswered until the host's ``rerun`` lends them again at the same address (or the
+    enclave ends).  The runtime revoked the regions it sends (``v``: their vaddrs)."""
+    f = e.frame_in
+    v = msg.get("v")
+    back = [r for r in (f.loans if f is not None else ())
+            if type(v) is list and r.vaddr in v and r.owner == p.id and r.seg in p.segs]
+    try:
+        if e.type != NORMAL or e.state != RUNNING or f is None or f.kind != "run":
+            raise E.BadState("eapp_return_relay_page outside a run")
+        if f.paused is not None:
+            raise E.BadState("the relay page was returned already")
+        if e.out:
+            raise E.BadState("eapp_return_relay_page while a call is in flight")
+        if type(v) is not list or sorted(v) != sorted(r.vaddr for r in f.loans):
+            raise E.InvalidArgument("'v' must list the run's relay regions")
+        if len(back) != len(f.loans):
+            raise E.NotOwned("a relay region of the run is not held by this enclave")
+    except (Invalid, E.TvmError) as exc:
+        if back:
+            exc.regrant = back[0]       # type: ignore[union-attr]
+        raise
+    for r in f.loans:
+        core._return_to_lender(fx, r)       # the host (a dead host's enclave is dead)
+    f.paused = rid
+    if f.deadline is not None:
+        core.timers.pop(f, None)
+        f.deadline = None
+    g, segs = core._grants(f.caller, f.loans)
+    if f.answered:                          # the host's run timed out: just the pages
+        if g:
+            core._send(fx, f.caller, {"op": "grant", "g": g}, segs)
+    else:
+        f.answered = True
+        core._send(fx, f.caller, {"op": "r", "rid": f.rid, "retval": 0, "relay": 1,
+                                  "g": g}, segs)
+
+
+def _h_rerun(core, fx, p, msg, rid, nfds, now):
+    """``PLenclave_set_rerun_arg(1)`` + ``PLenclave_run``: continue an enclave that
+    returned its relay page.  The same regions are lent to it again at the same
+    addresses (the host's client revoked the ones it maps before sending); its
+    ``eapp_return_relay_page`` returns 0.  Answered like ``run``."""
+    # ``mem``: the id of the region the client revoked for this request, given back
+    # on any refusal (the enclave's frame names the regions that really move)
+    r = core.regions.get(msg.get("mem"))
+    back = [r] if (r is not None and r.kind == "relay" and r.owner == p.id
+                   and r.creator == p.id and not r.stack and r.seg in p.segs) else []
+    try:
+        e = _own_enclave(core, p, msg)
+        f = e.frame_in
+        reason = get_int(msg, "reason")
+        if reason != RERUN_RELAY_PAGE:
+            raise E.InvalidArgument(f"rerun reason must be 1 (RETURN_USER_RELAY_PAGE), "
+                                    f"not {reason}")
+        timeout = _timeout(msg, None)
+        if f is None or f.kind != "run" or f.paused is None:
+            raise E.BadState(f"enclave {e.name!r} is {e.state} and has not returned its "
+                             f"relay page: nothing to rerun")
+        for r in f.loans:
+            if r.id not in core.regions:
+                raise E.UnknownId(f"schrodinger region {r.id:#x} was removed")
+            if r.owner != p.id or r.stack:
+                raise E.RegionLoaned(f"schrodinger region {r.id:#x} is not the host's")
+    except (Invalid, E.TvmError) as exc:
+        if back:
+            exc.regrant = back[0]       # type: ignore[union-attr]
+        raise
+    erid, f.paused = f.paused, None
+    f.rid = rid
+    f.answered = False
+    if timeout is not None:
+        f.deadline = now + timeout
+        f.full = True
+        core.timers[f] = f.deadline
+    for r in f.loans:
+        core._lend(r, p.id, e.peer)
+    g, segs = core._grants(e.peer, f.loans)
+    core._send(fx, e.peer, {"op": "r", "rid": erid, "g": g}, segs)
+
+
+def _e_asyn(core, fx, p, e, msg, rid, now):
+    """``asyn_enclave_call(name, arg)``: give the caller's whole region ``vaddr``
+    (``size`` bytes; or none: vaddr 0) to the server ``name`` for good, and deliver
+    ``arg`` to it like a call whose return goes nowhere.  Answered at once: 0, or the
+    error (no such server, its queue full, a region not owned outright).  From then on
+    the region is the server's: queued while the server is busy (FIFO with calls,
+    bounded by ``max_queue``), freed if the server ends before or after taking it."""
+    vaddr = msg.get("vaddr")
+    mine = core.by_vaddr.get(vaddr) if type(vaddr) is int else None
+    if mine is not None and (mine.kind != "relay" or mine.owner != p.id
+                             or mine.seg not in p.segs):
+        mine = None
+    try:
+        if e.state not in (RUNNING, SERVING):
+            raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
+        name = get_name(msg, "name")
+        arg = get_u64(msg, "arg")
+        vaddr = get_u64(msg, "vaddr")
+        size = get_u64(msg, "size")
+        pool = _server_for(core, name, e)
+        if any(m is e for m in pool.members):
+            raise E.CallCycle(f"server {name!r} is this enclave")
+        regs = []
+        if vaddr:
+            if vaddr % core.page:
+                raise E.Unaligned(f"req_vaddr {vaddr:#x} is not page aligned")
+            r = core.by_vaddr.get(vaddr)
+            if r is None or r.kind != "relay" or r.owner != p.id:
+                raise E.NotOwned(f"no region at {vaddr:#x} owned by the caller")
+            if r.stack:
+                raise E.RegionLoaned(f"region {vaddr:#x} is on loan to this enclave: "
+                                     f"only a region it owns may be given away")
+            if size != r.length:
+                raise E.BadSize(f"req_size {size:#x} must cover the whole region "
+                                f"({r.length:#x})")
+            regs.append(r)
+        free = None
+        if not pool.queue:
+            for m in pool.members:
+                if m.state == IDLE:
+                    free = m
+                    break
+        if free is None and len(pool.queue) >= core.config.max_queue:
+            raise E.QuotaExceeded(f"server {name!r} has {len(pool.queue)} callers "
+                                  f"queued (at most {core.config.max_queue})")
+    except (Invalid, E.TvmError) as exc:
+        if mine is not None:
+            exc.regrant = mine      # type: ignore[union-attr]
+        raise
+    f = Frame("asyn", p.id, free if free is not None else pool.live()[0], regs,
+              [arg, 0, vaddr, size, 0, 0], None)
+    f.answered = True               # nobody waits for its return
+    f.paused = e.eid                # the sender's eid, for get_caller_id (it may be gone)
+    for r in regs:
+        r.prev = p.id
+        r.owner = None              # in escrow, with no lender: it never goes back
+    core._send(fx, p.id, {"op": "r", "rid": rid})
+    if free is not None:
+        _dispatch_asyn(core, fx, f)
+    else:
+        f.queued = True
+        pool.queue.append(f)
+
+
+def _dispatch_asyn(core, fx, f: Frame) -> None:
+    """Start the asynchronous call ``f`` on its idle server: its region is the
+    server's now (given, not lent: nothing goes back at the return)."""
+    s = f.server
+    core._set_state(s, SERVING)
+    s.frame_in = f
+    regs, f.loans = f.loans, []
+    for r in regs:
+        r.owner = s.peer
+    g, segs = core._grants(s.peer, regs)
+    a = f.arg
+    core._send(fx, s.peer, {"op": "acall", "a": [a[0], a[2], a[3]], "c": f.paused,
+                            "g": g}, segs)
+
+
+def _drop_asyn(core, fx, f: Frame) -> None:
+    """A queued asynchronous call whose server ended: its region is freed."""
+    for r in f.loans:
+        core._free(fx, r)
+    f.loans = []
+
+
+def _e_split(core, fx, p, e, msg, rid, now):
+    """``split_mem_region(addr, size, split_at)``: the region at ``addr`` (``size``
+    bytes, the whole region, owned outright by this enclave) becomes two regions,
+    ``[addr, split_at)`` and ``[split_at, addr+size)``, each with its own fate (loan,
+    asyn, unmap).  Both stay in the one segment file: the second half gets a segment
+    number of its own (the shell dups the fd: ``SplitSeg``) and its offset in the file
+    (``Region.off``), so every grant, revoke and drop stays per region.  Answered when
+    the fd exists (``segment_created``) with ``split``: ``[seg1, len1, seg2, len2]``;
+    a failed dup undoes the split (``segment_failed``)."""
+    addr = get_u64(msg, "vaddr")
+    size = get_u64(msg, "size")
+    at = get_u64(msg, "at")
+    if e.state not in (RUNNING, SERVING):
+        raise E.BadState(f"enclave is {e.state}; only a running enclave may split")
+    r = core.by_vaddr.get(addr)
+    if r is None or r.kind != "relay" or r.owner != p.id or r.seg in core.pending_seg:
+        raise E.NotOwned(f"no region at {addr:#x} owned by this enclave")
+    if r.stack:
+        raise E.RegionLoaned(f"region {addr:#x} is on loan to this enclave: only a "
+                             f"region it owns may be split")
+    if size != r.length:
+        raise E.BadSize(f"size {size:#x} must be the whole region ({r.length:#x})")
+    if at % core.page:
+        raise E.Unaligned(f"split address {at:#x} is not page aligned")
+    if not addr < at < addr + size:
+        raise E.BadSize(f"split address {at:#x} is not inside the region "
+                        f"({addr:#x} .. {addr + size:#x}): each half needs a page")
+    a = r.account
+    if a is not None and a.regions + 1 > core.config.max_regions:
+        raise E.QuotaExceeded(f"quota: {a.regions} regions in use "
+                              f"(at most {core.config.max_regions})")
+    file_size = core.fsize.get(r.seg, r.length)     # never split: the file is r
+    h = Region(core._next_id, core._next_seg, at, addr + size - at, "relay", r.arena,
+               r.creator)
+    core._next_id += 1
+    core._next_seg += 1
+    h.off = r.off + (at - addr)
+    h.owner = p.id
+    h.prev = r.prev
+    r.length = at - addr
+    core.regions[h.id] = h
+    core.by_vaddr[at] = h
+    core.seg_region[h.seg] = h
+    if a is not None:
+        a.regions += 1                  # the bytes stay the same, in two regions
+        h.account = a
+    h.mappers = {p.id}
+    p.segs.add(h.seg)
+    core.fsize[r.seg] = core.fsize[h.seg] = file_size
+    core.split_from[h.seg] = r
+    core.pending_seg[h.seg] = (p.id, rid, "split")
+    fx.append(SplitSeg(h.seg, r.seg, file_size))
+
+
+def _split_done(core, fx, h: Region, peer_id, rid) -> None:
+    """The second half's fd exists: answer the split."""
+    first = core.split_from.pop(h.seg)
+    # former holders keep a PROT_NONE mapping of the whole old range: they unmap it
+    # (a later grant of either half brings an fd); the owner re-keys its own
+    for m in first.mappers:
+        q = core.peers.get(m)
+        if m != peer_id and q is not None and q.alive:
+            q.segs.discard(first.seg)
+            q.drops.append(first.seg)
+    first.mappers = {peer_id}
+    core._send(fx, peer_id, {"op": "r", "rid": rid,
+                             "split": [first.seg, first.length, h.seg, h.length]})
+
+
+def _split_undo(core, fx, h: Region, peer_id, rid, why) -> None:
+    """The shell could not dup the fd: the two halves are one region again (the
+    former holders' mappings are gone either way; they get fds when granted)."""
+    first = core.split_from.pop(h.seg)
+    first.length += h.length
+    core.fsize.pop(h.seg, None)      # first's entry stays right: the file's size
+    core.regions.pop(h.id, None)
+    core.by_vaddr.pop(h.vaddr, None)
+    core.seg_region.pop(h.seg, None)
+    p = core.peers.get(peer_id)
+    if p is not None:
+        p.segs.discard(h.seg)
+    if h.account is not None:
+        h.account.regions -= 1
+        h.account = None
+    core._send(fx, peer_id, _err(E.ResourceExhausted(f"cannot split: {why}"), rid))
+
+
+_HOST_OPS["rerun"] = _h_rerun
+_ENCLAVE_OPS["split"] = _e_split
+_ENCLAVE_OPS["rrp"] = _e_return_relay
+_ENCLAVE_OPS["asyn"] = _e_asyn

@@ -35,7 +35,7 @@ from tvmrt.errors import (
 from . import zygote
 from .config import Config
 from .core import Core
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, Stats
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, SplitSeg, Stats
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 _lseek, _SEEK_END = os.lseek, os.SEEK_END
@@ -213,7 +213,9 @@ class Daemon:
         self.core: Core = None      # type: ignore[assignment]  # set by run()
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
-        self.segs: dict[int, posix_ipc.SharedMemory] = {}
+        self.segs: dict[int, posix_ipc.SharedMemory | _SegFd] = {}
+        #: split families: seg -> size of the file its regions share
+        self.fsize: dict[int, int] = {}
         self.running = False
         self.zpid: int | None = None
         self.zsock: socket.socket = None      # type: ignore[assignment]  # set by run()
@@ -571,6 +573,12 @@ class Daemon:
                 shm = self.segs.pop(eff.seg, None)
                 if shm is not None:
                     shm.close_fd()
+                if self.fsize:
+                    self.fsize.pop(eff.seg, None)
+            elif t is SplitSeg:
+                why = self._split_seg(eff)
+                self._apply(core.segment_created(eff.seg) if why is None
+                            else core.segment_failed(eff.seg, why))
             elif t is Spawn:
                 self._spawn(eff)
             elif t is Kill:
@@ -629,10 +637,30 @@ class Daemon:
             if shm is None:
                 continue
             try:
-                if _lseek(shm.fd, 0, _SEEK_END) != grant[2]:
-                    return grant[0]
+                n = _lseek(shm.fd, 0, _SEEK_END)
             except OSError:
                 return grant[0]
+            if n != grant[2]:
+                # a split region's file is its family's: larger than the region
+                if n != self.fsize.get(grant[0]):
+                    return grant[0]
+            elif self.fsize and grant[0] in self.fsize:
+                return grant[0]             # a split family's file shrunk to one half
+        return None
+
+    def _split_seg(self, eff) -> str | None:
+        """A second handle (a dup of its fd) on the file of segment ``eff.parent`` for
+        the split region ``eff.seg``; None, or why it could not be made."""
+        shm = self.segs.get(eff.parent)
+        if shm is None:
+            return "the segment to split is gone"
+        try:
+            fd = os.dup(shm.fd)
+        except OSError as exc:
+            self._log(f"cannot split a segment: {exc}")
+            return f"{exc.__class__.__name__}: {exc}"
+        self.segs[eff.seg] = _SegFd(fd)
+        self.fsize[eff.seg] = self.fsize[eff.parent] = eff.size
         return None
 
     def _new_seg(self, seg, size) -> str | None:
@@ -747,3 +775,17 @@ class Daemon:
             time.sleep(0.005)
         self.zsock.close()
         self.zpid = None
+
+
+class _SegFd:
+    """A second fd on a segment's file (a split region's half): closed like a
+    SharedMemory's."""
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -56,6 +56,16 @@ class FreeSeg(NamedTuple):
     seg: int
 
 
+class SplitSeg(NamedTuple):
+    """Segment ``seg`` is a second handle on the file of segment ``parent`` (a split
+    region's second half, which starts inside that file): dup its fd, then report
+    :meth:`Core.segment_created` or :meth:`Core.segment_failed` at once.  Grants of
+    either segment are checked against the file's ``size``, not the region's."""
+    seg: int
+    parent: int
+    size: int
+
+
 class Log(NamedTuple):
     """A line for the monitor's log."""
     text: str
@@ -70,4 +80,4 @@ class Stats(NamedTuple):
     msg: dict[str, Any]
 
 
-ALL = (Send, Spawn, Kill, Close, NewSeg, FreeSeg, Log, Stats)
+ALL = (Send, Spawn, Kill, Close, NewSeg, FreeSeg, SplitSeg, Log, Stats)

@@ -29,7 +29,17 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from tvmrt.monitor import core as C
-from tvmrt.monitor.effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, Stats
+from tvmrt.monitor.effects import (
+    Close,
+    FreeSeg,
+    Kill,
+    Log,
+    NewSeg,
+    Send,
+    Spawn,
+    SplitSeg,
+    Stats,
+)
 
 REPLY_OPS = ("r", "e")
 NOTES = ("ready", "ret", "exit", "fault")
@@ -167,9 +177,11 @@ class Driver:
             return fx             # the core cut the peer off (e.g. a tampered segment)
         if own is None:
             if is_host:
-                _assert(op in ("run", "create"), f"host request {msg!r:.200} got no reply")
+                _assert(op in ("run", "create", "rerun"),
+                        f"host request {msg!r:.200} got no reply")
             elif not note:
-                _assert(op == "call", f"enclave request {msg!r:.200} got no reply")
+                # a call, or eapp_return_relay_page (answered at the rerun)
+                _assert(op in ("call", "rrp"), f"enclave request {msg!r:.200} got no reply")
             if rid is not None and not note:
                 self.pending[peer][rid] += 1
         elif own.get("op") == "r" and op in ("shmdt", "sdt"):
@@ -249,6 +261,23 @@ class Driver:
                     self.hold[seg] = src["peer"]
                     self.chain[seg] = [[src["peer"], None]]
                 done += self._apply(self.core.segment_created(seg), src)
+            elif t is SplitSeg:
+                seg, parent, size = eff
+                _assert(seg not in self.created and seg not in self.failed,
+                        f"segment {seg} created twice")
+                _assert(parent in self.live, f"split of segment {parent} that is not live")
+                _assert(size == self.live[parent], f"split family size {size} is not the "
+                        f"file's {self.live[parent]}")
+                if self.fail_next_seg:
+                    self.fail_next_seg = False
+                    self.failed.add(seg)
+                    done += self._apply(self.core.segment_failed(seg, "cannot dup"), src)
+                    continue
+                self.created.append(seg)
+                self.live[seg] = size
+                self.hold[seg] = self.hold.get(parent)
+                self.chain[seg] = [list(x) for x in self.chain.get(parent, ())]
+                done += self._apply(self.core.segment_created(seg), src)
             elif t is FreeSeg:
                 seg = eff.seg
                 _assert(seg in self.live, f"FreeSeg of segment {seg} that is not live "
@@ -319,8 +348,9 @@ class Driver:
         _assert(isinstance(msg, dict) and isinstance(msg.get("op"), str), f"bad msg {msg!r}")
         mapped = self.mapped[peer]
         for seg in msg.get("d", ()):
-            _assert(seg in self.freed or seg in self.failed or peer in self.hosts,
-                    f"drop of segment {seg} that is still live")
+            # (a former holder of a region that was split drops its old mapping)
+            _assert(seg in self.freed or seg in self.failed or peer in self.hosts
+                    or seg in self.core.fsize, f"drop of segment {seg} that is still live")
             _assert(seg in mapped, f"drop of segment {seg} that {peer} does not map "
                     f"(or a duplicate drop)")
             mapped.pop(seg)
@@ -342,9 +372,21 @@ class Driver:
             mapped[seg] = (vaddr, length)
             if kind == "relay":
                 self.hold[seg] = peer
-                self._follow_loan(seg, peer, msg["op"])
+                self._follow_loan(seg, peer, msg["op"], g)
         _assert(list(segs) == fd_segs, f"fds {segs} do not match the grants {msg.get('g')}")
         op = msg["op"]
+        if op == "r" and "split" in msg:
+            # split_mem_region: the splitter re-keys its one mapping into the two halves
+            s1, l1, s2, l2 = msg["split"]
+            v = mapped.get(s1, (None,))[0]
+            _assert(v is not None and mapped[s1][1] == l1 + l2 and s2 not in mapped,
+                    f"split reply for a mapping {peer} does not have: {msg}")
+            mapped[s1] = (v, l1)
+            mapped[s2] = (v + l1, l2)
+        if op == "acall":
+            _assert(peer in self.enclaves and self.enclaves[peer]["type"] == C.SERVER,
+                    "acall sent to a non-server")
+            _assert(len(msg["a"]) == 3 and "rid" not in msg, "bad acall")
         if op == "call":
             _assert(peer in self.enclaves and self.enclaves[peer]["type"] == C.SERVER,
                     "call sent to a non-server")
@@ -373,7 +415,7 @@ class Driver:
             return True
         return frame is not None and self._frame_of(peer) is not frame
 
-    def _follow_loan(self, seg, peer, op):
+    def _follow_loan(self, seg, peer, op, grant=None):
         """The model of "a loan returns to its nearest live lender": a relay region granted
         to ``peer`` in a message ``op``.  Lent on (a ``call`` to a server, a ``start`` of a
         run), the chain grows by the new holder: a peer already in it may get it again
@@ -382,7 +424,14 @@ class Driver:
         be skippable and the one it reaches must not be.  Given for good (a response
         region), the chain starts again with its new owner."""
         chain = self.chain.setdefault(seg, [[peer, None]])
-        if op in ("call", "start"):
+        if op == "acall":                      # given to the server for good
+            self.chain[seg] = [[peer, None]]
+            return
+        fi = self._frame_of(peer)
+        if (op == "r" and fi is not None and fi.kind == "run" and chain
+                and chain[-1][0] == fi.caller and all(q != peer for q, _ in chain)
+                and any(r.seg == seg for r in fi.loans)):
+            op = "start"                       # a rerun: the host lends it again
             for q, frame in chain:
                 _assert(q != peer or frame is None or self._skippable(q, frame),
                         f"segment {seg} lent on to {peer}, a lender still in its frame "
@@ -459,14 +508,18 @@ class Driver:
                 pos = start + n
             _assert(pos == a.base + a.size, f"{name} arena: {pos:#x} != end")
         # segments: live exactly for regions that have a monitor fd
-        want_live = {r.seg: r.length for r in regs if not r.revoked}
+        want_live = {r.seg: core.fsize.get(r.seg, r.length) for r in regs if not r.revoked}
         _assert(self.live == want_live,
                 f"live segments {sorted(self.live)} != regions' {sorted(want_live)}")
         # frames, queues, deadlines
         queued = [f for e in core.slots if e is not None for f in e.queue]
-        _assert(all(f.queued and not f.answered for f in queued),
+        # (an asynchronous call is answered at once and waits without a deadline)
+        _assert(all(f.queued and (not f.answered or f.kind == "asyn") for f in queued),
                 "a frame in a queue is not marked queued (or was answered)")
         for f in queued:
+            if f.kind == "asyn":
+                _assert(f.deadline is None and f not in core.timers, "a deadline for an asyn")
+                continue
             _assert(core.timers.get(f) == f.deadline and f.deadline is not None,
                     "a queued call has no deadline")
         for k, d in core.timers.items():
@@ -573,7 +626,8 @@ class Driver:
                 _assert((e.state == C.SERVING) == (e.frame_in is not None),
                         f"server {e.name!r} state {e.state} vs frame {e.frame_in}")
                 if e.frame_in is not None:
-                    _assert(e.frame_in.kind == "call" and e.frame_in.server is e, "bad frame")
+                    _assert(e.frame_in.kind in ("call", "asyn") and e.frame_in.server is e,
+                            "bad frame")
                 if e.state == C.IDLE:
                     _assert(not e.queue, f"idle server {e.name!r} has a queue")
             else:
@@ -625,6 +679,9 @@ class Driver:
                 continue
             if q.kind == C.ENCLAVE:
                 want = Counter(q.enclave.out.keys())
+                fi = q.enclave.frame_in
+                if fi is not None and fi.kind == "run" and fi.paused is not None:
+                    want[fi.paused] += 1       # its eapp_return_relay_page, until the rerun
             else:
                 want = Counter(e.frame_in.rid for e in core.slots
                                if e is not None and e.host == pid_ and e.frame_in is not None

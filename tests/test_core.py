@@ -1619,6 +1619,9 @@ def test_servers_are_callable_by_their_host_process_unless_opened():
     nope, ghost = acquire(c3, "mine"), acquire(c3, "no-such")
     assert nope["c"] == ghost["c"] == E.NoSuchServer.code
     assert nope["why"].replace("mine", "X") == ghost["why"].replace("no-such", "X")
+    # an asynchronous call by name likewise
+    asyn = ereq(d, c3, "asyn", name="mine", arg=1, vaddr=0, size=0)
+    assert asyn["c"] == E.NoSuchServer.code and asyn["why"] == nope["why"]
     # a guessed handle is refused as an unknown one
     assert ereq(d, c3, "call", handle=sh, a=[0] * 6)["c"] == E.UnknownHandle.code
     # opened by name, by measurement, to all

@@ -3,7 +3,8 @@
 A hypothesis ``RuleBasedStateMachine`` drives one Core, through :class:`core_driver.Driver`,
 with a few hosts and enclaves: shared memory and schrodinger regions, create / run / exit /
 destroy, mmap / unmap, calls (nested, queued, non-blocking, timed out, cyclic), returns
-(good and bad), faults, deaths (EOF and the zygote's report, in either order), host
+(good and bad), relay pages returned mid-run and reruns, region splits, asynchronous
+calls, faults, deaths (EOF and the zygote's report, in either order), host
 disconnects, failed segments and spawns, and garbage messages of random shapes.
 
 Checked at every effect (by the driver): segments freed at most once and only when live,
@@ -43,7 +44,7 @@ from tvmrt.monitor.effects import Kill
 ARENA_PAGES = 16
 NAMES = ["a", "b", "c"]
 FIELDS = ["rid", "size", "id", "name", "type", "code", "path", "shm", "handle", "mem", "nonce",
-          "vaddr", "a", "nb", "timeout", "v", "why", "c", "callers"]
+          "vaddr", "a", "nb", "timeout", "v", "why", "c", "callers", "reason", "at", "arg"]
 OPS = (sorted(C._HOST_OPS) + sorted(C._ENCLAVE_OPS) + sorted(C._ENCLAVE_NOTES)
        + ["r", "e", "grant", "start", "", "OP"])
 NOTES = tuple(C._ENCLAVE_NOTES)
@@ -489,6 +490,83 @@ class CoreMachine(RuleBasedStateMachine):
                         self.enclaves())
         kw = {} if c is None else {"c": c}
         self.esend(p, "fault", why="boom", **kw)
+
+    # ------------------------------------------------------------------ relay pages, the rest
+    def _paused(self, e):
+        f = e.frame_in
+        return f is not None and f.kind == "run" and f.paused is not None
+
+    @precondition(lambda self: self.enclaves())
+    @rule(data=st.data(), right=st.integers(0, 4))
+    def return_relay_page(self, data, right):
+        """eapp_return_relay_page: mostly a running normal enclave naming its run's
+        regions; sometimes anyone, or the wrong regions."""
+        p = self.prefer(data, self.enclaves(
+            lambda e: e.state == C.RUNNING and not e.out and not self._paused(e)),
+            self.enclaves())
+        e = self.enc(p)
+        loans = e.frame_in.loans if e is not None and e.frame_in is not None else []
+        v = [r.vaddr for r in loans] if right else [PAGE]
+        self.esend(p, "rrp", v=v)
+
+    @precondition(lambda self: self.hosts())
+    @rule(data=st.data(), reason=st.sampled_from([1, 1, 1, 2, 0]), timeout=st.sampled_from(
+        [None, None, 0, 1]), mem=st.booleans())
+    def rerun(self, data, reason, timeout, mem):
+        """The host continues an enclave that returned its relay page (or one that did
+        not, or with a bad reason)."""
+        h = self.pick(data, self.hosts())
+        handle = self.prefer(data, self._own_handles(h, self._paused),
+                             list(self.handles) + [7])
+        kw = {} if timeout is None else {"timeout": timeout}
+        if mem:
+            ids = [r.id for r in self.regions(lambda r: r.kind == "relay" and r.creator == h)]
+            if ids:
+                kw["mem"] = self.pick(data, ids)
+        self.hsend(h, "rerun", handle=handle, reason=reason, **kw)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(data=st.data(), at=st.sampled_from([1, 1, 1, 2, 3, 0, -1, 4]),
+          size_ok=st.integers(0, 5))
+    def split(self, data, at, size_ok):
+        """split_mem_region: mostly a region the enclave owns, split inside; sometimes at
+        an edge, misaligned, a wrong size or someone else's region."""
+        owners = {r.owner for r in self.regions(lambda r: r.kind == "relay"
+                                                 and r.length > PAGE and not r.stack)}
+        p = self.prefer(data, [q for q in self.enclaves() if q in owners], self.enclaves())
+        if p is None:
+            return
+        mine = [r.vaddr for r in self.regions(lambda r: r.owner == p and r.kind == "relay")]
+        if not mine:
+            rep = self.esend(p, "mmap", size=2 * PAGE)
+            if rep is not None and rep["op"] == "r":
+                mine = [rep["vaddr"]]
+        vaddr = self.prefer(data, mine, [r.vaddr for r in self.regions()]
+                            + [ARENAS["mmap"][0]])
+        r = self.core.by_vaddr.get(vaddr)
+        size = r.length if r is not None and size_ok else PAGE
+        split_at = vaddr + at * PAGE if at >= 0 else vaddr + 8
+        self.esend(p, "split", vaddr=vaddr, size=size, at=split_at)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(data=st.data(), with_region=st.integers(0, 3), size_ok=st.integers(0, 5),
+          name=st.sampled_from(NAMES + ["zz"]))
+    def asyn(self, data, with_region, size_ok, name):
+        """asyn_enclave_call: an enclave gives a region (or none) to a server by name."""
+        p = self.prefer(data, self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)),
+                        self.enclaves())
+        vaddr = size = 0
+        if with_region:
+            mine = [r.vaddr for r in self.regions(lambda r: r.owner == p)]
+            if not mine and with_region == 1:
+                rep = self.esend(p, "mmap", size=PAGE)
+                if rep is not None and rep["op"] == "r":
+                    mine = [rep["vaddr"]]
+            vaddr = self.prefer(data, mine, [r.vaddr for r in self.regions()] + [PAGE])
+            r = self.core.by_vaddr.get(vaddr)
+            size = r.length if r is not None and size_ok else PAGE
+        self.esend(p, "asyn", name=name, arg=data.draw(st.integers(0, 9)), vaddr=vaddr,
+                   size=size)
 
     @precondition(lambda self: self.d.live)
     @rule(data=st.data())

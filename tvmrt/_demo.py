@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 
 from . import penglai
 from .errors import InvalidArgument, MonitorGone
@@ -210,3 +211,89 @@ def run_one(eapp_file: str, name: str = "test-enclave") -> int:
     PLenclave_destruct(enclave)
     elf_args_destroy(elf)
     return 0 if ret == 0 else 1
+
+
+def host(eapp_file: str, count: int = 1) -> int:
+    """``./host ELF [N]`` (``demo/host/host.c``): N threads, each creating a normal
+    enclave ``test-enclave<i>`` with one page of shared memory (11111) and one
+    schrodinger page (22222), attesting it (nonce 0), binding the page and running it;
+    a run that returns 1 (the eapp handed its relay page back) writes 0 into the page,
+    sets the rerun arg and runs again.  Returns the process exit code (0 when every
+    enclave ran to its end)."""
+    import threading
+
+    from .penglai import PLenclave_set_rerun_arg
+
+    elf = elf_args()
+    elf_args_init(elf, eapp_file)
+    if not elf_valid(elf):
+        print("error when initializing enclave elf")
+        return 1
+    failed = []
+    lock = threading.Lock()
+    say_lock = threading.Lock()
+
+    def say(line: str) -> None:
+        # one write per line: the threads' lines (and the enclaves', which share the
+        # terminal) never interleave mid-line
+        with say_lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    def one(i: int) -> None:
+        enclave, params = PLenclave(), enclave_args()
+        if PLenclave_init(enclave) < 0:
+            failed.append(i)
+            return
+        enclave_args_init(params)
+        shmid = PLenclave_shmget(0x1000)
+        shm = PLenclave_shmat(shmid, 0)
+        mm_arg_id = PLenclave_schrodinger_get(0x1000)
+        mm_arg = PLenclave_schrodinger_at(mm_arg_id, 0)
+        try:
+            if shmid < 0 or shm < 0 or mm_arg_id < 0 or mm_arg < 0:
+                failed.append(i)
+                return
+            ctypes.c_int.from_address(shm).value = 11111
+            ctypes.c_int.from_address(mm_arg).value = 22222
+            params.shmid, params.shm_offset, params.shm_size = shmid, 0, 0x1000
+            params.name = f"test-enclave{i}"
+            with lock:              # elf_args is shared by the threads, as in host.c
+                created = PLenclave_create(enclave, elf, params)
+            if created < 0:
+                say("host: failed to create enclave")
+                failed.append(i)
+                return
+            PLenclave_attest(enclave, 0)
+            PLenclave_set_mem_arg(enclave, mm_arg_id, 0, 0x1000)
+            while True:
+                ret = PLenclave_run(enclave)
+                if ret == 1:
+                    # the relay page is ours again: change it, then continue the enclave
+                    ctypes.c_int.from_address(mm_arg).value = 0
+                    PLenclave_set_rerun_arg(enclave, 1)
+                    continue
+                break
+            if ret < 0:
+                say("host: failed to run enclave")
+                failed.append(i)
+            say("host: PLenclave run is finish ")
+        finally:
+            if shm > 0:
+                PLenclave_shmdt(shmid, shm)
+            if shmid > 0:
+                PLenclave_shmctl(shmid)
+            if mm_arg > 0:
+                PLenclave_schrodinger_dt(mm_arg_id, mm_arg)
+            if mm_arg_id > 0:
+                PLenclave_schrodinger_ctl(mm_arg_id)
+            PLenclave_destruct(enclave)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    say("host: after exit the thread")
+    elf_args_destroy(elf)
+    return 1 if failed else 0

@@ -106,7 +106,9 @@ class RegionTable:
                                 old = self.mapped.get(seg)
                                 if old is not None and old != (vaddr, length):
                                     self._drop(seg)
-                                memory.map_fixed(vaddr, length, fd)
+                                # has_fd - 1: where the region starts in the
+                                # file (a split region's second half: not 0)
+                                memory.map_fixed(vaddr, length, fd, has_fd - 1)
                             finally:
                                 os.close(fd)
                             self.mapped[seg] = (vaddr, length)
@@ -232,6 +234,24 @@ class RegionTable:
                 memory.protect_failed(vaddr)
             self._stale = True
             return True
+
+    def split(self, vaddr: int, seg1: int, len1: int, seg2: int, len2: int) -> None:
+        """The monitor split the owned region at ``vaddr`` (``split_mem_region``): it is
+        two regions now, ``seg1`` at ``vaddr`` (``len1`` bytes) and ``seg2`` right after
+        (``len2``), in the one mapping this process already has.  Views taken of the
+        whole region die (each half may leave on its own); take new ones."""
+        with self._lock:
+            o = self.owned.get(vaddr)
+            m = self.mapped.get(seg1)
+            if o != (seg1, len1 + len2) or m != (vaddr, len1 + len2):
+                raise RemoteProtocolError(f"split of region {vaddr:#x} that is not "
+                                          f"owned here whole")
+            self._kill(vaddr)
+            self.owned[vaddr] = (seg1, len1)
+            self.mapped[seg1] = (vaddr, len1)
+            self.owned[vaddr + len1] = (seg2, len2)
+            self.mapped[seg2] = (vaddr + len1, len2)
+            self._stale = True
 
     # ------------------------------------------------------------------ lookups
     def owns(self, vaddr: int) -> bool:

@@ -53,6 +53,8 @@ class Runtime:
         self.caller_id = -1
         self.shm = (0, 0)
         self.last_error: TvmError | None = None
+        #: the run's relay (schrodinger) regions as granted at start: [(vaddr, length)]
+        self.relay: list[tuple[int, int]] = []
 
     def request(self, msg: dict, timeout: float | None = None, loan=None) -> dict:
         """One request to the monitor; raises the TvmError it answered."""
@@ -66,6 +68,9 @@ class Runtime:
                 break
         args = [0] * 32
         args[10:15] = m["args"]
+        g = m.get("g")
+        if g:
+            self.relay = [(x[1], x[2]) for x in g]
         try:
             v = entry(args)
         except EappReturn as r:
@@ -98,6 +103,9 @@ class Runtime:
                       flush=True)
                 continue
             if op != "call":
+                if op == "acall":
+                    if self._serve_asyn(entry, m):
+                        return 0
                 continue
             g = m.get("g")
             loans = [x[1] for x in g] if g else ()
@@ -129,6 +137,35 @@ class Runtime:
                 table.revoke_owned(resp)
             self.chan.notify({"op": "ret", "a": vals})
             self.caller_id = -1
+
+    def _serve_asyn(self, entry, m: dict) -> bool:
+        """One asynchronous call (``asyn_enclave_call``): ``main`` gets the region like a
+        call's, but the region is this server's for good (nothing goes back at the
+        return) and the return value goes nowhere (a response region it names is
+        freed).  True when the eapp called ``sys.exit`` (the server ends)."""
+        a0, a1, a2 = m["a"]
+        args = [0] * 32
+        args[10], args[11], args[12] = a0, a1, a2
+        args[13], args[14] = self.shm
+        self.caller_id = m.get("c", -1)
+        try:
+            try:
+                ret = entry(args)
+            except ServerReturn as r:
+                ret = r.arg
+            vals = return_fields(ret)
+        except SystemExit:
+            return True
+        except BaseException as exc:
+            self._fault(exc)
+            return False
+        finally:
+            self.caller_id = -1
+        resp = vals[4]
+        if resp:
+            self.table.revoke_owned(resp)
+        self.chan.notify({"op": "ret", "a": vals})
+        return False
 
     def _fault(self, exc: BaseException, loans=()) -> None:
         """Tell the monitor (and stderr) how the eapp failed: a raise with its

@@ -129,6 +129,7 @@ def _launch(ns) -> int:
     ``--key FILE`` starts an embedded monitor with that key (``tvmrt monitor --key``)
     even if one is running; ``--report FILE`` writes the host's report of the caller
     (nonce 1234, the one whose signature it prints) as JSON for ``tvmrt verify``."""
+    import os
     import signal
 
     from tvmrt import _demo as demo, penglai
@@ -150,8 +151,13 @@ def _launch(ns) -> int:
         print("tvmrt launch: --report is for the test-caller demo (CALLER SERVER "
               "[SERVER1]): the host attests the caller", file=sys.stderr)
         return 2
+    if len(names) == 2 and names[1].isdigit():
+        if not 1 <= int(names[1]) <= 64:
+            print("tvmrt launch: EAPP N runs 1 .. 64 enclaves at once", file=sys.stderr)
+            return 2
     for name in names:
-        _check_eapp(name)
+        if not name.isdigit():
+            _check_eapp(name)
     old_handlers = {s: signal.signal(s, _raise_stopped) for s in _stop_signals()}
     embedded = None
     opened = False
@@ -173,6 +179,11 @@ def _launch(ns) -> int:
             if penglai.open_device(path) != 0:
                 return 1
             opened = True
+            if len(names) == 2 and names[1].isdigit():
+                return demo.host(names[0], int(names[1]))     # ./host ELF N
+            stem = os.path.basename(names[0]).removesuffix(".py")
+            if len(names) == 1 and stem in ("relay_page", "mem"):
+                return demo.host(names[0], 1)
             if len(names) == 1:
                 return demo.run_one(names[0])
             return demo.test_caller(*names, report_file=ns.report)
@@ -451,8 +462,10 @@ def main(argv=None) -> int:
     m.add_argument("--own-socket-dir", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(fn=_monitor)
 
-    la = sub.add_parser("launch", help="run Penglai's demo host: CALLER [SERVER [SERVER1]]")
-    la.add_argument("eapps", nargs="+", help="eapp names (bundled) or paths")
+    la = sub.add_parser("launch", help="run Penglai's demo host: CALLER [SERVER [SERVER1]], "
+                        "or EAPP N (N enclaves at once, demo/host: relay_page, mem 5)")
+    la.add_argument("eapps", nargs="+", help="eapp names (bundled) or paths; EAPP N runs N "
+                    "enclaves of EAPP at once")
     la.add_argument("--socket", help="use the monitor on this socket (default: a running "
                     "monitor on the default socket, else an embedded one)")
     la.add_argument("--verbose", "-v", action="store_true")

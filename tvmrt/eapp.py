@@ -29,13 +29,14 @@ from . import _runtime as _rtmod
 from ._args import check_seconds, check_u64
 from ._callarg import CallArg, call_enclave_arg_t
 from ._layout import PAGE, U64, page_round
-from .errors import BadSize, BadState, InvalidArgument, TvmError, error_for
+from .errors import BadSize, BadState, InvalidArgument, NotOwned, TvmError, error_for
 
 __all__ = [
     "CallArg", "call_enclave_arg_t", "eapp_print", "eapp_mmap", "eapp_unmap",
     "acquire_enclave", "call_enclave", "SERVER_RETURN", "EAPP_RETURN", "get_enclave_id",
     "get_caller_id", "get_report", "get_key", "ENCLAVE_KEY", "STORAGE_KEY", "mem", "ints",
-    "check", "last_error", "PAGE",
+    "check", "last_error", "PAGE", "eapp_return_relay_page", "asyn_enclave_call",
+    "split_mem_region",
 ]
 
 
@@ -278,3 +279,104 @@ def get_report(name: str | None, nonce: int):
         msg["name"] = name
     m = _ask(rt, msg)
     return None if isinstance(m, TvmError) else m["report"]
+
+
+# ---------------------------------------------------------------- relay pages, the rest
+def eapp_return_relay_page() -> int:
+    """Penglai's ``eapp_return_relay_page``: hand the run's relay (schrodinger) page
+    back to the host now, and wait until the host continues this enclave.
+
+    The host's ``PLenclave_run`` returns 1 (``Enclave.run`` too, with
+    ``Enclave.relay_returned`` set); the host may read and write the page, then
+    ``PLenclave_set_rerun_arg(enclave, 1)`` and ``PLenclave_run`` again
+    (``Enclave.set_rerun_arg(1)``; ``run()``).  Then this returns 0 and the page is
+    this enclave's again at the same address (``args[13]``, ``args[14]`` unchanged)
+    with the host's writes.  The rerun arg itself is not passed in: as on Penglai,
+    1 (RETURN_USER_RELAY_PAGE) is the only one, and it is what resumption means.
+    Without a relay page the host still gets 1 and nothing moves.  While the page is
+    away, views of it raise ``ValueError``.  Returns a negative code (see
+    :func:`last_error`) outside a normal enclave's run, with a call in flight, or if
+    this enclave no longer holds the page; the page stays where it was then.  If the
+    host destroys the enclave instead of rerunning it, this never returns.
+    """
+    rt = _rt()
+    loans = []
+    try:
+        for vaddr, length in rt.relay:
+            loans.append(rt.table.lend(vaddr, length))
+    except TvmError as exc:
+        for loan in loans:
+            rt.table.rollback(loan)
+        return _refuse(rt, exc).code
+    # several regions (never today: one per run) go in one request; the monitor
+    # re-grants them on a refusal, so only the first is a rollback loan here
+    m = _ask(rt, {"op": "rrp", "v": [v for v, _ in rt.relay]},
+             loan=loans[0] if loans else None)
+    return m.code if isinstance(m, TvmError) else 0
+
+
+def asyn_enclave_call(name: str, arg: CallArg) -> int:
+    """Penglai's ``asyn_enclave_call``: give the region ``[arg.req_vaddr,
+    +arg.req_size)`` (a whole region this enclave owns outright, or none when
+    ``req_vaddr`` is 0) to the server enclave ``name`` and deliver ``arg.req_arg``,
+    without waiting.
+
+    Returns 0 once the monitor has taken the region: from then on it belongs to the
+    server (this enclave loses it, as on Penglai).  The server's ``main`` runs with
+    it like a call (``args[10]`` = req_arg, ``args[11]``/``args[12]`` = the region,
+    ``get_caller_id()`` = this enclave) as soon as an instance is free -- FIFO with the
+    synchronous callers queued on it -- and keeps it afterwards; its return value goes
+    nowhere (a response region it names is freed).  If the server ends before or
+    while taking it, the region is freed.  Nothing is ever reported back later:
+    failure is known only at once, as a negative code (see :func:`last_error`):
+    NoSuchServer, QuotaExceeded (its queue is full), NotOwned / RegionLoaned /
+    BadSize / Unaligned (the region), CallCycle (``name`` is this enclave's own
+    server name); the region stays with this enclave then.
+    """
+    rt = _rt()
+    try:
+        if not isinstance(arg, CallArg):
+            raise InvalidArgument(f"asyn_enclave_call takes a call_enclave_arg_t, not "
+                                  f"{type(arg).__name__}")
+        if not isinstance(name, str):
+            raise InvalidArgument(f"server name must be a str, not {name!r:.40}")
+        vaddr = check_u64(arg.req_vaddr, "req_vaddr")
+        size = check_u64(arg.req_size, "req_size")
+        req = check_u64(arg.req_arg, "req_arg")
+        if vaddr:
+            rt.table.check(vaddr, size)
+            if not rt.table.owns(vaddr):
+                raise NotOwned(f"this enclave does not own a region at {vaddr:#x}")
+    except TvmError as exc:
+        return _refuse(rt, exc).code
+    # revoked before the send (a refusal grants it back): never two writers
+    if vaddr:
+        rt.table.revoke_owned(vaddr)
+    m = _ask(rt, {"op": "asyn", "name": name, "arg": req, "vaddr": vaddr, "size": size})
+    return m.code if isinstance(m, TvmError) else 0
+
+
+def split_mem_region(mem_addr: int, mem_size: int, split_addr: int) -> int:
+    """Penglai's ``split_mem_region``: the region at ``mem_addr`` (``mem_size`` bytes,
+    the whole region, one this enclave owns outright: from ``eapp_mmap``, not on loan)
+    becomes two regions, ``[mem_addr, split_addr)`` and ``[split_addr,
+    mem_addr+mem_size)``, at the same addresses with the same contents: each half can
+    then be lent (``call_enclave``), given (``asyn_enclave_call``) or unmapped
+    (``eapp_unmap``) on its own.  ``split_addr`` must be page aligned and strictly
+    inside (each half at least a page).  Views taken of the whole region die; take new
+    ones.  Returns 0, or a negative code (see :func:`last_error`): NotOwned,
+    RegionLoaned, BadSize, Unaligned, QuotaExceeded (one region more),
+    ResourceExhausted (the monitor is out of fds)."""
+    rt = _rt()
+    try:
+        mem_addr = check_u64(mem_addr, "mem_addr")
+        mem_size = check_u64(mem_size, "mem_size")
+        split_addr = check_u64(split_addr, "split_addr")
+    except TvmError as exc:
+        return _refuse(rt, exc).code
+    m = _ask(rt, {"op": "split", "vaddr": mem_addr, "size": mem_size, "at": split_addr})
+    if isinstance(m, TvmError):
+        return m.code
+    seg1, len1, seg2, len2 = m["split"]
+    rt.table.split(mem_addr, seg1, len1, seg2, len2)
+    return 0

@@ -41,6 +41,9 @@ from .errors import (
     RegionLoaned,
 )
 
+#: ``run`` returned because the eapp handed its relay page back (Penglai's 1); also the
+#: only rerun reason (``set_rerun_arg``)
+RETURN_USER_RELAY_PAGE = 1
 NORMAL = 0
 SERVER = 1
 
@@ -152,6 +155,18 @@ class Enclave:
         self.type = etype
         self.retval: int | None = None
         self._mem: tuple[Schrodinger, int, int] | None = None
+        #: True after ``run`` returned 1 because the eapp called eapp_return_relay_page:
+        #: the schrodinger region is this host's until ``set_rerun_arg(1)`` and ``run``
+        self.relay_returned = False
+        self._rerun = 0
+        self._ran_mem: tuple[Schrodinger, int, int] | None = None
+
+    def set_rerun_arg(self, reason: int = RETURN_USER_RELAY_PAGE) -> None:
+        """Penglai's ``PLenclave_set_rerun_arg``: make the next :meth:`run` continue the
+        enclave that returned its relay page (reason 1, RETURN_USER_RELAY_PAGE, the
+        only one; another is refused by that run with InvalidArgument).  Like
+        Penglai's, it stays set: clear it with ``set_rerun_arg(0)``."""
+        self._rerun = check_u64(reason, "reason")
 
     def set_mem_arg(self, region: Schrodinger, offset: int = 0, size: int | None = None):
         """Bind a schrodinger region (window ``offset``, ``size``) to the next run."""
@@ -164,6 +179,11 @@ class Enclave:
     def run(self, timeout: float | None = None) -> int:
         """Run a normal enclave to its end; returns its exit value (u64).
 
+        Returns 1 with :attr:`relay_returned` set when the eapp called
+        ``eapp_return_relay_page`` (Penglai's convention): the schrodinger region is
+        back here, the enclave waits; :meth:`set_rerun_arg` (1) and ``run`` again
+        continue it with the region at the same address (see docs/protocol.md).
+
         The bound schrodinger region is revoked from this process for the run and is
         back (with the enclave's writes) when the enclave ends, also on error.  Raises
         EnclaveFault (with the reason) if the eapp raised, exited or was killed,
@@ -171,10 +191,13 @@ class Enclave:
         after ``timeout`` seconds (the enclave goes on; the region comes back when it
         ends), ChannelClosed if the host is closed meanwhile from another thread.
         """
+        if self._rerun:
+            return self._continue(timeout)
         msg: dict = {"op": "run", "handle": self.handle}
         loan = None
         if timeout is not None:
             msg["timeout"] = check_seconds(timeout)
+        self._ran_mem = self._mem
         if self._mem is not None:
             region, off, size = self._mem
             msg["mem"] = [region.id, off, size]
@@ -184,9 +207,32 @@ class Enclave:
                 except NotOwned:
                     raise RegionLoaned(f"schrodinger region {region.id:#x} is held by "
                                        f"an enclave") from None
-        r = self.host._request(msg, timeout=timeout, loan=loan)
+        return self._ended(self.host._request(msg, timeout=timeout, loan=loan))
+
+    def _ended(self, r: dict) -> int:
+        if r.get("relay"):
+            # eapp_return_relay_page: the region is back here; the enclave waits
+            self.relay_returned = True
+            return 1
+        self.relay_returned = False
         self.retval = r["retval"]
         return r["retval"]
+
+    def _continue(self, timeout: float | None) -> int:
+        """The rerun: lend the schrodinger region of the paused run again, continue."""
+        msg: dict = {"op": "rerun", "handle": self.handle, "reason": self._rerun}
+        if timeout is not None:
+            msg["timeout"] = check_seconds(timeout)
+        loan = None
+        mem = self._ran_mem
+        if mem is not None and mem[0].attached and self.relay_returned:
+            msg["mem"] = mem[0].id
+            try:
+                loan = self.host.table.lend(mem[0].address, mem[0].size)
+            except NotOwned:
+                raise RegionLoaned(f"schrodinger region {mem[0].id:#x} is held by "
+                                   f"an enclave") from None
+        return self._ended(self.host._request(msg, timeout=timeout, loan=loan))
 
     def attest(self, nonce: int) -> dict:
         """This enclave's attestation report for ``nonce`` (u64), signed by the monitor.

@@ -29,6 +29,7 @@ SERVER_ENCLAVE = SERVER
 SHADOW_ENCLAVE = 2
 DEFAULT_STACK_SIZE = 64 * 1024
 RETURN_USER_EXIT_ENCL = 0
+RETURN_USER_RELAY_PAGE = 1
 
 
 class elf_args:
@@ -229,7 +230,10 @@ def PLenclave_set_mem_arg(enclave: PLenclave, mm_arg_id: int, mm_arg_offset: int
 
 
 def PLenclave_run(enclave: PLenclave) -> int:
-    """Run to the end; the exit value lands in ``enclave.user_param.retval``."""
+    """Run to the end: 0, with the exit value in ``enclave.user_param.retval``; or 1
+    (RETURN_USER_RELAY_PAGE) when the eapp called ``eapp_return_relay_page``: the relay
+    page is the host's until ``PLenclave_set_rerun_arg(enclave, 1)`` and the next
+    ``PLenclave_run`` continue the enclave (``retval`` untouched); or -1."""
     if enclave is None or enclave._enclave is None:
         return _fail("PLenclave_run", InvalidArgument("enclave was not created"))
     dev = _dev()
@@ -243,10 +247,25 @@ def PLenclave_run(enclave: PLenclave) -> int:
         enc.set_mem_arg(region, up.schrodinger_offset, up.schrodinger_size)
     sys.stdout.flush()
     try:
-        up.retval = enc.run()
+        enc.set_rerun_arg(up.rerun_reason)
+        rv = enc.run()
     except TvmError as exc:
         return _fail("PLenclave_run", exc)
+    if enc.relay_returned:
+        return RETURN_USER_RELAY_PAGE       # eapp_return_relay_page; retval unchanged
+    up.retval = rv
     return RETURN_USER_EXIT_ENCL
+
+
+def PLenclave_set_rerun_arg(enclave: PLenclave, reason: int) -> int:
+    """Penglai's setter: the next PLenclave_run continues an enclave whose run
+    returned 1 (eapp_return_relay_page) when ``reason`` is 1 (RETURN_USER_RELAY_PAGE,
+    the only accepted reason: another makes that run fail).  Not cleared by the run,
+    as on Penglai.  -1 only for a None enclave."""
+    if enclave is None:
+        return _fail("PLenclave_set_rerun_arg", InvalidArgument(_NULL))
+    enclave.user_param.rerun_reason = reason
+    return 0
 
 
 def PLenclave_attest(enclave: PLenclave, nonce: int) -> int:

@@ -160,6 +160,11 @@ def test_stop_during_a_nested_call_stops_the_running_server(host):
     e = entry(host, srv)
     assert e["state"] == "stopped" and e["was"] == "serving"
     assert e["stopped_by"] == caller.handle
+    out = subprocess.run([sys.executable, "-m", "tvmrt", "ps", "--socket", host.path],
+                         capture_output=True, text=True, timeout=30).stdout
+    for name in ("loop-server", "loop-caller"):
+        line = next(ln for ln in out.splitlines() if name in ln)
+        assert " stopped " in line, out
     with pytest.raises(NotStopped, match="resume that one"):
         srv.resume()                                # the chain resumes as one
     with pytest.raises(Stopped):

@@ -312,3 +312,14 @@ def test_plenclave_init_without_a_monitor_starts_one_and_leaves_nothing(tmp_path
     assert wait_until(lambda: not ours(), 15), f"processes left: {ours()}"
     assert wait_until(lambda: not list(tmp.iterdir()), 15), list(tmp.iterdir())
     assert not shm_names(mon_pid)
+
+
+def test_launch_test_stop_demo(clean):
+    """``tvmrt launch test-stop loop``: Penglai's test-stop host, with what it saw."""
+    p = subprocess.run([sys.executable, "-m", "tvmrt", "launch", "--socket", clean.path,
+                        "test-stop", "loop"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "host0: stop enclave"
+    assert "while stopped: frozen" in lines[1] and "after resume: moving" in lines[3]
+    assert lines[-2:] == ["host: PLenclave run is finish ", "host: after exit the thread"]

@@ -137,6 +137,12 @@ def _launch(ns) -> int:
     from tvmrt.host import _dial
 
     names = ns.eapps
+    stop_demo = names[0] == "test-stop"     # Penglai's `./test-stop loop`
+    if stop_demo:
+        names = names[1:] or ["loop"]
+        if len(names) != 1:
+            print("tvmrt launch: test-stop runs one eapp (default: loop)", file=sys.stderr)
+            return 2
     if len(names) > 3:
         print("tvmrt launch: at most three eapps: CALLER [SERVER [SERVER1]]",
               file=sys.stderr)
@@ -172,6 +178,8 @@ def _launch(ns) -> int:
             if penglai.open_device(path) != 0:
                 return 1
             opened = True
+            if stop_demo:
+                return demo.test_stop(names[0])
             if len(names) == 1:
                 return demo.run_one(names[0])
             return demo.test_caller(*names, report_file=ns.report)

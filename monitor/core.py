@@ -26,6 +26,7 @@ Effects:
                                        stdio "message" (the 2 fds of the message being
                                        handled) or "null" (/dev/null)
     Kill(peer)                         make sure the enclave process of ``peer`` is dead
+    Signal(peer, sig)                  stop ("stop") or continue ("cont") its process group
     Close(peer)                        close the peer's socket
     NewSeg(seg, size, arena)           create a segment, report segment_created/failed
     FreeSeg(seg)                       close the monitor's fd of a segment
@@ -57,7 +58,7 @@ from tvmrt import errors as E
 from tvmrt._attest import ENCLAVE_KEY, KEY_MAX, STORAGE_KEY, Signer, measure as measure
 
 from .config import Config
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, SplitSeg, Stats
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Signal, Spawn, SplitSeg, Stats
 from .validate import (
     U64,
     Invalid,
@@ -93,6 +94,17 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     SERVING: frozenset({IDLE, DONE}),
     DONE: frozenset(),
 }
+
+#: Stop is an overlay on these states, not a state of its own: a stopped enclave keeps
+#: the state it had (what it was doing), because messages its process sent before the
+#: SIGSTOP took effect are still handled as in that state (a server's ``ret`` in flight
+#: makes it IDLE while stopped).  ``Enclave.stopped_by`` names the enclave whose stop
+#: stopped it (itself, or the root of the call chain it serves); ``ps`` shows the state
+#: ``stopped`` (and the one below as ``was``).  A stopped enclave is never dispatched a
+#: call (an idle stopped instance is not idle for the pool) and never started (run).
+#: The states in which an enclave may be stopped:
+STOPPABLE = frozenset({CREATED, RUNNING, IDLE, SERVING})
+STOPPED = "stopped"      # shown by ps; never in Enclave.state
 
 FIRST_ID = 0x10000       # host-visible shm / schrodinger ids start here, as in Penglai
 
@@ -182,7 +194,7 @@ _NO_QUEUE: deque = deque()       # a normal enclave's (always empty) queue
 class Enclave:
     __slots__ = ("peer", "eid", "gen", "name", "type", "host", "state", "frame_in", "out",
                  "measurement", "shm", "pool", "pid", "end", "create_rid", "sandbox",
-                 "hostacct")
+                 "hostacct", "stopped_by")
 
     def __init__(self, peer, eid, gen, name, etype, host, measurement, sandbox="off"):
         self.peer = peer
@@ -204,6 +216,9 @@ class Enclave:
         self.sandbox = sandbox
         #: the quota account of its host process: who may call a server (Pool.may_call)
         self.hostacct: Account | None = None
+        #: the root of the stop that stopped this process (itself or a caller down whose
+        #: chain it serves), None while it is not stopped (see STOPPABLE)
+        self.stopped_by: Enclave | None = None
 
     @property
     def handle(self):
@@ -931,6 +946,8 @@ class Core:
                     self._give_back(fx, [r], e.peer, None)
                 else:
                     self._free(fx, r)
+        if e.stopped_by is not None:
+            self._stop_ended(fx, e)
         self._bury(e)
         fx.append(Log(f"enclave {e.name!r} (eid {e.eid}) finished: {why}"))
         for m in doomed:
@@ -992,13 +1009,15 @@ class Core:
         g, segs = self._grants(s.peer, f.loans) if f.loans else ([], ())
         a = f.arg
         caller = self.peers[f.caller].enclave
+        if caller.stopped_by is not None:
+            self._stop_member(fx, s, caller.stopped_by)   # the stopped chain grew down
         self._send(fx, s.peer, {"op": "call", "a": [a[0], a[2], a[3]], "c": caller.eid,
                                 "g": g}, segs)
 
     def _next_call(self, fx, s: Enclave):
         """The instance ``s`` is idle: it takes the next call of its pool's queue."""
         q = s.queue
-        while q and s.state == IDLE:
+        while q and s.state == IDLE and s.stopped_by is None:
             f = q.popleft()
             self._unqueue(f)
             f.server = s
@@ -1027,7 +1046,8 @@ class Core:
         if f.kind == "run":
             f.answered = True
             self._send(fx, f.caller, _err(E.Timeout(
-                f"enclave {f.server.name!r} still runs past the deadline"), f.rid))
+                f"enclave {f.server.name!r} still runs past the deadline"
+                f"{_stopped_note(f.server)}"), f.rid))
             return
         if f.queued:
             f.queued = False
@@ -1040,7 +1060,8 @@ class Core:
         if c is not None and c.alive:
             c.enclave.out.pop(f.rid, None)
             self._send(fx, f.caller, _err(E.Timeout(
-                f"server {f.server.name!r} did not return by the deadline"), f.rid))
+                f"server {f.server.name!r} did not return by the deadline"
+                f"{_stopped_note(f.server)}"), f.rid))
 
     def _finish_call(self, fx, f: Frame, resp: Region | None, resp_val, exc=None):
         """Return loans (and the response region) of call ``f`` and answer its caller."""
@@ -1089,6 +1110,70 @@ class Core:
         else:
             msg = {"op": "r", "rid": f.rid, "retval": retval, "g": g}
         self._send(fx, f.caller, msg, segs)
+
+    # ------------------------------------------------------------------ stop / resume
+    def _chain(self, root: Enclave) -> list[Enclave]:
+        """``root`` and every server running a call of its chain (down its outgoing
+        calls that a server has taken, transitively): the thread of control that a stop
+        of ``root`` freezes.  Queued calls have no server yet; a server already stopped
+        (by a stop of its own) is left to its own root, with what is below it."""
+        out = [root]
+        todo = [root]
+        while todo:
+            cur = todo.pop()
+            for f in cur.out.values():
+                s = f.server
+                if not f.queued and s.state != DONE and s.stopped_by is None \
+                        and s not in out:
+                    out.append(s)
+                    todo.append(s)
+        return out
+
+    def _stop_member(self, fx, e: Enclave, root: Enclave) -> None:
+        """Stop ``e``'s process on behalf of the stop of ``root``."""
+        if e.stopped_by is not None or e.state == DONE:
+            return
+        e.stopped_by = root
+        fx.append(Signal(e.peer, "stop"))
+
+    def _cont_member(self, fx, e: Enclave) -> None:
+        """Continue ``e``'s process; an idle server takes the calls that queued."""
+        e.stopped_by = None
+        if e.state == DONE:
+            return
+        fx.append(Signal(e.peer, "cont"))
+        if e.state == IDLE and e.queue:
+            self._next_call(fx, e)
+
+    def _stopped_by(self, root: Enclave) -> list[Enclave]:
+        return [m for m in self.slots if m is not None and m.stopped_by is root]
+
+    def _stop_ended(self, fx, e: Enclave) -> None:
+        """Stopped ``e`` ended (destroyed, died): nobody can resume what its stop holds,
+        so that resumes now -- the servers of its chain finish their calls (what they
+        return goes to a dead caller: freed, DESIGN.md §4).  A member that ends just
+        leaves the stop."""
+        root = e.stopped_by
+        e.stopped_by = None
+        if root is e:
+            for m in self._stopped_by(e):
+                self._cont_member(fx, m)
+            fx.append(Log(f"enclave {e.name!r} ended stopped: its chain resumes"))
+
+    def stop(self, fx, e: Enclave) -> list[int]:
+        """Stop ``e`` and the servers running its chain; returns their handles."""
+        members = self._chain(e)
+        for m in members:
+            self._stop_member(fx, m, e)
+        return [m.handle for m in members]
+
+    def resume(self, fx, e: Enclave) -> list[int]:
+        """Continue everything the stop of ``e`` stopped; returns their handles."""
+        members = self._stopped_by(e)
+        members.sort(key=lambda m: m is not e)      # the root first
+        for m in members:
+            self._cont_member(fx, m)
+        return [m.handle for m in members]
 
     def report(self, e: Enclave, nonce: int) -> dict:
         """Attestation report of ``e``: its creation-time measurement, ``nonce``, name and
@@ -1283,6 +1368,8 @@ def _h_run(core, fx, p, msg, rid, nfds, now):
             raise E.BadState("a server enclave is entered by call_enclave, not run")
         if e.state != CREATED:
             raise E.BadState(f"enclave {e.name!r} is {e.state}, not ready to run")
+        if e.stopped_by is not None:
+            raise E.Stopped(f"enclave {e.name!r} is stopped: resume it first")
         window = get_opt_window(msg, "mem")
         timeout = _timeout(msg, None)
         loans = []
@@ -1342,9 +1429,59 @@ def _h_attest(core, fx, p, msg, rid, nfds, now):
     core._send(fx, p.id, {"op": "r", "rid": rid, "report": rep})
 
 
+def _stopped_note(e: Enclave) -> str:
+    """What a Timeout says about a server or enclave that is stopped (deadlines run on
+    while an enclave is stopped: its callers are not held beyond them)."""
+    return " (it is stopped)" if e.stopped_by is not None else ""
+
+
+def _targets(core, p, msg) -> list[Enclave]:
+    """The enclaves a host's stop/resume names: an enclave, or every live instance of a
+    server pool's handle."""
+    pool = _own_pool(core, p, msg)
+    return pool.live() if pool is not None else [_own_enclave(core, p, msg)]
+
+
+def _h_stop(core, fx, p, msg, rid, nfds, now):
+    """``stop``: SIGSTOP the enclave and the servers now running its call chain (see
+    Core._chain); everything is checked before anything is stopped."""
+    victims = _targets(core, p, msg)
+    for e in victims:
+        if e.stopped_by is not None:
+            by = "" if e.stopped_by is e else \
+                f" (with the chain of enclave {e.stopped_by.name!r})"
+            raise E.Stopped(f"enclave {e.name!r} is stopped already{by}")
+        if e.state not in STOPPABLE:
+            raise E.BadState(f"enclave {e.name!r} is {e.state}: it cannot be stopped")
+    stopped: list[int] = []
+    for e in victims:
+        stopped += core.stop(fx, e)
+    core._send(fx, p.id, {"op": "r", "rid": rid, "stopped": stopped})
+
+
+def _h_resume(core, fx, p, msg, rid, nfds, now):
+    """``resume``: SIGCONT what the stop of this enclave stopped.  NotStopped if it is not
+    stopped, or stopped only as a server of another enclave's chain (resume that one)."""
+    victims = _targets(core, p, msg)
+    for e in victims:
+        if e.stopped_by is None:
+            raise E.NotStopped(f"enclave {e.name!r} is not stopped (it is {e.state})")
+        if e.stopped_by is not e:
+            raise E.NotStopped(f"enclave {e.name!r} was stopped with the call chain of "
+                               f"enclave {e.stopped_by.name!r} "
+                               f"(handle {e.stopped_by.handle:#x}): resume that one")
+    resumed: list[int] = []
+    for e in victims:
+        resumed += core.resume(fx, e)
+    core._send(fx, p.id, {"op": "r", "rid": rid, "resumed": resumed})
+
+
 def _h_ps(core, fx, p, msg, rid, nfds, now):
     encl = [{"eid": e.eid, "handle": e.handle, "name": e.name, "type": e.type,
-             "state": e.state, "host": e.host, "pid": e.pid, "peer": e.peer,
+             "state": STOPPED if e.stopped_by is not None else e.state,
+             "was": e.state,
+             "stopped_by": e.stopped_by.handle if e.stopped_by is not None else None,
+             "host": e.host, "pid": e.pid, "peer": e.peer,
              "sandbox": e.sandbox,
              "pool": e.pool.handle if e.pool is not None else None,
              "instance": e.pool.members.index(e) if e.pool is not None else None}
@@ -1363,7 +1500,7 @@ _HOST_OPS = {
     "shmget": _h_shmget, "shmat": _h_attach, "shmdt": _h_detach, "shmctl": _h_ctl,
     "sget": _h_sget, "sat": _h_attach, "sdt": _h_detach, "sctl": _h_ctl,
     "create": _h_create, "run": _h_run, "destroy": _h_destroy, "attest": _h_attest,
-    "ps": _h_ps,
+    "ps": _h_ps, "stop": _h_stop, "resume": _h_resume,
 }
 
 
@@ -1460,7 +1597,7 @@ def _e_call(core, fx, p, e, msg, rid, now):
         free = None                             # an idle instance, when nobody queues
         if not pool.queue:
             for m in members:
-                if m.state == IDLE:
+                if m.state == IDLE and m.stopped_by is None:
                     free = m
                     break
         if nb and free is None:

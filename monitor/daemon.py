@@ -35,7 +35,7 @@ from tvmrt.errors import (
 from . import zygote
 from .config import Config
 from .core import Core
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, SplitSeg, Stats
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Signal, Spawn, SplitSeg, Stats
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 _lseek, _SEEK_END = os.lseek, os.SEEK_END
@@ -583,6 +583,9 @@ class Daemon:
                 self._spawn(eff)
             elif t is Kill:
                 self._zsend({"op": "kill", "k": eff.peer})
+            elif t is Signal:
+                # the zygote signals: the process is its child, so the pid is not reused
+                self._zsend({"op": "signal", "k": eff.peer, "sig": eff.sig})
             elif t is Close:
                 self._drop_sock(eff.peer)
             elif t is Log:

@@ -38,6 +38,14 @@ class Kill(NamedTuple):
     peer: int
 
 
+class Signal(NamedTuple):
+    """Stop (``sig`` ``"stop"``: SIGSTOP) or continue (``"cont"``: SIGCONT) the enclave
+    process of ``peer`` and its process group (through the zygote, whose child it is:
+    its pid cannot have been reused).  Nothing is reported back."""
+    peer: int
+    sig: str
+
+
 class Close(NamedTuple):
     """Close ``peer``'s socket; the core sends it nothing more."""
     peer: int
@@ -80,4 +88,4 @@ class Stats(NamedTuple):
     msg: dict[str, Any]
 
 
-ALL = (Send, Spawn, Kill, Close, NewSeg, FreeSeg, SplitSeg, Log, Stats)
+ALL = (Send, Spawn, Kill, Signal, Close, NewSeg, FreeSeg, SplitSeg, Log, Stats)

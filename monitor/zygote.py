@@ -8,6 +8,7 @@ a Python start-up (~30 ms).
 Protocol on the zygote channel (SOCK_SEQPACKET, msgpack):
     monitor -> zygote  {"op": "spawn", "k": peer, "spec": {...}}  fds: sock, stdout, stderr[, shm]
                        {"op": "kill", "k": peer}
+                       {"op": "signal", "k": peer, "sig": "stop" | "cont"}
                        {"op": "exit"}                    kill every enclave, reap, exit
     zygote -> monitor  {"op": "spawned", "k": peer, "pid": pid}
                        {"op": "spawn_failed", "k": peer, "why": text}
@@ -20,7 +21,11 @@ makes every session a scheduling group, which slowed calls down.  The
 zygote is a child subreaper (``PR_SET_CHILD_SUBREAPER``): a process orphaned
 below an enclave is re-parented to the zygote, not to init.
 
-* The enclave is killed (``kill``): SIGKILL to its group and to its main process.
+* The enclave is killed (``kill``): SIGKILL to its group and to its main process
+  (SIGKILL ends a stopped process too).
+* The enclave is stopped or continued (``signal``): SIGSTOP / SIGCONT to its group and
+  to its main process.  Stopped children are not reported (``waitid`` asks for exits
+  only).
 * Its main process ends (by itself or killed): before the zygote reaps it -- the
   zombie keeps its pid, so the group id cannot be reused meanwhile -- SIGKILL to
   the group, then ``exited`` to the monitor.
@@ -116,6 +121,19 @@ def kill_tree(pid: int) -> None:
     for kill in (os.killpg, os.kill):
         try:
             kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+_SIGNALS = {"stop": signal.SIGSTOP, "cont": signal.SIGCONT}
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send ``sig`` to the process group ``pid`` leads and to ``pid`` (the same rule as
+    :func:`kill_tree`: ``pid`` is an unreaped child of this process)."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -262,6 +280,11 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 # the group may not exist yet (the child has not run setpgid): then the
                 # process itself is killed before it could fork anything
                 kill_tree(kpid)
+        elif op == "signal":
+            kpid = by_peer.get(msg.get("k"))
+            sig = _SIGNALS.get(msg.get("sig"))
+            if kpid is not None and sig is not None:
+                signal_tree(kpid, sig)
         elif op == "exit":
             finish()
         else:

@@ -36,6 +36,7 @@ from tvmrt.monitor.effects import (
     Log,
     NewSeg,
     Send,
+    Signal,
     Spawn,
     SplitSeg,
     Stats,
@@ -87,7 +88,8 @@ def snapshot(core):
     encl = [None if e is None else
             (e.peer, e.eid, e.gen, e.name, e.type, e.host, e.state, _frame(e.frame_in),
              tuple(sorted((k, _frame(f)) for k, f in e.out.items())), e.shm,
-             tuple(_frame(f) for f in e.queue), e.end, e.create_rid)
+             tuple(_frame(f) for f in e.queue), e.end, e.create_rid,
+             None if e.stopped_by is None else e.stopped_by.peer)
             for e in core.slots]
     return {
         "regions": regs, "peers": peers, "enclaves": encl, "gens": list(core.gens),
@@ -129,11 +131,13 @@ class Driver:
         self.stdio: dict[int, str] = {}       # enclave peer -> stdio of its Spawn
         self.procs: set[int] = set()          # enclave peers whose process is alive
         self.killed: set[int] = set()
+        self.stopped: set[int] = set()        # enclave peers whose process is SIGSTOPped
         self.pending = defaultdict(Counter)   # peer -> rids of requests not answered yet
         self.fail_next_seg = False
         self.fail_next_spawn = False
         self.last_reply = None                # the reply to the last message()
         self.effects: list = []               # every effect, in order
+        self.mark = 0                         # where the current event's effects start
         self._pid = 1000
 
     # ------------------------------------------------------------------ events
@@ -152,6 +156,7 @@ class Driver:
 
     def message(self, peer, msg, nfds=0):
         """Deliver ``msg`` from ``peer``; check its reply accounting; return the effects."""
+        self.mark = len(self.effects)
         p = self.core.peers.get(peer)
         was_alive = p is not None and p.alive
         rid = msg.get("rid")
@@ -189,6 +194,7 @@ class Driver:
         return fx
 
     def disconnected(self, peer):
+        self.mark = len(self.effects)
         _assert(peer in self.open, f"the shell has no socket for {peer}")
         self.open.discard(peer)
         if peer in self.hosts:
@@ -196,6 +202,7 @@ class Driver:
         return self._apply(self.core.disconnected(peer))
 
     def exited(self, peer, how="killed by signal 9"):
+        self.mark = len(self.effects)
         _assert(peer in self.procs, f"no process for {peer}")
         self.procs.discard(peer)
         # the socket may still hold messages: the core learns of the death with the EOF
@@ -217,10 +224,12 @@ class Driver:
         return self.message(peer, {"op": "ready"})
 
     def tick(self, dt=0.0):
+        self.mark = len(self.effects)
         self.now += dt
         return self._apply(self.core.tick(self.now))
 
     def shutdown(self):
+        self.mark = len(self.effects)
         return self._apply(self.core.shutdown())
 
     # ------------------------------------------------------------------ effects
@@ -306,6 +315,16 @@ class Driver:
             elif t is Kill:
                 _assert(eff.peer in self.enclaves, f"kill of non-enclave {eff.peer}")
                 self.killed.add(eff.peer)
+            elif t is Signal:
+                _assert(eff.peer in self.enclaves, f"signal to non-enclave {eff.peer}")
+                _assert(eff.sig in ("stop", "cont"), f"bad signal {eff.sig!r}")
+                _assert(eff.peer not in self.closed, f"signal to closed peer {eff.peer}")
+                if eff.sig == "stop":
+                    _assert(eff.peer not in self.stopped, f"{eff.peer} stopped twice")
+                    self.stopped.add(eff.peer)
+                else:
+                    _assert(eff.peer in self.stopped, f"{eff.peer} continued, not stopped")
+                    self.stopped.discard(eff.peer)
             elif t is Close:
                 self.open.discard(eff.peer)
                 self.closed.add(eff.peer)
@@ -346,6 +365,11 @@ class Driver:
                 f"{[e for e in self.effects if getattr(e, 'peer', None) == peer][-8:]!r:.3000}")
         _assert(peer not in self.gone, f"send to host {peer} that is gone: {msg!r:.200}")
         _assert(isinstance(msg, dict) and isinstance(msg.get("op"), str), f"bad msg {msg!r}")
+        if peer in self.stopped and msg.get("op") in ("call", "start"):
+            # only a call of the stopped chain it joins now (a call its root sent before
+            # its stop reached it): stopped in this very event, never a run
+            _assert(msg["op"] == "call" and Signal(peer, "stop") in self.effects[self.mark:],
+                    f"work {msg!r:.100} sent to stopped {peer}")
         mapped = self.mapped[peer]
         for seg in msg.get("d", ()):
             # (a former holder of a region that was split drops its old mapping)
@@ -628,7 +652,7 @@ class Driver:
                 if e.frame_in is not None:
                     _assert(e.frame_in.kind in ("call", "asyn") and e.frame_in.server is e,
                             "bad frame")
-                if e.state == C.IDLE:
+                if e.state == C.IDLE and e.stopped_by is None:
                     _assert(not e.queue, f"idle server {e.name!r} has a queue")
             else:
                 _assert(e.state in (C.STARTING, C.CREATED, C.RUNNING),
@@ -659,7 +683,8 @@ class Driver:
                 _assert(m.type == C.SERVER and m.pool is pool and core.slots[m.eid] is m,
                         f"stale instance of {name!r}")
             if pool.queue:
-                _assert(all(m.state != C.IDLE for m in live_members),
+                _assert(all(m.state != C.IDLE or m.stopped_by is not None
+                            for m in live_members),
                         f"an instance of {name!r} idles while callers queue")
         _assert(set(core.pools.values()) == set(core.servers.values()) and
                 len(core.pools) == len(core.servers), "pools and servers disagree")
@@ -667,6 +692,23 @@ class Driver:
             if q.kind == C.ENCLAVE:
                 _assert(core.slots[q.enclave.eid] is q.enclave, f"enclave peer {pid_} "
                         f"without its slot")
+        # stops: the process is stopped exactly when the core says so; every stop has a
+        # live root that stopped itself
+        for e in core.slots:
+            if e is None or e.state == C.DONE:
+                if e is not None:
+                    _assert(e.stopped_by is None, f"finished {e.name!r} is still stopped")
+                continue
+            if e.peer in self.procs:
+                _assert((e.stopped_by is not None) == (e.peer in self.stopped),
+                        f"enclave {e.name!r}: core stopped_by {e.stopped_by} vs process "
+                        f"stopped {e.peer in self.stopped}")
+            root = e.stopped_by
+            if root is not None:
+                _assert(root.state != C.DONE and root.stopped_by is root
+                        and core.slots[root.eid] is root,
+                        f"enclave {e.name!r} is stopped by {root.name!r}, not a live root")
+                _assert(e.state != C.STARTING, "a starting enclave is stopped")
         # no wait-for cycles: following the calls enclaves wait for never comes back
         live = [e for e in core.slots if e is not None]
         for e in live:

@@ -291,6 +291,24 @@ class CoreMachine(RuleBasedStateMachine):
         if handle is not None:
             self.hsend(h, "destroy", handle=handle)
 
+    @precondition(lambda self: self.hosts())
+    @rule(data=st.data(), op=st.sampled_from(["stop", "resume"]))
+    def stop_or_resume(self, data, op):
+        """stop / resume of an own enclave (any state: refusals change nothing), a
+        server's pool handle, another host's or a stale handle."""
+        h = self.pick(data, self.hosts())
+        if op == "stop":
+            good = self._own_handles(h, lambda e: e.state in C.STOPPABLE
+                                     and e.stopped_by is None)
+        else:
+            good = self._own_handles(h, lambda e: e.stopped_by is e)
+        handle = self.prefer(data, good, list(self.handles) + [7])
+        if handle is not None:
+            rep = self.hsend(h, op, handle=handle)
+            if handle in good and rep is not None and rep.get("op") == "r":
+                # on a pool handle other instances may refuse; a good single one never
+                assert rep.get("stopped" if op == "stop" else "resumed"), rep
+
     # ------------------------------------------------------------------ enclaves
     @precondition(lambda self: self.enclaves())
     @rule(data=st.data(), pages=st.integers(0, 3))
@@ -368,6 +386,21 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(**CALL_ARGS)
     def call(self, **kw):
         """Any enclave calls (often a running one, often a registered server)."""
+        self._call(callers=self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
+                                         and len(e.out) < 2),
+                   servers=self._servers, **kw)
+
+    @precondition(lambda self: self.enclaves())
+    @rule(**CALL_ARGS)
+    def call_stopped_server(self, **kw):
+        """A server pool is stopped by its host (when it can be), then called: the call
+        queues (or nb: ServerBusy) until an instance is resumed or the deadline passes."""
+        data = kw["data"]
+        pools = sorted(self.core.servers.values(), key=lambda q: q.handle)
+        if pools:
+            pool = data.draw(st.sampled_from(pools))
+            if self.d.hosts & self.d.open and pool.host in self.d.open:
+                self.hsend(pool.host, "stop", handle=pool.handle)
         self._call(callers=self.enclaves(lambda e: e.state in (C.RUNNING, C.SERVING)
                                          and len(e.out) < 2),
                    servers=self._servers, **kw)

@@ -297,3 +297,70 @@ def host(eapp_file: str, count: int = 1) -> int:
     say("host: after exit the thread")
     elf_args_destroy(elf)
     return 1 if failed else 0
+
+
+def test_stop(eapp_file: str = "loop", pause: float = 1.0) -> int:
+    """``./test-stop loop`` (demo/test-stop/host.c): one enclave with 4 pages of shared
+    memory (int 11111) runs in a thread; the main thread stops it, resumes it and
+    destroys it, ``pause`` seconds apart.  Beyond Penglai's lines it prints what it saw:
+    the enclave's counter (int 0 of the shared memory, which ``eapps/loop.py`` increments)
+    frozen while stopped, moving after resume.  0 if both held."""
+    import threading
+    import time
+
+    enclave, elf, params = PLenclave(), elf_args(), enclave_args()
+    elf_args_init(elf, eapp_file)
+    if not elf_valid(elf):
+        print("error when initializing enclave elf")
+        return 1
+    if PLenclave_init(enclave) < 0:
+        return 1
+    enclave_args_init(params)
+    params.name = "test-stop"
+    shmid = PLenclave_shmget(0x4000)
+    shm = PLenclave_shmat(shmid, 0)
+    if shmid < 0 or shm < 0:
+        return 1
+    counter = ctypes.c_int.from_address(shm)
+    counter.value = 11111
+    params.shmid, params.shm_offset, params.shm_size = shmid, 0, 0x4000
+    if PLenclave_create(enclave, elf, params) < 0:
+        print("host: failed to create enclave")
+        return 1
+
+    def run():
+        PLenclave_attest(enclave, 0)
+        PLenclave_run(enclave)
+        print("host: PLenclave run is finish ", flush=True)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ok = True
+    try:
+        time.sleep(pause)
+        print("host0: stop enclave", flush=True)
+        ok &= penglai.PLenclave_stop(enclave) == 0
+        time.sleep(0.1)              # the SIGSTOP lands
+        before = counter.value
+        time.sleep(pause)
+        frozen = counter.value == before
+        print(f"host: counter {before} -> {counter.value} while stopped: "
+              f"{'frozen' if frozen else 'MOVED'}", flush=True)
+        print("host0: resume enclave", flush=True)
+        ok &= penglai.PLenclave_resume(enclave) == 0
+        before = counter.value
+        time.sleep(pause)
+        moved = counter.value > before
+        print(f"host: counter {before} -> {counter.value} after resume: "
+              f"{'moving' if moved else 'STILL'}", flush=True)
+        ok &= frozen and moved
+    finally:
+        print("host0: destroy enclave", flush=True)
+        ok &= PLenclave_destroy(enclave) == 0
+        thread.join(30)
+    print("host: after exit the thread", flush=True)
+    PLenclave_destruct(enclave)
+    elf_args_destroy(elf)
+    PLenclave_shmdt(shmid, shm)
+    PLenclave_shmctl(shmid)
+    return 0 if ok and not thread.is_alive() else 1

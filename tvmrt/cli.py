@@ -139,6 +139,12 @@ def _launch(ns) -> int:
     from tvmrt.host import _dial
 
     names = ns.eapps
+    stop_demo = names[0] == "test-stop"     # Penglai's `./test-stop loop`
+    if stop_demo:
+        names = names[1:] or ["loop"]
+        if len(names) != 1:
+            print("tvmrt launch: test-stop runs one eapp (default: loop)", file=sys.stderr)
+            return 2
     if len(names) > 3:
         print("tvmrt launch: at most three eapps: CALLER [SERVER [SERVER1]]",
               file=sys.stderr)
@@ -179,6 +185,8 @@ def _launch(ns) -> int:
             if penglai.open_device(path) != 0:
                 return 1
             opened = True
+            if stop_demo:
+                return demo.test_stop(names[0])
             if len(names) == 2 and names[1].isdigit():
                 return demo.host(names[0], int(names[1]))     # ./host ELF N
             stem = os.path.basename(names[0]).removesuffix(".py")

@@ -25,7 +25,9 @@ The tree, by what a user catches (each category is also the matching builtin)::
     ├── StateError           RuntimeError     -42  not allowed in the current state
     │   ├── BadState                          -20  (e.g. run twice, attach twice)
     │   ├── CallCycle                         -15  the server is on the caller's chain
-    │   └── ServerBusy                        -2   Penglai's -ESERVERBUSY (non-blocking)
+    │   ├── ServerBusy                        -2   Penglai's -ESERVERBUSY (non-blocking)
+    │   ├── NotStopped                        -60  resume of an enclave that is not stopped
+    │   └── Stopped                           -61  the enclave is stopped (stop twice, run)
     ├── PeerError            RuntimeError     -43  the peer failed
     │   ├── EnclaveFault                      -17  the enclave raised, exited or was killed
     │   │   └── BadExitValue                  -31  main returned a non-integer / out of range
@@ -147,6 +149,16 @@ class BadState(StateError):
 class CallCycle(StateError):
     """the server is already on the caller's call chain"""
     code = -15
+
+
+class NotStopped(StateError):
+    """resume of an enclave that is not stopped (or stopped by another enclave's stop)"""
+    code = -60
+
+
+class Stopped(StateError):
+    """the enclave is stopped: not stopped again, not run until resumed"""
+    code = -61
 
 
 class ServerBusy(StateError):

@@ -252,6 +252,41 @@ class Enclave:
         return self.host._request({"op": "attest", "handle": self.handle,
                                    "nonce": check_u64(nonce, "nonce")})["report"]
 
+    def stop(self) -> list[int]:
+        """Stop the enclave's process (SIGSTOP to its process group), wherever it is.
+
+        While it waits in ``call_enclave``, the servers running its call chain (down to
+        the innermost call) are stopped with it: the chain is one thread of control, as
+        on Penglai, where the caller's thread runs the server.  A server already stopped
+        by a stop of its own stays that one's.  Returns the handles stopped (this one
+        first).  Deadlines keep running: a caller of a stopped server gets Timeout when
+        its deadline passes, and a ``run(timeout=...)`` of a stopped enclave too.
+
+        On a server's pool handle every instance is stopped; a stopped instance takes no
+        call (callers queue, under the queue deadline).  Raises Stopped if it is stopped
+        already, BadState if it cannot be (not started yet), and what ended it if it has
+        ended."""
+        return self.host._request({"op": "stop", "handle": self.handle})["stopped"]
+
+    def resume(self) -> list[int]:
+        """Continue what :meth:`stop` stopped (SIGCONT); returns the handles continued.
+
+        Raises NotStopped if it is not stopped, or was stopped only as a server of
+        another enclave's chain (that enclave is the one to resume)."""
+        return self.host._request({"op": "resume", "handle": self.handle})["resumed"]
+
+    @property
+    def state(self) -> str:
+        """The monitor's state of this enclave now: ``starting``, ``created`` (ready to
+        run), ``running``, ``idle`` (a server between calls), ``serving``, ``stopped``
+        or ``done`` (ended: no longer listed, or waiting to be reaped).  One ``ps``
+        request; for a pool handle, its first live instance."""
+        for e in self.host._request({"op": "ps"})["enclaves"]:
+            if e["handle"] == self.handle or (e.get("pool") == self.handle
+                                               and e["state"] != "done"):
+                return e["state"]
+        return "done"
+
     def destroy(self) -> None:
         """Kill the enclave; its regions are freed, loans return to their lenders.
 

@@ -15,9 +15,16 @@ the monitor per process, opened by :func:`PLenclave_init` or
 :func:`open_device`: C's API has no context argument for ``shmget``, so this
 layer keeps that one connection as process state; the Pythonic
 :mod:`tvmrt.host` API has none.
+
+:func:`PLenclave_init` is the one way in: with no monitor answering at the default
+socket (``$TVMRT_SOCKET``, ...) it starts an embedded monitor, as
+``Host.connect()`` does, says so once on stderr, and stops it when the program
+ends (``atexit``; a program killed by a signal takes it along too: the monitor
+gets SIGTERM through PR_SET_PDEATHSIG and removes its directory).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 
@@ -134,6 +141,32 @@ def close_device() -> None:
         _device = None
 
 
+_exit_hook = False      # close_device is registered with atexit (once)
+
+
+def _open_or_embed() -> int:
+    """Connect to the monitor at the default socket, else start an embedded one (one
+    line on stderr says so); the device is closed -- an embedded monitor stopped, its
+    directory removed -- when the program ends.  0 or a code."""
+    global _device, _exit_hook
+    if _device is not None and not _device.host.closed:
+        return 0
+    try:
+        try:
+            host = Host.connect(embedded=False)
+        except MonitorGone as gone:
+            host = Host.connect(embedded=True)
+            print(f"tvmrt: {gone.reason}; started an embedded monitor at {host.path} "
+                  f"(it stops when this program ends)", file=sys.stderr, flush=True)
+    except TvmError as exc:
+        return _fail("PLenclave_init", exc)
+    _device = _Device(host)
+    if not _exit_hook:
+        atexit.register(close_device)
+        _exit_hook = True
+    return 0
+
+
 def _dev() -> _Device:
     if _device is None and open_device() != 0:
         raise MonitorGone("no monitor: start `tvmrt monitor` or use tvmrt launch")
@@ -178,12 +211,16 @@ def enclave_args_init(args: enclave_args) -> None:
 
 # ---------------------------------------------------------------- lifecycle
 def PLenclave_init(enclave: PLenclave) -> int:
+    """Reset ``enclave`` and connect to the monitor (the device, on Penglai): the one at
+    the default socket, or -- none answering -- an embedded one started for this
+    program (said once on stderr, stopped at exit).  0, or -1 with the reason printed."""
     if enclave is None:
         return _fail("PLenclave_init", InvalidArgument(_NULL))
     enclave.__init__()
-    rc = open_device()
+    rc = _open_or_embed()
     if rc == 0:
-        enclave.fd = 1
+        # the device fd: the connection's socket (shared by every PLenclave here)
+        enclave.fd = _device.host.chan.sock.fileno() if _device is not None else 1
     return rc
 
 
@@ -282,6 +319,32 @@ def PLenclave_attest(enclave: PLenclave, nonce: int) -> int:
         return _fail("PLenclave_attest", exc)
     enclave.attest_param.nonce = nonce
     enclave.attest_param.eid = enclave.eid
+    return 0
+
+
+def PLenclave_stop(enclave: PLenclave) -> int:
+    """Stop the enclave's process -- and, while it waits in ``call_enclave``, the
+    servers running its call chain (see :meth:`tvmrt.host.Enclave.stop`).  0 or a
+    negative code (Stopped -61 if stopped already)."""
+    if enclave is None or enclave._enclave is None:
+        return _fail("PLenclave_stop", InvalidArgument(_NULL))
+    try:
+        enclave._enclave.stop()
+    except TvmError as exc:
+        return _fail("PLenclave_stop", exc)
+    return 0
+
+
+def PLenclave_resume(enclave: PLenclave) -> int:
+    """Continue what :func:`PLenclave_stop` stopped.  0 or a negative code (NotStopped
+    -60 if it is not stopped).  The thread blocked in ``PLenclave_run`` just goes on
+    waiting: nothing to re-enter, unlike Penglai's driver."""
+    if enclave is None or enclave._enclave is None:
+        return _fail("PLenclave_resume", InvalidArgument(_NULL))
+    try:
+        enclave._enclave.resume()
+    except TvmError as exc:
+        return _fail("PLenclave_resume", exc)
     return 0
 
 

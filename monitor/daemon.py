@@ -32,9 +32,9 @@ from tvmrt.errors import (
 )
 
 from . import zygote
-from .config import Config
+from .config import ISOLATION_MODES, Config
 from .core import Core
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, Stats
+from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Spawn, Stats, Verify
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 _lseek, _SEEK_END = os.lseek, os.SEEK_END
@@ -47,6 +47,19 @@ _FOLLOW_PROBE = 32
 
 #: longest path a Unix socket address holds (sun_path is 108 bytes with its NUL)
 _SUN_PATH_MAX = 107
+
+
+def _read_all(fd: int) -> bytes:
+    """The whole text of a ``/proc`` file through an open fd, from its start (pread:
+    seq_file regenerates it at offset 0, so the fd is reusable)."""
+    parts = []
+    off = 0
+    while True:
+        b = os.pread(fd, 1 << 16, off)
+        if not b:
+            return b"".join(parts)
+        parts.append(b)
+        off += len(b)
 
 
 def prepare_socket_path(path: str) -> str | None:
@@ -193,13 +206,21 @@ class Daemon:
 
     def __init__(self, path: str | None = None, verbose: bool = False,
                  config: Config | None = None, sandbox: bool = True,
-                 key_file: str | None = None):
+                 key_file: str | None = None, isolation: str | None = None):
         self.path = path or default_socket_path()
         self.verbose = verbose
         self.support = _sandbox.probe()
         self.sandbox = _sandbox.level(self.support, sandbox)
         self._config = config
         self._key_file = key_file
+        self.isolation = isolation or (config.isolation if config else "mprotect")
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {ISOLATION_MODES}")
+        # strict mode: each enclave's /proc/self/maps, opened by the enclave itself
+        # before it became non-dumpable and sent over the zygote channel (peer -> fd):
+        # the kernel checks access when the file is opened, so the monitor can read an
+        # enclave's maps through it even as a non-root user (docs/design.md)
+        self.maps: dict[int, int] = {}
         self.core: Core = None      # type: ignore[assignment]  # set by run()
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
@@ -250,7 +271,7 @@ class Daemon:
         else:
             key = secrets.token_bytes(32)
         base = self._config or Config(key=key)
-        return Core(replace(base, key=key, sandbox=self.sandbox))
+        return Core(replace(base, key=key, sandbox=self.sandbox, isolation=self.isolation))
 
     def _listen(self):
         """Bind and listen on :attr:`path` (see :func:`prepare_socket_path`)."""
@@ -535,8 +556,10 @@ class Daemon:
             self._log("the zygote went away; stopping")
             self.running = False
             return
-        wire.close_all(fds)
         op, peer = msg.get("op"), msg.get("k")
+        if op == "maps" and len(fds) == 1 and peer in self.socks and peer not in self.maps:
+            self.maps[peer] = fds.pop()
+        wire.close_all(fds)
         if op == "spawned":
             self._apply(self.core.spawned(peer, msg.get("pid")))
         elif op == "spawn_failed":
@@ -570,6 +593,8 @@ class Daemon:
                 self._log(eff.text)
             elif t is Stats:
                 eff.msg["monitor"] = self._stats()
+            elif t is Verify:
+                self._verify(eff)
 
     def _stats(self) -> dict:
         """This process's figures for ``ps`` (see :class:`Stats`)."""
@@ -603,6 +628,43 @@ class Daemon:
             self._log(f"peer {peer}: send failed ({exc.__class__.__name__}); disconnecting")
             self._drop_sock(peer)
             self._apply(self.core.disconnected(peer))
+
+    def _verify(self, eff: Verify) -> None:
+        """Strict mode: send ``eff.send`` unless a process of ``eff.checks`` still maps
+        the segment named; the first that does goes to the core instead."""
+        for peer, pid, seg in eff.checks:
+            shm = self.segs.get(seg)
+            if shm is not None and self._maps_segment(peer, pid, shm.name):
+                self._apply(self.core.isolation_violation(peer, seg, eff))
+                return
+        self._send(eff.send)
+
+    def _maps_segment(self, peer: int, pid: int, name: str) -> bool:
+        """Does process ``pid`` (of ``peer``) map the segment called ``name``, with any
+        protection?  A strict holder that gave a region up keeps no mapping at all:
+        even a PROT_NONE one could be mprotect'ed back.
+
+        Reads ``/proc/PID/maps`` through the fd the enclave passed at birth (a host's is
+        opened by path: hosts are dumpable), and looks for the segment's unique name
+        (``/tvmrt.<monitor pid>.<seg>.<random>``: the kernel prints the file's name in
+        every mapping of it, including ones made from a dup of its fd) with
+        ``bytes.find``: nothing else of the text is parsed.  A process that is gone
+        maps nothing; a maps file that cannot be read at all is a violation (a holder
+        that cannot be checked is not trusted)."""
+        fd = self.maps.get(peer)
+        try:
+            if fd is not None:
+                data = _read_all(fd)
+            else:
+                # a host (dumpable), or an enclave whose maps fd has not come yet: by path
+                with open(f"/proc/{pid}/maps", "rb", buffering=0) as f:
+                    data = f.read()
+        except (ProcessLookupError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            self._log(f"peer {peer}: cannot read its maps ({exc}): treated as a violation")
+            return True
+        return name.encode() in data
 
     def _resized(self, grants):
         """The first granted segment whose size is not its region's.
@@ -680,6 +742,9 @@ class Daemon:
             self.running = False
 
     def _drop_sock(self, peer):
+        fd = self.maps.pop(peer, None)
+        if fd is not None:
+            os.close(fd)
         sock = self.socks.pop(peer, None)
         self.hosts.discard(peer)
         if sock is not None:
@@ -701,6 +766,9 @@ class Daemon:
             self._log(f"shutdown: {exc!r}")
         for peer in list(self.socks):
             self._drop_sock(peer)
+        for fd in self.maps.values():
+            os.close(fd)
+        self.maps.clear()
         for shm in self.segs.values():
             shm.close_fd()
         self.segs.clear()

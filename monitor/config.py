@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from tvmrt._layout import ARENAS, PAGE
 
-
 #: the transfer modes: the default first
 ISOLATION_MODES = ("mprotect", "strict")
 

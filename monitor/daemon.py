@@ -49,17 +49,22 @@ _FOLLOW_PROBE = 32
 _SUN_PATH_MAX = 107
 
 
-def _read_all(fd: int) -> bytes:
-    """The whole text of a ``/proc`` file through an open fd, from its start (pread:
-    seq_file regenerates it at offset 0, so the fd is reusable)."""
-    parts = []
-    off = 0
+_MAPS_BUF = bytearray(1 << 18)
+
+
+def _read_maps(fd: int) -> memoryview:
+    """The whole text of a ``/proc/PID/maps`` through an open fd, from its start.
+
+    One ``preadv`` into a buffer kept for the purpose (seq_file fills the whole user
+    buffer in one call; a second read at a later offset would make the kernel generate
+    the text again from the start to skip to it); grown and read again only when the
+    text filled it.  The view is valid until the next call."""
+    global _MAPS_BUF
     while True:
-        b = os.pread(fd, 1 << 16, off)
-        if not b:
-            return b"".join(parts)
-        parts.append(b)
-        off += len(b)
+        n = os.preadv(fd, [_MAPS_BUF], 0)
+        if n < len(_MAPS_BUF):
+            return memoryview(_MAPS_BUF)[:n]
+        _MAPS_BUF = bytearray(2 * len(_MAPS_BUF))
 
 
 def prepare_socket_path(path: str) -> str | None:
@@ -654,17 +659,20 @@ class Daemon:
         fd = self.maps.get(peer)
         try:
             if fd is not None:
-                data = _read_all(fd)
+                data = _read_maps(fd)
             else:
                 # a host (dumpable), or an enclave whose maps fd has not come yet: by path
-                with open(f"/proc/{pid}/maps", "rb", buffering=0) as f:
-                    data = f.read()
+                opened = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    data = _read_maps(opened)
+                finally:
+                    os.close(opened)
         except (ProcessLookupError, FileNotFoundError):
             return False
         except OSError as exc:
             self._log(f"peer {peer}: cannot read its maps ({exc}): treated as a violation")
             return True
-        return name.encode() in data
+        return _MAPS_BUF.find(name.encode(), 0, len(data)) >= 0
 
     def _resized(self, grants):
         """The first granted segment whose size is not its region's.

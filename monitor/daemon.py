@@ -52,19 +52,23 @@ _SUN_PATH_MAX = 107
 _MAPS_BUF = bytearray(1 << 18)
 
 
-def _read_maps(fd: int) -> memoryview:
-    """The whole text of a ``/proc/PID/maps`` through an open fd, from its start.
-
-    One ``preadv`` into a buffer kept for the purpose (seq_file fills the whole user
-    buffer in one call; a second read at a later offset would make the kernel generate
-    the text again from the start to skip to it); grown and read again only when the
-    text filled it.  The view is valid until the next call."""
+def _read_maps(fd: int) -> int:
+    """Read the whole text of a ``/proc/PID/maps`` through an open fd, from its start,
+    into ``_MAPS_BUF`` (kept for the purpose, grown when a text fills it); returns its
+    length.  seq_file hands out about a page per read, so this reads on at the offset
+    it reached (the kernel continues where it stopped) until a read returns nothing."""
     global _MAPS_BUF
+    buf = _MAPS_BUF
+    mv = memoryview(buf)
+    off = 0
     while True:
-        n = os.preadv(fd, [_MAPS_BUF], 0)
-        if n < len(_MAPS_BUF):
-            return memoryview(_MAPS_BUF)[:n]
-        _MAPS_BUF = bytearray(2 * len(_MAPS_BUF))
+        if off == len(buf):
+            buf = _MAPS_BUF = buf + bytearray(len(buf))
+            mv = memoryview(buf)
+        n = os.preadv(fd, [mv[off:]], off)
+        if not n:
+            return off
+        off += n
 
 
 def prepare_socket_path(path: str) -> str | None:
@@ -659,12 +663,12 @@ class Daemon:
         fd = self.maps.get(peer)
         try:
             if fd is not None:
-                data = _read_maps(fd)
+                n = _read_maps(fd)
             else:
                 # a host (dumpable), or an enclave whose maps fd has not come yet: by path
                 opened = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    data = _read_maps(opened)
+                    n = _read_maps(opened)
                 finally:
                     os.close(opened)
         except (ProcessLookupError, FileNotFoundError):
@@ -672,7 +676,7 @@ class Daemon:
         except OSError as exc:
             self._log(f"peer {peer}: cannot read its maps ({exc}): treated as a violation")
             return True
-        return _MAPS_BUF.find(name.encode(), 0, len(data)) >= 0
+        return _MAPS_BUF.find(name.encode(), 0, n) >= 0
 
     def _resized(self, grants):
         """The first granted segment whose size is not its region's.

@@ -504,7 +504,12 @@ class Core:
             r = self.seg_region.get(x[0])
             if r is None:
                 continue
-            for m in r.mappers:
+            # every holder it knows of, and every enclave that had it and has ended
+            # (``_settle`` forgets it as a mapper) but whose process is not reaped yet
+            who = set(r.mappers)
+            who.update(q.id for q in self.peers.values()
+                       if q.kind == ENCLAVE and x[0] in q.segs and q.enclave.state == DONE)
+            for m in sorted(who):
                 if m == peer_id:
                     continue
                 q = self.peers.get(m)

@@ -12,6 +12,9 @@ Protocol on the zygote channel (SOCK_SEQPACKET, msgpack):
     zygote -> monitor  {"op": "spawned", "k": peer, "pid": pid}
                        {"op": "spawn_failed", "k": peer, "why": text}
                        {"op": "exited", "k": peer, "how": text}
+    enclave -> monitor {"op": "maps", "k": peer}  fd: its /proc/self/maps (strict mode;
+                       sent by the new process itself over the zygote's channel, before
+                       it closes it and enters the sandbox)
 
 An enclave is its main process and everything it forks: they end together.
 Each enclave process starts a process group of its own (``setpgid`` before the

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 from tvmrt._layout import ARENAS, PAGE
 
+#: the transfer modes: the default first
+ISOLATION_MODES = ("mprotect", "strict")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -53,12 +56,19 @@ class Config:
     #: (:func:`tvmrt._sandbox.level`: "full", "landlock-fs+seccomp", ..., "off"); the
     #: core only records it per enclave, for ``ps``
     sandbox: str = "off"
+    #: transfer mode of relay regions (DESIGN.md §2): "mprotect" (the default: a
+    #: process keeps its mapping, revoke = PROT_NONE) or "strict" (``remap``: revoke
+    #: unmaps, every grant sends the fd again, and before each grant the shell
+    #: confirms from /proc/PID/maps that no earlier holder still maps the segment)
+    isolation: str = "mprotect"
 
     def __post_init__(self) -> None:
         if type(self.key) is not bytes or len(self.key) != 32:
             raise ValueError("Config.key must be 32 random bytes (an Ed25519 seed)")
         if self.page <= 0 or self.page & (self.page - 1):
             raise ValueError("Config.page must be a power of two")
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"Config.isolation must be one of {ISOLATION_MODES}")
         for name in ("mmap", "relay", "shm"):
             if name not in self.arenas:
                 raise ValueError(f"Config.arenas lacks the {name!r} arena")

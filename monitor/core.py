@@ -17,6 +17,8 @@ Events (methods):
     exited(peer, how, now) -> effects               zygote reaped an enclave process
     segment_created(seg) / segment_failed(seg, why) the result of a NewSeg effect
     segment_tampered(seg, send) -> effects          a Send's granted segment was resized
+    isolation_violation(peer, seg, verify)          strict mode: a Verify found ``peer``
+                                                    still mapping segment ``seg``
     tick(now) -> effects                            a deadline (next_deadline()) passed
     shutdown() -> effects                           destroy everything
 
@@ -36,6 +38,18 @@ Effects:
     Log(text)                          a line for the monitor's log
     Stats(msg)                         put the monitor's own pid, fds, RSS into
                                        ``msg["monitor"]`` (the Send of msg follows)
+    Verify(checks, send)               strict mode: perform ``send`` once no earlier
+                                       holder maps a segment it grants (/proc/PID/maps)
+
+Strict mode (``Config.isolation == "strict"``, DESIGN.md §2 ``remap``): a relay grant
+always carries the fd (kind ``"remap"``: the receiver unmaps the region when it gives it
+up, so it keeps neither mapping nor fd), and every Send that grants a relay region is
+wrapped in a ``Verify`` naming each other live peer that ever had the segment.  A peer
+found still mapping it is a violator: an enclave is killed and the Send is held until
+its process is reaped (nothing is granted while it lives), then goes out with the grants
+still valid, a reply turned into an ``IsolationViolation`` error; a host is cut off and
+the regions it still maps are freed.  The default mode never builds a Verify: its paths
+are the methods of the class, strict mode's are bound per instance in ``__init__``.
 
 Every change of ownership goes through ``_lend``, ``_take``, ``_unlend``, ``_give``,
 ``_return_to_lender``, ``_skip_lender`` and ``_free``; every change of an enclave's
@@ -58,7 +72,19 @@ from tvmrt import errors as E
 from tvmrt._attest import ENCLAVE_KEY, KEY_MAX, STORAGE_KEY, Signer, measure as measure
 
 from .config import Config
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Signal, Spawn, SplitSeg, Stats
+from .effects import (
+    Close,
+    FreeSeg,
+    Kill,
+    Log,
+    NewSeg,
+    Send,
+    Signal,
+    Spawn,
+    SplitSeg,
+    Stats,
+    Verify,
+)
 from .validate import (
     U64,
     Invalid,
@@ -355,6 +381,14 @@ class Core:
         # split regions: seg -> size of the file it shares with its family
         self.fsize: dict[int, int] = {}
         self.split_from: dict[int, Region] = {}   # second half's seg -> first half
+        # strict mode: Sends held until an enclave's process is reaped: peer ->
+        # [(Send, why)], why set when it is a violator (a reply then becomes its error)
+        self.held: dict[int, list[tuple[Send, str | None]]] = {}
+        if config.isolation == "strict":
+            # instance attributes shadow the default methods: the default mode's paths
+            # stay exactly as they are (no mode test on them)
+            self._grants = self._grants_strict          # type: ignore[method-assign]
+            self._send = self._send_strict              # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ transitions
     def _set_state(self, e: Enclave, new: str) -> None:
@@ -476,6 +510,80 @@ class Core:
             # has_fd: 1 + the region's offset in the file (a split half starts inside it)
             g.append([r.seg, r.vaddr, r.length, 1 + r.off if need else 0, r.kind])
         return g, segs
+
+    def _grants_strict(self, peer_id, regions):
+        """:meth:`_grants` of strict mode: a relay region always goes with its fd, as
+        kind ``"remap"`` (its receiver gave up mapping and fd when it last gave it up).
+        A host still gets no grant for a schrodinger region it does not attach."""
+        if not regions:
+            return [], []
+        p = self.peers[peer_id]
+        host = p.kind == HOST
+        g, segs = [], []
+        for r in regions:
+            known = r.seg in p.segs
+            if r.kind == "relay":
+                if host and not known:
+                    continue
+                segs.append(r.seg)
+                p.segs.add(r.seg)
+                r.mappers.add(peer_id)
+                g.append([r.seg, r.vaddr, r.length, 1 + r.off, "remap"])
+                continue
+            if not known:
+                if host:
+                    continue
+                segs.append(r.seg)
+                p.segs.add(r.seg)
+                r.mappers.add(peer_id)
+            g.append([r.seg, r.vaddr, r.length, 0 if known else 1 + r.off, r.kind])
+        return g, segs
+
+    def _kind(self, r: Region) -> str:
+        """The kind a grant of ``r`` names: ``"remap"`` for a relay region in strict mode."""
+        if r.kind == "relay" and self.config.isolation == "strict":
+            return "remap"
+        return r.kind
+
+    def _send_strict(self, fx, peer_id, msg, segs: Sequence[int] = ()):
+        """:meth:`_send` of strict mode: a Send granting relay regions becomes a
+        ``Verify`` of every other live peer that ever had one of those segments (its
+        ``mappers``: past holders, lenders included -- none may map it now)."""
+        n = len(fx)
+        Core._send(self, fx, peer_id, msg, segs)
+        g = msg.get("g")
+        if len(fx) == n or not g:
+            return
+        checks = []
+        for x in g:
+            if x[4] != "remap":
+                continue
+            r = self.seg_region.get(x[0])
+            if r is None:
+                continue
+            # every holder it knows of, and every enclave that had it and has ended
+            # (``_settle`` forgets it as a mapper) but whose process is not reaped yet
+            who = set(r.mappers)
+            who.update(q.id for q in self.peers.values()
+                       if q.kind == ENCLAVE and x[0] in q.segs and q.enclave.state == DONE)
+            for m in sorted(who):
+                if m == peer_id:
+                    continue
+                q = self.peers.get(m)
+                if q is None:
+                    continue        # gone: an enclave's process was reaped, its maps too
+                if q.kind == ENCLAVE and q.enclave.state == DONE:
+                    # finished or killed, its process not reaped yet: it may still map
+                    # the segment, so the Send waits for the reaping (then goes through
+                    # here again)
+                    send = fx.pop()
+                    self.held.setdefault(m, []).append((send, None))
+                    return
+                pid_ = q.pid if q.kind == HOST else q.enclave.pid
+                if pid_ is not None:
+                    checks.append((m, pid_, x[0]))
+        if checks:
+            fx[-1] = Verify(tuple(sorted(checks)), fx[-1])
 
     def _waits_for(self, start: Enclave, target: Enclave) -> bool:
         """Does ``start`` wait (through its outgoing calls, transitively) for ``target``?"""
@@ -774,6 +882,75 @@ class Core:
                 self._destroy(fx, e)
         return fx
 
+    def isolation_violation(self, peer_id, seg, verify: Verify):
+        """Strict mode: the shell found ``peer_id`` still mapping segment ``seg`` before
+        performing ``verify.send`` (which it did not send).
+
+        An enclave violator is killed (who waits on it gets IsolationViolation) and the
+        Send is held until its process has been reaped (:meth:`_maybe_reap` releases it,
+        verified again); a host violator is cut off and the regions it still maps are
+        freed (a host cannot be killed: its mapping stays, so those go to nobody)."""
+        fx: list = []
+        send = verify.send
+        r = self.seg_region.get(seg)
+        where = f" (region at {r.vaddr:#x})" if r is not None else ""
+        why = (f"segment {seg}{where} is still mapped by a process that gave it up: "
+               f"isolation violation")
+        p = self.peers.get(peer_id)
+        if p is None:
+            # gone meanwhile, its mapping with it: send (verified again)
+            self._resend(fx, send, why)
+            return fx
+        fx.append(Log(f"peer {peer_id}: {why}"))
+        if p.kind == HOST:
+            for x in list(self.regions.values()):
+                if peer_id in x.mappers and x.kind == "relay":
+                    x.mappers.discard(peer_id)
+                    self._free(fx, x)
+            if p.alive:
+                self._host_gone(fx, p)
+            self._resend(fx, send, why)
+            return fx
+        # nothing is granted while the violator's process lives
+        self.held.setdefault(peer_id, []).append((send, why))
+        e = p.enclave
+        if e.state != DONE:
+            e.end = (E.IsolationViolation, f"enclave {e.name!r}: {why}; it was killed")
+            self._destroy(fx, e)
+        else:
+            fx.append(Kill(peer_id))
+        return fx
+
+    def _resend(self, fx, send: Send, why: str | None = None) -> None:
+        """Send a held ``send`` again with only the grants still valid (a region that
+        exists and is the receiver's, or shared); with ``why``, a reply becomes an
+        IsolationViolation error carrying them.  It is verified again (strict ``_send``)."""
+        dest = send.peer
+        d = self.peers.get(dest)
+        if d is None or not d.alive:
+            return
+        msg = dict(send.msg)
+        keep = []
+        for x in msg.get("g") or ():
+            r = self.seg_region.get(x[0])
+            if r is not None and (r.kind == "shm" or r.owner == dest):
+                if x[3] and r.kind != "relay":
+                    d.segs.discard(r.seg)       # its fd never went: it goes now
+                keep.append(r)
+        if why is not None and msg.get("op") == "r":
+            err = _err(E.IsolationViolation(why), msg.get("rid"))
+            if "d" in msg:
+                err["d"] = msg["d"]
+            msg = err
+        segs: Sequence[int] = ()
+        if "g" in send.msg:
+            msg["g"], segs = self._grants(dest, keep)
+        if msg.get("op") == "grant" and not msg.get("g"):
+            if msg.get("d"):
+                d.drops = msg["d"] + d.drops    # they ride on its next message instead
+            return
+        self._send(fx, dest, msg, segs)
+
     def tick(self, now):
         """Handle every deadline that has passed."""
         fx: list = []
@@ -814,6 +991,7 @@ class Core:
         for r in list(self.regions.values()):
             self._free(fx, r)
         self.timers.clear()
+        self.held.clear()
         return fx
 
     # ------------------------------------------------------------------ lifecycle
@@ -868,6 +1046,11 @@ class Core:
         if host is not None:
             host.enclaves.discard(p.id)
         self.peers.pop(p.id, None)
+        held = self.held.pop(p.id, None)
+        if held:
+            # the violator's process is gone, its mappings with it: grant now
+            for send, why in held:
+                self._resend(fx, send, why)
 
     def _settle(self, fx, e: Enclave, retval=None):
         """Enclave ``e`` is finished or dead: unwind every frame and region it touches
@@ -1204,7 +1387,7 @@ def _h_attach(core, fx, p, msg, rid, nfds, now):
     p.segs.add(r.seg)
     r.mappers.add(p.id)
     core._send(fx, p.id, {"op": "r", "rid": rid, "vaddr": r.vaddr, "size": r.length,
-                          "g": [[r.seg, r.vaddr, r.length, 1, r.kind]]}, [r.seg])
+                          "g": [[r.seg, r.vaddr, r.length, 1, core._kind(r)]]}, [r.seg])
 
 
 def _h_detach(core, fx, p, msg, rid, nfds, now):
@@ -1330,6 +1513,8 @@ def _start_enclave(core, fx, p, name, etype, code, path, measurement, shm, pool,
     p.enclaves.add(ep.id)
     spec = {"eid": eid, "handle": e.handle, "name": name, "type": etype, "code": code,
             "path": path}
+    if core.config.isolation == "strict":
+        spec["maps"] = 1        # pass the monitor an fd of /proc/self/maps before the sandbox
     if pool is not None:
         e.pool = pool
         pool.members.append(e)
@@ -1940,6 +2125,10 @@ def _e_split(core, fx, p, e, msg, rid, now):
     addr = get_u64(msg, "vaddr")
     size = get_u64(msg, "size")
     at = get_u64(msg, "at")
+    if core.config.isolation == "strict":
+        # the two halves share one file: strict mode's check (no other process maps the
+        # segment's file) would take the other half's holder for a violator
+        raise E.NotPermitted("split_mem_region is not available in strict isolation mode")
     if e.state not in (RUNNING, SERVING):
         raise E.BadState(f"enclave is {e.state}; only a running enclave may split")
     r = core.by_vaddr.get(addr)

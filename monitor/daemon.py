@@ -33,9 +33,21 @@ from tvmrt.errors import (
 )
 
 from . import zygote
-from .config import Config
+from .config import ISOLATION_MODES, Config
 from .core import Core
-from .effects import Close, FreeSeg, Kill, Log, NewSeg, Send, Signal, Spawn, SplitSeg, Stats
+from .effects import (
+    Close,
+    FreeSeg,
+    Kill,
+    Log,
+    NewSeg,
+    Send,
+    Signal,
+    Spawn,
+    SplitSeg,
+    Stats,
+    Verify,
+)
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 _lseek, _SEEK_END = os.lseek, os.SEEK_END
@@ -48,6 +60,28 @@ _FOLLOW_PROBE = 32
 
 #: longest path a Unix socket address holds (sun_path is 108 bytes with its NUL)
 _SUN_PATH_MAX = 107
+
+
+_MAPS_BUF = bytearray(1 << 18)
+
+
+def _read_maps(fd: int) -> int:
+    """Read the whole text of a ``/proc/PID/maps`` through an open fd, from its start,
+    into ``_MAPS_BUF`` (kept for the purpose, grown when a text fills it); returns its
+    length.  seq_file hands out about a page per read, so this reads on at the offset
+    it reached (the kernel continues where it stopped) until a read returns nothing."""
+    global _MAPS_BUF
+    buf = _MAPS_BUF
+    mv = memoryview(buf)
+    off = 0
+    while True:
+        if off == len(buf):
+            buf = _MAPS_BUF = buf + bytearray(len(buf))
+            mv = memoryview(buf)
+        n = os.preadv(fd, [mv[off:]], off)
+        if not n:
+            return off
+        off += n
 
 
 def prepare_socket_path(path: str) -> str | None:
@@ -200,7 +234,8 @@ class Daemon:
 
     def __init__(self, path: str | None = None, verbose: bool = False,
                  config: Config | None = None, sandbox: bool = True,
-                 key_file: str | None = None, allow_uids: Iterable[int] = ()):
+                 key_file: str | None = None, allow_uids: Iterable[int] = (),
+                 isolation: str | None = None):
         self.path = path or default_socket_path()
         # hosts of these uids are served too (``--allow-uid``); their enclaves run as
         # this monitor's uid, which is why it is asked for by name
@@ -210,6 +245,14 @@ class Daemon:
         self.sandbox = _sandbox.level(self.support, sandbox)
         self._config = config
         self._key_file = key_file
+        self.isolation = isolation or (config.isolation if config else "mprotect")
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {ISOLATION_MODES}")
+        # strict mode: each enclave's /proc/self/maps, opened by the enclave itself
+        # before it became non-dumpable and sent over the zygote channel (peer -> fd):
+        # the kernel checks access when the file is opened, so the monitor can read an
+        # enclave's maps through it even as a non-root user (docs/design.md)
+        self.maps: dict[int, int] = {}
         self.core: Core = None      # type: ignore[assignment]  # set by run()
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
@@ -262,7 +305,7 @@ class Daemon:
         else:
             key = secrets.token_bytes(32)
         base = self._config or Config(key=key)
-        return Core(replace(base, key=key, sandbox=self.sandbox))
+        return Core(replace(base, key=key, sandbox=self.sandbox, isolation=self.isolation))
 
     def _listen(self):
         """Bind and listen on :attr:`path` (see :func:`prepare_socket_path`)."""
@@ -548,8 +591,10 @@ class Daemon:
             self._log("the zygote went away; stopping")
             self.running = False
             return
-        wire.close_all(fds)
         op, peer = msg.get("op"), msg.get("k")
+        if op == "maps" and len(fds) == 1 and peer in self.socks and peer not in self.maps:
+            self.maps[peer] = fds.pop()
+        wire.close_all(fds)
         if op == "spawned":
             self._apply(self.core.spawned(peer, msg.get("pid")))
         elif op == "spawn_failed":
@@ -592,6 +637,8 @@ class Daemon:
                 self._log(eff.text)
             elif t is Stats:
                 eff.msg["monitor"] = self._stats()
+            elif t is Verify:
+                self._verify(eff)
 
     def _stats(self) -> dict:
         """This process's figures for ``ps`` (see :class:`Stats`)."""
@@ -625,6 +672,46 @@ class Daemon:
             self._log(f"peer {peer}: send failed ({exc.__class__.__name__}); disconnecting")
             self._drop_sock(peer)
             self._apply(self.core.disconnected(peer))
+
+    def _verify(self, eff: Verify) -> None:
+        """Strict mode: send ``eff.send`` unless a process of ``eff.checks`` still maps
+        the segment named; the first that does goes to the core instead."""
+        for peer, pid, seg in eff.checks:
+            shm = self.segs.get(seg)
+            if shm is not None and self._maps_segment(peer, pid, shm.name):
+                self._apply(self.core.isolation_violation(peer, seg, eff))
+                return
+        self._send(eff.send)
+
+    def _maps_segment(self, peer: int, pid: int, name: str) -> bool:
+        """Does process ``pid`` (of ``peer``) map the segment called ``name``, with any
+        protection?  A strict holder that gave a region up keeps no mapping at all:
+        even a PROT_NONE one could be mprotect'ed back.
+
+        Reads ``/proc/PID/maps`` through the fd the enclave passed at birth (a host's is
+        opened by path: hosts are dumpable), and looks for the segment's unique name
+        (``/tvmrt.<monitor pid>.<seg>.<random>``: the kernel prints the file's name in
+        every mapping of it, including ones made from a dup of its fd) with
+        ``bytes.find``: nothing else of the text is parsed.  A process that is gone
+        maps nothing; a maps file that cannot be read at all is a violation (a holder
+        that cannot be checked is not trusted)."""
+        fd = self.maps.get(peer)
+        try:
+            if fd is not None:
+                n = _read_maps(fd)
+            else:
+                # a host (dumpable), or an enclave whose maps fd has not come yet: by path
+                opened = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    n = _read_maps(opened)
+                finally:
+                    os.close(opened)
+        except (ProcessLookupError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            self._log(f"peer {peer}: cannot read its maps ({exc}): treated as a violation")
+            return True
+        return _MAPS_BUF.find(name.encode(), 0, n) >= 0
 
     def _resized(self, grants):
         """The first granted segment whose size is not its region's.
@@ -662,7 +749,7 @@ class Daemon:
         except OSError as exc:
             self._log(f"cannot split a segment: {exc}")
             return f"{exc.__class__.__name__}: {exc}"
-        self.segs[eff.seg] = _SegFd(fd)
+        self.segs[eff.seg] = _SegFd(fd, shm.name)
         self.fsize[eff.seg] = self.fsize[eff.parent] = eff.size
         return None
 
@@ -722,6 +809,9 @@ class Daemon:
             self.running = False
 
     def _drop_sock(self, peer):
+        fd = self.maps.pop(peer, None)
+        if fd is not None:
+            os.close(fd)
         sock = self.socks.pop(peer, None)
         self.hosts.discard(peer)
         if sock is not None:
@@ -743,6 +833,9 @@ class Daemon:
             self._log(f"shutdown: {exc!r}")
         for peer in list(self.socks):
             self._drop_sock(peer)
+        for fd in self.maps.values():
+            os.close(fd)
+        self.maps.clear()
         for shm in self.segs.values():
             shm.close_fd()
         self.segs.clear()
@@ -783,10 +876,11 @@ class Daemon:
 class _SegFd:
     """A second fd on a segment's file (a split region's half): closed like a
     SharedMemory's."""
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "name")
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, name: str):
         self.fd = fd
+        self.name = name        # the file's, shared with the first half
 
     def close_fd(self) -> None:
         if self.fd >= 0:

@@ -88,4 +88,14 @@ class Stats(NamedTuple):
     msg: dict[str, Any]
 
 
-ALL = (Send, Spawn, Kill, Signal, Close, NewSeg, FreeSeg, SplitSeg, Log, Stats)
+class Verify(NamedTuple):
+    """Strict mode: perform ``send`` only after confirming, for every ``(peer, pid, seg)``
+    of ``checks``, that the process of ``peer`` (``pid``) maps no part of segment ``seg``
+    (its ``/proc/PID/maps`` has no line naming the segment).  The first check that fails
+    is reported with :meth:`Core.isolation_violation` instead of sending; a process
+    already gone passes (it maps nothing)."""
+    checks: tuple[tuple[int, int, int], ...]
+    send: Send
+
+
+ALL = (Send, Spawn, Kill, Signal, Close, NewSeg, FreeSeg, SplitSeg, Log, Stats, Verify)

@@ -13,6 +13,9 @@ Protocol on the zygote channel (SOCK_SEQPACKET, msgpack):
     zygote -> monitor  {"op": "spawned", "k": peer, "pid": pid}
                        {"op": "spawn_failed", "k": peer, "why": text}
                        {"op": "exited", "k": peer, "how": text}
+    enclave -> monitor {"op": "maps", "k": peer}  fd: its /proc/self/maps (strict mode;
+                       sent by the new process itself over the zygote's channel, before
+                       it closes it and enters the sandbox)
 
 An enclave is its main process and everything it forks: they end together.
 Each enclave process starts a process group of its own (``setpgid`` before the
@@ -269,6 +272,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 wire.send(sock, {"op": "spawn_failed", "k": peer, "why": str(exc)})
                 continue
             if pid == 0:
+                msg["spec"]["k"] = peer
                 _child(me, sock, (wake_r, wake_w), msg["spec"], fds, prepared, devnull)
             wire.close_all(fds)
             children[pid] = peer
@@ -308,6 +312,16 @@ def _child(zygote_pid, zsock, wake, spec, fds, prepared, devnull):
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if spec.get("maps"):
+            # Strict mode: the monitor reads this process's maps before every grant.  It
+            # could not open them itself (this process is non-dumpable and the monitor
+            # may not be root), but the kernel checks access at open only: a process
+            # may always open its own, and the fd sent now stays readable.
+            mfd = os.open("/proc/self/maps", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                wire.send(zsock, {"op": "maps", "k": spec["k"]}, [mfd])
+            finally:
+                os.close(mfd)
         zsock.close()
         for fd in wake:
             os.close(fd)

@@ -19,6 +19,14 @@ Spawned enclaves say ``ready`` at once unless :attr:`Driver.auto_ready` is off. 
 :attr:`Driver.tamper` are "resized" when next granted: the driver reports
 ``segment_tampered`` instead of sending, as the daemon does.
 
+Strict mode (``Config.isolation == "strict"``): relay grants are kind ``"remap"`` and
+always carry the fd; a ``Verify`` is answered like the shell does: a check of a (peer,
+segment) in :attr:`Driver.cheat` (a process that keeps a mapping of a segment it gave
+up) is reported with ``isolation_violation``, else the Send is performed.  The
+invariant checked at every Send: no relay segment is granted while a process that
+cheated on it still lives (nothing is granted until the violator has exited), and a
+Verify names every other live holder of the segment the core knows of.
+
 Every violation raises :class:`Violation` (an AssertionError) at the effect that shows it.
 :meth:`Driver.check` verifies the invariants of the core's state between events, and
 :meth:`Driver.finish` disconnects every host, reports every exit and checks that nothing is
@@ -40,6 +48,7 @@ from tvmrt.monitor.effects import (
     Spawn,
     SplitSeg,
     Stats,
+    Verify,
 )
 
 REPLY_OPS = ("r", "e")
@@ -119,6 +128,13 @@ class Driver:
         self.tamper: set[int] = set()         # segments to report resized at their next grant
         self.tamper_closed: set[int] = set()  # peers cut off for tampering
         self.hold: dict[int, int] = {}        # seg -> peer it was last given to
+        # strict mode: (peer, seg) whose process keeps a mapping of seg (a cheater), and
+        # the cheaters reported to the core: their segments must not move until they die
+        self.strict = core.config.isolation == "strict"
+        self.cheat: set[tuple[int, int]] = set()
+        self.caught: set[tuple[int, int]] = set()
+        self.verified = 0                     # Verify effects that passed
+        self.violations = 0                   # ... and that were reported
         # the lender model, kept from the grants the peers receive: seg -> [[peer, the
         # frame (run or call) in which it received the region, None for its creator]],
         # its creator first, its holder last
@@ -180,8 +196,12 @@ class Driver:
         op = msg.get("op")
         if own is None and peer in self.closed:
             return fx             # the core cut the peer off (e.g. a tampered segment)
+        held = any(send.peer == peer and send.msg.get("rid") == rid
+                   for sends in self.core.held.values() for send, _why in sends)
         if own is None:
-            if is_host:
+            if held:
+                pass        # strict: the reply waits until a holder that ended is reaped
+            elif is_host:
                 _assert(op in ("run", "create", "rerun"),
                         f"host request {msg!r:.200} got no reply")
             elif not note:
@@ -333,6 +353,8 @@ class Driver:
             elif t is Stats:
                 _assert(isinstance(eff.msg, dict) and eff.msg.get("op") == "r",
                         f"stats for a message that is not a reply: {eff.msg!r:.200}")
+            elif t is Verify:
+                done += self._verify(eff, src)
             else:
                 raise Violation(f"unknown effect {eff!r:.200}")
         for peer in spawned:
@@ -353,6 +375,43 @@ class Driver:
                     done += self._apply(
                         self.core.message(peer, {"op": "ready"}, 0, self.now), src)
         return done
+
+    def withdrawn(self, peer):
+        """Strict: segments granted to ``peer`` in a Send that was held and then went
+        without them (the core still counts it as a mapper)."""
+        got = {g[0] for e in self.effects if type(e) is Verify and e.send.peer == peer
+               for g in e.send.msg.get("g", ())}
+        return got - set(self.mapped[peer])
+
+    def _verify(self, eff, src):
+        """Perform a Verify as the shell does (the cheat set plays /proc/PID/maps)."""
+        _assert(self.strict, "a Verify in the default mode")
+        checks, send = eff
+        _assert(type(send) is Send and checks, f"bad verify {eff!r:.200}")
+        remap = {g[0] for g in send.msg.get("g", ()) if g[4] == "remap"}
+        for peer, _pid, seg in checks:
+            _assert(seg in remap, f"verify of segment {seg} the send does not grant")
+            _assert(peer != send.peer, "verify of the receiver itself")
+            _assert(peer in self.core.peers, f"verify of unknown peer {peer}")
+        for peer, _pid, seg in checks:
+            if (peer, seg) in self.cheat:
+                self.violations += 1
+                self.caught.add((peer, seg))
+                res = self.core.isolation_violation(peer, seg, eff)
+                # the rest of this batch to a violator the core closed is dropped by the
+                # shell (no socket), as for a tampered segment
+                self.tamper_closed.update(e.peer for e in res if type(e) is Close)
+                return self._apply(res, src)
+        self.verified += 1
+        # every other live holder it knows of must have been checked
+        named = {(p, s) for p, _pid, s in checks}
+        for seg in remap:
+            r = self.core.seg_region.get(seg)
+            for m in (r.mappers if r is not None else ()):
+                q = self.core.peers.get(m)
+                if m != send.peer and q is not None and (m, seg) in self.cheat:
+                    _assert((m, seg) in named, f"cheater {m} on {seg} was not checked")
+        return self._apply([send], src)
 
     def _on_send(self, eff, src):
         _assert(len(eff) == 3, f"bad send effect {eff!r:.200}")
@@ -375,18 +434,29 @@ class Driver:
             # (a former holder of a region that was split drops its old mapping)
             _assert(seg in self.freed or seg in self.failed or peer in self.hosts
                     or seg in self.core.fsize, f"drop of segment {seg} that is still live")
-            _assert(seg in mapped, f"drop of segment {seg} that {peer} does not map "
-                    f"(or a duplicate drop)")
-            mapped.pop(seg)
+            _assert(seg in mapped or self.strict and seg in self.withdrawn(peer),
+                    f"drop of segment {seg} that {peer} does not map (or a duplicate drop)")
+            mapped.pop(seg, None)
         fd_segs = []
         page = self.core.page
         for g in msg.get("g", ()):
             _assert(isinstance(g, list) and len(g) == 5, f"bad grant {g!r}")
             seg, vaddr, length, has_fd, kind = g
-            _assert(kind in ("relay", "shm"), f"bad grant kind {g!r}")
+            _assert(kind in (("remap", "shm") if self.strict else ("relay", "shm")),
+                    f"bad grant kind {g!r}")
             _assert(seg in self.live, f"grant of segment {seg} that is not live")
             _assert(vaddr % page == 0 and length > 0 and length % page == 0, f"bad grant {g}")
-            if has_fd:
+            if kind == "remap":
+                # strict: the fd goes every time (the receiver unmapped it when it gave
+                # the region up), and never while a cheater on it still lives
+                _assert(has_fd == 1, f"strict grant without the fd: {g}")
+                for q, s2 in self.caught | self.cheat:
+                    _assert(s2 != seg or q == peer
+                            or (q in self.enclaves and q not in self.procs),
+                            f"segment {seg} granted to {peer} while {q}, which kept a "
+                            f"mapping of it, still lives")
+                fd_segs.append(seg)
+            elif has_fd:
                 _assert(seg not in mapped, f"grant of {seg} to {peer} with an fd it has")
                 fd_segs.append(seg)
             else:
@@ -394,7 +464,7 @@ class Driver:
                         f"grant of {seg} to {peer} without an fd, but it maps "
                         f"{mapped.get(seg)} not {(vaddr, length)}")
             mapped[seg] = (vaddr, length)
-            if kind == "relay":
+            if kind in ("relay", "remap"):
                 self.hold[seg] = peer
                 self._follow_loan(seg, peer, msg["op"], g)
         _assert(list(segs) == fd_segs, f"fds {segs} do not match the grants {msg.get('g')}")
@@ -503,6 +573,8 @@ class Driver:
     def check(self):
         """Invariants of the core's state, and of the core against what the peers saw."""
         core = self.core
+        held = {g[0] for sends in core.held.values() for send, _why in sends
+                for g in send.msg.get("g", ())}
         page = core.page
         regs = list(core.regions.values())
         _assert(not core.pending_seg, "a segment creation was never answered")
@@ -571,7 +643,8 @@ class Driver:
                 o = core.peers.get(r.owner)
                 _assert(o is not None and o.alive,
                         f"relay region {r.id:#x} is owned by dead peer {r.owner}")
-                if not (o.kind == C.HOST and r.seg not in o.segs):   # a detached region
+                # (a detached region; in strict mode a grant held until a violator dies)
+                if not (o.kind == C.HOST and r.seg not in o.segs) and r.seg not in held:
                     _assert(self.hold.get(r.seg) == r.owner,
                             f"region {r.id:#x} is owned by {r.owner} but was last given "
                             f"to {self.hold.get(r.seg)}")
@@ -598,7 +671,15 @@ class Driver:
                 if pid_ in r.mappers:
                     _assert(r.seg in q.segs, f"mapper {pid_} of {r.id:#x} lacks its segment")
             seen = set(self.mapped[pid_]) - set(q.drops)
-            _assert(seen == q.segs, f"peer {pid_} maps {sorted(seen)} but the core thinks "
+            # (strict: a grant held until a violator dies is counted by the core already)
+            extra = q.segs - seen - held
+            if self.strict:
+                # a grant withdrawn after a violation (the region went elsewhere while the
+                # Send was held) leaves its receiver counted: it gets a drop it ignores
+                extra = {s for s in extra if (r := segs_of.get(s)) is not None
+                         and r.kind == "relay" and r.owner != pid_}
+            _assert(seen == q.segs or seen | (held & q.segs) | extra == q.segs,
+                    f"peer {pid_} maps {sorted(seen)} but the core thinks "
                     f"{sorted(q.segs)}")
         # quotas
         for r in regs:
@@ -732,6 +813,10 @@ class Driver:
                             if e is not None and e.host == pid_ and e.create_rid is not None)
                 want.update(pool.create_rid for pool in core.servers.values()
                             if pool.host == pid_ and pool.create_rid is not None)
+            # (strict: a reply held until a process that had its region is reaped)
+            want.update(send.msg["rid"] for sends in core.held.values()
+                        for send, _why in sends
+                        if send.peer == pid_ and send.msg.get("rid") is not None)
             _assert(+self.pending[pid_] == want,
                     f"peer {pid_} waits for {dict(self.pending[pid_])}, the core has "
                     f"{dict(want)} to answer")

@@ -141,7 +141,8 @@ class EmbeddedMonitor:
     """
 
     def __init__(self, verbose: bool = False, cpu: int | None = None,
-                 key_file: str | None = None, sandbox: bool = True):
+                 key_file: str | None = None, sandbox: bool = True,
+                 isolation: str = "mprotect"):
         #: the monitor's key file (``tvmrt monitor --key``), or None: a fresh key
         self.key_file = None if key_file is None else os.path.abspath(key_file)
         self.dir = None
@@ -150,6 +151,8 @@ class EmbeddedMonitor:
         self.verbose = verbose
         #: False: ``--no-sandbox`` (debugging: enclaves unsandboxed, the monitor dumpable)
         self.sandbox = sandbox
+        #: the transfer mode (``tvmrt monitor --isolation``): "mprotect" or "strict"
+        self.isolation = isolation
         self.ready_pipe = None
 
     def start(self, timeout: float = 20.0) -> EmbeddedMonitor:
@@ -194,6 +197,8 @@ class EmbeddedMonitor:
             cmd += ["--key", self.key_file]
         if not self.sandbox:
             cmd.append("--no-sandbox")
+        if self.isolation != "mprotect":
+            cmd += ["--isolation", self.isolation]
         parent = os.getpid()
 
         def in_child():

@@ -102,6 +102,11 @@ class RegionTable:
                                               "received: out of file descriptors")
                             fd = fds[fi]
                             fi += 1
+                            if kind == "remap" and type(self) is RegionTable:
+                                # the monitor runs in strict mode (a first grant tells,
+                                # before any region of it can be given up): from now on
+                                # this process unmaps what it gives up
+                                self.__class__ = StrictRegionTable
                             try:
                                 old = self.mapped.get(seg)
                                 if old is not None and old != (vaddr, length):
@@ -354,6 +359,71 @@ class RegionTable:
         r = self._roots.pop(vaddr, None)
         if r is not None:
             r[1][0] = 1
+
+
+class StrictRegionTable(RegionTable):
+    """The region table of a process whose monitor runs in strict mode (DESIGN.md §2
+    ``remap``): giving a relay region up **unmaps** it (the address goes back to the
+    arena's ``PROT_NONE`` reservation) and forgets the segment; no fd was kept (a
+    segment's fd is closed as soon as it is mapped), so this process keeps neither
+    mapping nor fd and needs a new grant, with the fd, to touch the region again.  The
+    monitor checks that from ``/proc/PID/maps`` before it grants the region to anyone.
+
+    A :class:`RegionTable` becomes one at the first ``"remap"`` grant it applies (one
+    process talks to one monitor); the default mode's table is not touched.  Views
+    behave as in the default mode: parked while the region is away, alive again when
+    the same segment comes back to the same address.  :meth:`rollback` cannot restore
+    a mapping it has no fd for: a loan whose request never left is lost here (the
+    monitor still counts the region as this process's; it frees it with the process).
+    """
+
+    __slots__ = ()
+
+    def lend(self, vaddr, size) -> Loan:
+        if type(vaddr) is int and type(size) is int and 0 < size <= U64 \
+                and not (vaddr | size) & (PAGE - 1):
+            with self._lock:
+                o = self.owned.get(vaddr)
+                if o is not None and o[1] == size:
+                    seg = o[0]
+                    r = self._roots.get(vaddr)
+                    if r is not None:
+                        r[1][0] = 1                 # its views raise before the page goes
+                    memory.unmap(vaddr, size)
+                    self.mapped.pop(seg, None)
+                    del self.owned[vaddr]
+                    self.lent[vaddr] = o
+                    self._stale = True
+                    return (vaddr, seg, size)
+        return self._lend_slow(vaddr, size)
+
+    def rollback(self, loan: Loan) -> None:
+        vaddr, seg, length = loan
+        with self._lock:
+            if self.lent.get(vaddr) == (seg, length):
+                del self.lent[vaddr]
+                self._kill(vaddr)
+
+    def revoke_owned(self, vaddr: int) -> bool:
+        with self._lock:
+            o = self.owned.pop(vaddr, None)
+            if o is None:
+                return False
+            self._park(vaddr)
+            memory.unmap(vaddr, o[1])
+            self.mapped.pop(o[0], None)
+            self._stale = True
+            return True
+
+    def _drop(self, seg: int) -> None:
+        if seg in self.mapped:
+            RegionTable._drop(self, seg)
+            return
+        # freed while away from here: nothing is mapped, the loan is over
+        for v, (s, _n) in list(self.lent.items()):
+            if s == seg:
+                del self.lent[v]
+                self._kill(v)
 
 
 def _private_flag() -> memoryview:

@@ -22,6 +22,11 @@ Floors, written without tvmrt (plain ``socket``, ``msgpack``, ``os.fork``):
                    preallocated buffer, touches it like bench-server does, and sends
                    it all back into the client's preallocated buffer.
 
+The tvmrt rows run in each transfer mode asked for (``--isolation``: both by default,
+the default ``mprotect`` mode's rows keep their names, strict mode's are ``strict_null``
+etc.), against the same floors: one embedded monitor per mode and round, the floors
+interleaved between the modes' blocks.
+
 Every config runs one block per round, rounds in a shuffled order (seeded by the
 round number); the first samples of every block are dropped as warm-up and the rest
 are pooled.  Every process inherits this process's CPU affinity, so
@@ -310,9 +315,10 @@ class Floors:
 class Tvm:
     """A private embedded monitor, bench-server and a shm region for the samples."""
 
-    def __init__(self, max_n: int, sandbox: bool = True):
+    def __init__(self, max_n: int, sandbox: bool = True, isolation: str = "mprotect"):
         self.max_n = max_n
         self.sandbox = sandbox
+        self.isolation = isolation
         self.state = None               # the enclaves' sandbox, as ps shows it
         self.host = None
         self.shm = None
@@ -321,7 +327,8 @@ class Tvm:
 
     def start(self) -> Tvm:
         from .host import SERVER, Host
-        self.host = Host.connect(embedded=True, sandbox=self.sandbox)
+        self.host = Host.connect(embedded=True, sandbox=self.sandbox,
+                                 isolation=self.isolation)
         self.state = self.host.ps().get("sandbox")
         self.shm = self.host.shmget(page_round(HDR.size + 8 * self.max_n))
         self.host.create("bench_server", name=SERVER_NAME, type=SERVER)
@@ -368,10 +375,21 @@ def counts(ns) -> dict:
     return c
 
 
-def measure(c: dict, progress=None, sandbox: bool = True) -> dict:
+def row_key(k: str, mode: str) -> str:
+    """The row of tvmrt config ``k`` in transfer mode ``mode``."""
+    return k if mode == "mprotect" else f"{mode}_{k}"
+
+
+def measure(c: dict, progress=None, sandbox: bool = True,
+            isolations: tuple[str, ...] = ("mprotect",)) -> dict:
     """Run every config ``c["rounds"]`` times; returns the result dict (see :func:`main`).
-    ``sandbox=False``: the embedded monitor runs the enclaves unsandboxed."""
+    ``sandbox=False``: the embedded monitor runs the enclaves unsandboxed.  The tvmrt
+    configs run in each mode of ``isolations`` (rows :func:`row_key`), one embedded
+    monitor per mode and round (a process maps the regions of one monitor at a time),
+    the floors between them."""
     rounds = c["rounds"]
+    tvm_keys = [k for k in CONFIGS if k in FLOORS]
+    floor_keys = [k for k in CONFIGS if k not in FLOORS]
 
     def split(total, r):
         """Measured calls of round ``r``: ``total`` spread over the rounds (at least 1)."""
@@ -383,38 +401,66 @@ def measure(c: dict, progress=None, sandbox: bool = True) -> dict:
         return split(c["calls"], r), WARMUP_SMALL
 
     max_n = max(n + w for n, w in (plan(k, 0) for k in CONFIGS))
-    pooled = {k: [] for k in CONFIGS}
-    prewrite = {k: [0, 0] for k in BIG_CONFIGS}     # total ns, calls
+    keys = floor_keys + [row_key(k, m) for m in isolations for k in tvm_keys]
+    pooled: dict[str, list] = {k: [] for k in keys}
+    prewrite = {row_key(k, m): [0, 0] for k in BIG_CONFIGS if k in FLOORS
+                for m in isolations}
     floors = tvm = None
+    state = None
     t_start = time.monotonic()
+
+    def record(key, k, s, pw, n, warm, r):
+        pooled[key].extend(s[warm:])
+        if key in prewrite:
+            prewrite[key][0] += pw
+            prewrite[key][1] += n
+        if progress:
+            progress(f"round {r + 1}/{rounds}: {key} {n}+{warm} calls, "
+                     f"median {statistics.median(s[warm:]) / 1000:.1f} µs")
+
     try:
         floors = Floors()
         floors.start()                  # before the host: they inherit no tvmrt fd
-        tvm = Tvm(max_n, sandbox)
-        tvm.start()
         for r in range(rounds):
-            order = list(CONFIGS)
-            random.Random(r).shuffle(order)
-            for k in order:
-                n, warm = plan(k, r)
-                gc.collect()
-                gc.disable()
-                try:
-                    if k == "relay_floor":
-                        s, pw = floors.relay_block(n + warm), 0
-                    elif k.startswith("copy_"):
-                        s, pw = floors.copy_block(CONFIGS[k][1], n + warm, warm)
-                    else:
+            rng = random.Random(r)
+            modes = list(isolations[r % len(isolations):] + isolations[:r % len(isolations)])
+            fl = list(floor_keys)
+            rng.shuffle(fl)
+            # floors spread between the modes' blocks: [f..] mode [f..] mode [f..]
+            gaps = len(modes) + 1
+            chunks = [fl[i::gaps] for i in range(gaps)]
+            for step in range(gaps):
+                for k in chunks[step]:
+                    n, warm = plan(k, r)
+                    gc.collect()
+                    gc.disable()
+                    try:
+                        if k == "relay_floor":
+                            s, pw = floors.relay_block(n + warm), 0
+                        else:
+                            s, pw = floors.copy_block(CONFIGS[k][1], n + warm, warm)
+                    finally:
+                        gc.enable()
+                    record(k, k, s, pw, n, warm, r)
+                if step == len(modes):
+                    break
+                mode = modes[step]
+                tvm = Tvm(max_n, sandbox, mode)
+                tvm.start()
+                state = tvm.state
+                order = list(tvm_keys)
+                rng.shuffle(order)
+                for k in order:
+                    n, warm = plan(k, r)
+                    gc.collect()
+                    gc.disable()
+                    try:
                         s, pw = tvm.block(k, n + warm, warm)
-                finally:
-                    gc.enable()
-                pooled[k].extend(s[warm:])
-                if k in prewrite:
-                    prewrite[k][0] += pw
-                    prewrite[k][1] += n
-                if progress:
-                    progress(f"round {r + 1}/{rounds}: {k} {n}+{warm} calls, "
-                             f"median {statistics.median(s[warm:]) / 1000:.1f} µs")
+                    finally:
+                        gc.enable()
+                    record(row_key(k, mode), k, s, pw, n, warm, r)
+                tvm.stop()
+                tvm = None
     finally:
         if tvm is not None:
             tvm.stop()
@@ -428,28 +474,40 @@ def measure(c: dict, progress=None, sandbox: bool = True) -> dict:
         stats[k] = (len(xs), statistics.median(xs) / 1000, percentile(xs, 99) / 1000)
     rows = []
     for k, (label, _size) in CONFIGS.items():
-        n, med, p99 = stats[k]
-        row = {"config": k, "label": label, "n": n, "median_us": round(med, 3),
-               "p99_us": round(p99, 3), "floor": None, "ratio": None}
-        fl = FLOORS.get(k)
-        if fl:
-            ratios = {f: round(med / stats[f][1], 3) for f in fl}
-            row["floor"], row["ratio"] = fl[0], ratios[fl[0]]
-            row["ratios"] = ratios
-        if k in prewrite and prewrite[k][1]:
-            row["prewrite_mean_us"] = round(prewrite[k][0] / prewrite[k][1] / 1000, 3)
-        rows.append(row)
-    null_ratio = stats["null"][1] / stats["relay_floor"][1]
+        for mode in (isolations if k in FLOORS else (None,)):
+            key = k if mode is None else row_key(k, mode)
+            n, med, p99 = stats[key]
+            lab = label if mode in (None, "mprotect") else f"{label} [{mode}]"
+            row = {"config": key, "label": lab, "n": n, "median_us": round(med, 3),
+                   "p99_us": round(p99, 3), "floor": None, "ratio": None}
+            if mode is not None:
+                row["isolation"] = mode
+            fl = FLOORS.get(k)
+            if fl:
+                ratios = {f: round(med / stats[f][1], 3) for f in fl}
+                row["floor"], row["ratio"] = fl[0], ratios[fl[0]]
+                row["ratios"] = ratios
+                if mode != isolations[0]:
+                    # the same call in the first mode of the run: strict's cost, shown
+                    base = stats[row_key(k, isolations[0])][1]
+                    row["vs_" + isolations[0]] = round(med / base, 3)
+            if key in prewrite and prewrite[key][1]:
+                row["prewrite_mean_us"] = round(prewrite[key][0] / prewrite[key][1] / 1000,
+                                                3)
+            rows.append(row)
+    null_ratio = stats[row_key("null", isolations[0])][1] / stats["relay_floor"][1]
     return {
         "placement": placement(),
         "cpus": sorted(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "rounds": rounds,
-        "sandbox": tvm.state,
+        "sandbox": state,
+        "isolations": list(isolations),
         "warmup_per_block": {k: plan(k, 0)[1] for k in CONFIGS},
         "rows": rows,
-        "target": {"what": "null call median <= 1.5 x relay floor median",
+        "target": {"what": f"null call ({isolations[0]}) median <= 1.5 x relay floor "
+                           f"median",
                    "limit": TARGET, "ratio": round(null_ratio, 3),
                    "met": null_ratio <= TARGET},
         "elapsed_s": round(elapsed, 2),
@@ -458,15 +516,19 @@ def measure(c: dict, progress=None, sandbox: bool = True) -> dict:
 
 def format_table(res: dict) -> str:
     lines = [f"tvmrt bench: {res['placement']}, {res['implementation']} {res['python']}, "
+             f"isolation {'+'.join(res.get('isolations', ['mprotect']))}, "
              f"{res['rounds']} rounds, {res['elapsed_s']:.1f} s, sandbox {res['sandbox']}",
              "",
-             f"{'config':28} {'n':>7} {'median µs':>11} {'p99 µs':>11}  ratio"]
+             f"{'config':36} {'n':>7} {'median µs':>11} {'p99 µs':>11}  ratio"]
     for r in res["rows"]:
         ratio = ""
         if r.get("ratios"):
             ratio = ", ".join(f"{v:.2f}× {CONFIGS[f][0].removeprefix('floor: ')}"
                               for f, v in r["ratios"].items())
-        lines.append(f"{r['label']:28} {r['n']:>7} {r['median_us']:>11.1f} "
+            vs = [(k, v) for k, v in r.items() if k.startswith("vs_")]
+            for k, v in vs:
+                ratio += f"; {v:.2f}× {k[3:]}"
+        lines.append(f"{r['label']:36} {r['n']:>7} {r['median_us']:>11.1f} "
                      f"{r['p99_us']:>11.1f}  {ratio}")
     t = res["target"]
     lines.append("")
@@ -513,7 +575,10 @@ def _main(ns) -> int:
             def progress(text):
                 print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
         try:
-            res = measure(c, progress, sandbox=not getattr(ns, "no_sandbox", False))
+            iso = getattr(ns, "isolation", "both") or "both"
+            isolations = ("mprotect", "strict") if iso == "both" else (iso,)
+            res = measure(c, progress, sandbox=not getattr(ns, "no_sandbox", False),
+                          isolations=isolations)
         finally:
             if progress:
                 print("\r\033[K", end="", file=sys.stderr, flush=True)

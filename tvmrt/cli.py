@@ -6,6 +6,12 @@ import argparse
 import json
 import sys
 
+from tvmrt.monitor.config import ISOLATION_MODES
+
+_ISOLATION_HELP = ("transfer mode of relay regions: mprotect (default: revoke = PROT_NONE, "
+                   "the mapping stays) or strict (revoke unmaps, every grant sends the fd "
+                   "again, and the monitor checks /proc/PID/maps of earlier holders first)")
+
 
 def _monitor(ns) -> int:
     """``tvmrt monitor``.  With ``--own-socket-dir`` (how :mod:`tvmrt._embedded` starts
@@ -35,7 +41,7 @@ def _monitor(ns) -> int:
         from tvmrt.monitor.daemon import Daemon
         # the key file is read by the daemon once its zygote runs (see Daemon._make_core)
         return Daemon(ns.socket, verbose=ns.verbose, key_file=ns.key,
-                      sandbox=not ns.no_sandbox,
+                      sandbox=not ns.no_sandbox, isolation=ns.isolation,
                       allow_uids=ns.allow_uid or ()).run(ready_fd=ns.ready_fd,
                                                          announce=not ns.quiet)
     except TvmError as exc:
@@ -179,7 +185,8 @@ def _launch(ns) -> int:
                     raise
         if not running:
             embedded = EmbeddedMonitor(verbose=ns.verbose, key_file=ns.key,
-                                       sandbox=not ns.no_sandbox).start()
+                                       sandbox=not ns.no_sandbox,
+                                       isolation=ns.isolation).start()
             path = embedded.path
         with demo.monitor_loss_raises():
             if penglai.open_device(path) != 0:
@@ -466,6 +473,8 @@ def main(argv=None) -> int:
     m.add_argument("--no-sandbox", action="store_true",
                    help="debugging only: enclaves run without the sandbox (dumpable, no "
                    "Landlock, no seccomp) and the monitor and zygote are dumpable")
+    m.add_argument("--isolation", choices=ISOLATION_MODES, default="mprotect",
+                   help=_ISOLATION_HELP)
     # embedded monitors (tvmrt._embedded): remove the socket's directory on exit
     m.add_argument("--own-socket-dir", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(fn=_monitor)
@@ -483,6 +492,8 @@ def main(argv=None) -> int:
                     "caller (nonce 1234) as JSON, for tvmrt verify")
     la.add_argument("--no-sandbox", action="store_true",
                     help="an embedded monitor runs its enclaves without the sandbox")
+    la.add_argument("--isolation", choices=ISOLATION_MODES, default="mprotect",
+                    help="an embedded monitor's transfer mode (see tvmrt monitor)")
     la.set_defaults(fn=_launch)
 
     ps = sub.add_parser("ps", help="list enclaves (with RSS, USS, CPU time) and regions of a "
@@ -526,6 +537,9 @@ def main(argv=None) -> int:
                    "with N live enclaves, monitor and enclave memory")
     b.add_argument("--no-sandbox", action="store_true",
                    help="the embedded monitor runs the enclaves without the sandbox")
+    b.add_argument("--isolation", choices=ISOLATION_MODES + ("both",), default="both",
+                   help="transfer mode(s) to measure: both (default) runs the rows in each "
+                   "mode against the same floors, side by side")
     b.set_defaults(fn=_bench)
 
     st = sub.add_parser("stress", help="host processes, server instances and callers "

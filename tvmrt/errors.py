@@ -193,7 +193,8 @@ class BadReturn(PeerError):
 
 
 class IsolationViolation(PeerError):
-    """a peer tampered with a segment it held; it was killed"""
+    """a peer tampered with a segment it held, or (strict mode) still mapped a region
+    it had given up; it was killed"""
     code = -33
 
 

@@ -328,13 +328,15 @@ class Host:
     @classmethod
     def connect(cls, path: str | None = None, embedded: bool | None = None,
                 verbose: bool = False, key_file: str | None = None,
-                sandbox: bool = True) -> Host:
+                sandbox: bool = True, isolation: str = "mprotect") -> Host:
         """Connect to the monitor at ``path`` (default: :func:`default_socket_path`).
 
         ``embedded=None`` starts a private monitor when none answers, ``True`` always
         starts one, ``False`` never does (raises MonitorGone instead).  A private
         monitor sandboxes its enclaves unless ``sandbox=False`` (debugging); a running
-        monitor's choice is its own (``tvmrt monitor --no-sandbox``).
+        monitor's choice is its own (``tvmrt monitor --no-sandbox``).  ``isolation``
+        is a private monitor's transfer mode ("mprotect" or "strict", see ``tvmrt
+        monitor --isolation``); a running monitor's is its own.
 
         ``key_file``: start a private monitor with that key (``tvmrt monitor --key``:
         made 0600 if missing), whatever runs at ``path`` -- a running monitor has a key
@@ -354,7 +356,8 @@ class Host:
             except MonitorGone:
                 if embedded is False or path is not None:
                     raise
-        mon = EmbeddedMonitor(verbose=verbose, key_file=key_file, sandbox=sandbox).start()
+        mon = EmbeddedMonitor(verbose=verbose, key_file=key_file, sandbox=sandbox,
+                              isolation=isolation).start()
         try:
             return cls(_dial(mon.path), mon.path, embedded=mon)
         except BaseException:

@@ -1637,3 +1637,14 @@ def test_servers_are_callable_by_their_host_process_unless_opened():
                     callers=bad)["c"] == E.InvalidArgument.code
     assert hreq(d, h, "create", name="n", type=NORMAL, code=b"s",
                 callers="*")["c"] == E.InvalidArgument.code
+
+
+def test_split_is_refused_in_strict_mode():
+    """The two halves of a split region share one file, which strict mode's check (no
+    other process maps the segment's file) would take for a violation: refused."""
+    d = Driver(Core(Config(key=b"k" * 32, isolation="strict")))
+    h = d.connect()
+    c, _ = running(d, h, "c")
+    v = mmap(d, c, 2 * PAGE)
+    rep = ereq(d, c, "split", vaddr=v, size=2 * PAGE, at=v + PAGE)
+    assert rep["c"] == E.NotPermitted.code and "strict" in rep["why"]

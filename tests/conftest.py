@@ -88,6 +88,22 @@ def monitor():
     assert shm_names(mon.pid) <= before, "segments left in /dev/shm"
 
 
+def private_monitor(**kw):
+    """A monitor of a test module's own (``EmbeddedMonitor(**kw)``) as a generator for a
+    fixture: it must exit 0 on SIGTERM, and no process may outlive it."""
+    mon = EmbeddedMonitor(**kw).start()
+    yield mon
+    kids = psutil.Process(mon.pid).children(recursive=True)
+    assert mon.stop() == 0, "the monitor did not exit 0 on SIGTERM"
+    _, alive = psutil.wait_procs(kids, timeout=5)
+    assert not alive, f"processes outlived the monitor: {alive}"
+
+
+def enclave_procs(mon):
+    """Live processes below monitor ``mon`` other than its zygote."""
+    return _enclave_procs(mon)
+
+
 def _enclave_procs(mon):
     """Processes below the monitor other than the zygote."""
     out = []

@@ -20,9 +20,8 @@ import tempfile
 import psutil
 import pytest
 
-from conftest import eapp, wait_until
+from conftest import eapp, private_monitor, wait_until
 from tvmrt import _sandbox
-from tvmrt._embedded import EmbeddedMonitor
 from tvmrt.errors import EnclaveFault
 from tvmrt.host import SERVER, Host
 
@@ -38,12 +37,7 @@ EACCES, EPERM = errno.EACCES, errno.EPERM
 
 
 def _monitor(sandbox: bool):
-    mon = EmbeddedMonitor(sandbox=sandbox).start()
-    yield mon
-    kids = psutil.Process(mon.pid).children(recursive=True)
-    assert mon.stop() == 0, "the monitor did not exit 0 on SIGTERM"
-    _, alive = psutil.wait_procs(kids, timeout=5)
-    assert not alive, f"processes outlived the monitor: {alive}"
+    yield from private_monitor(sandbox=sandbox)
 
 
 @pytest.fixture(scope="module")

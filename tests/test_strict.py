@@ -20,12 +20,10 @@ from __future__ import annotations
 import errno
 import os
 
-import psutil
 import pytest
 
-from conftest import eapp, wait_until
+from conftest import eapp, enclave_procs, private_monitor, wait_until
 from tvmrt import _sandbox
-from tvmrt._embedded import EmbeddedMonitor
 from tvmrt.errors import IsolationViolation
 from tvmrt.host import SERVER, Host
 
@@ -34,12 +32,7 @@ STATE = _sandbox.level(_sandbox.probe())
 
 
 def _monitor(isolation):
-    mon = EmbeddedMonitor(isolation=isolation).start()
-    yield mon
-    kids = psutil.Process(mon.pid).children(recursive=True)
-    assert mon.stop() == 0, "the monitor did not exit 0 on SIGTERM"
-    _, alive = psutil.wait_procs(kids, timeout=5)
-    assert not alive, f"processes outlived the monitor: {alive}"
+    yield from private_monitor(isolation=isolation)
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +46,7 @@ def default():
 
 
 def _enclaves(mon):
-    out = []
-    for k in psutil.Process(mon.pid).children(recursive=True):
-        try:
-            if k.ppid() != mon.pid and k.status() != psutil.STATUS_ZOMBIE:
-                out.append(k)
-        except psutil.NoSuchProcess:
-            pass                  # it ended between the two calls
-    return out
+    return enclave_procs(mon)
 
 
 @pytest.fixture

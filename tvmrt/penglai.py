@@ -322,42 +322,36 @@ def PLenclave_attest(enclave: PLenclave, nonce: int) -> int:
     return 0
 
 
+def _on_enclave(what: str, enclave: PLenclave, act) -> int:
+    """Penglai's convention for an operation on a created enclave: ``act(enc)`` on its
+    tvmrt Enclave; 0, or ``_fail`` with the TvmError raised (or the NULL argument)."""
+    if enclave is None or enclave._enclave is None:
+        return _fail(what, InvalidArgument(_NULL))
+    try:
+        act(enclave._enclave)
+    except TvmError as exc:
+        return _fail(what, exc)
+    return 0
+
+
 def PLenclave_stop(enclave: PLenclave) -> int:
     """Stop the enclave's process -- and, while it waits in ``call_enclave``, the
     servers running its call chain (see :meth:`tvmrt.host.Enclave.stop`).  0 or a
     negative code (Stopped -61 if stopped already)."""
-    if enclave is None or enclave._enclave is None:
-        return _fail("PLenclave_stop", InvalidArgument(_NULL))
-    try:
-        enclave._enclave.stop()
-    except TvmError as exc:
-        return _fail("PLenclave_stop", exc)
-    return 0
+    return _on_enclave("PLenclave_stop", enclave, lambda e: e.stop())
 
 
 def PLenclave_resume(enclave: PLenclave) -> int:
     """Continue what :func:`PLenclave_stop` stopped.  0 or a negative code (NotStopped
     -60 if it is not stopped).  The thread blocked in ``PLenclave_run`` just goes on
     waiting: nothing to re-enter, unlike Penglai's driver."""
-    if enclave is None or enclave._enclave is None:
-        return _fail("PLenclave_resume", InvalidArgument(_NULL))
-    try:
-        enclave._enclave.resume()
-    except TvmError as exc:
-        return _fail("PLenclave_resume", exc)
-    return 0
+    return _on_enclave("PLenclave_resume", enclave, lambda e: e.resume())
 
 
 def PLenclave_destroy(enclave: PLenclave) -> int:
     """Destroy the enclave (every instance of a server); its regions are freed and loans
     go back.  0 or -1."""
-    if enclave is None or enclave._enclave is None:
-        return _fail("PLenclave_destroy", InvalidArgument(_NULL))
-    try:
-        enclave._enclave.destroy()
-    except TvmError as exc:
-        return _fail("PLenclave_destroy", exc)
-    return 0
+    return _on_enclave("PLenclave_destroy", enclave, lambda e: e.destroy())
 
 
 def PLenclave_destruct(enclave: PLenclave) -> None:

@@ -186,17 +186,15 @@ class Pool:
     """The instances of one server name.  Callers queue here (FIFO) and each call is
     dispatched to an idle instance; the pool lives while one instance does.  Its handle
     is its first instance's, and stays valid when that instance dies."""
-    __slots__ = ("name", "handle", "host", "members", "queue", "create_rid", "account",
-                 "allow")
+    __slots__ = ("name", "handle", "host", "members", "queue", "create_rid", "allow")
 
-    def __init__(self, name, host, account=None, allow=None):
+    def __init__(self, name, host, allow):
         self.name = name
         self.handle = -1                      # the first instance's handle (set at create)
         self.host = host                      # peer id of the host that created it
-        # who may acquire and call it: None, enclaves of the host process that created it
-        # (``account``, its quota account); True, any enclave; else a frozenset of enclave
-        # names (str) and measurements (32 bytes)
-        self.account = account
+        # who may acquire and call it: an Account, the enclaves of that host process (the
+        # default: its creator's); True, any enclave; else a frozenset of enclave names
+        # (str) and measurements (32 bytes)
         self.allow = allow
         self.members: list[Enclave] = []      # instances, in creation order (dead ones too)
         self.queue: deque[Frame] = deque()    # calls waiting for an idle instance
@@ -209,9 +207,9 @@ class Pool:
         """May enclave ``e`` acquire and call this server?  (``e.account`` of an
         enclave is its own; the host process it belongs to is ``e.hostacct``.)"""
         a = self.allow
-        if a is None:
-            return e.hostacct is self.account
-        return a is True or e.name in a or e.measurement in a
+        if type(a) is frozenset:
+            return e.name in a or e.measurement in a
+        return a is True or a is e.hostacct
 
 
 _NO_QUEUE: deque = deque()       # a normal enclave's (always empty) queue
@@ -1462,7 +1460,7 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
     pool = None
     if etype == SERVER:
         # registered now: calls queue until an instance is ready
-        pool = core.servers[name] = Pool(name, p.id, p.account, allow)
+        pool = core.servers[name] = Pool(name, p.id, p.account if allow is None else allow)
         pool.create_rid = rid
     measurement = measure(etype, name, code)
     for i in range(instances):
@@ -1757,7 +1755,8 @@ def _e_call(core, fx, p, e, msg, rid, now):
             if s.type != SERVER or s.pool is None:
                 raise E.UnknownHandle(f"enclave {s.name!r} is not a server")
             pool = s.pool                       # called by one instance's own handle
-        if pool.allow is not True and not pool.may_call(e):
+        # (the usual case, a caller of the server's own host process, is one test)
+        if pool.allow is not e.hostacct and not pool.may_call(e):
             raise E.UnknownHandle(f"no live enclave {handle:#x}")    # as if none
         members = pool.members
         # cycle: an instance is the caller itself, or waits (down all its outgoing calls,

@@ -173,14 +173,7 @@ def test_caller(caller_file: str, server_file: str, server1_file: str | None = N
         raise
     finally:
         if not abandoned:
-            if shm > 0:
-                PLenclave_shmdt(shmid, shm)
-            if shmid > 0:
-                PLenclave_shmctl(shmid)
-            if mm_arg > 0:
-                PLenclave_schrodinger_dt(mm_arg_id, mm_arg)
-            if mm_arg_id > 0:
-                PLenclave_schrodinger_ctl(mm_arg_id)
+            _release(shmid, shm, mm_arg_id, mm_arg)
             if server_enclave.eid >= 0:
                 PLenclave_destroy(server_enclave)
             if server1_enclave.eid >= 0:
@@ -211,6 +204,19 @@ def run_one(eapp_file: str, name: str = "test-enclave") -> int:
     PLenclave_destruct(enclave)
     elf_args_destroy(elf)
     return 0 if ret == 0 else 1
+
+
+def _release(shmid: int, shm: int, mm_arg_id: int, mm_arg: int) -> None:
+    """The demos' teardown of their shared memory and schrodinger page, as host.c does
+    it: unmap and remove what was made (a negative id or address: nothing was)."""
+    if shm > 0:
+        PLenclave_shmdt(shmid, shm)
+    if shmid > 0:
+        PLenclave_shmctl(shmid)
+    if mm_arg > 0:
+        PLenclave_schrodinger_dt(mm_arg_id, mm_arg)
+    if mm_arg_id > 0:
+        PLenclave_schrodinger_ctl(mm_arg_id)
 
 
 def host(eapp_file: str, count: int = 1) -> int:
@@ -279,14 +285,7 @@ def host(eapp_file: str, count: int = 1) -> int:
                 failed.append(i)
             say("host: PLenclave run is finish ")
         finally:
-            if shm > 0:
-                PLenclave_shmdt(shmid, shm)
-            if shmid > 0:
-                PLenclave_shmctl(shmid)
-            if mm_arg > 0:
-                PLenclave_schrodinger_dt(mm_arg_id, mm_arg)
-            if mm_arg_id > 0:
-                PLenclave_schrodinger_ctl(mm_arg_id)
+            _release(shmid, shm, mm_arg_id, mm_arg)
             PLenclave_destruct(enclave)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]

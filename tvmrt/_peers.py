@@ -146,12 +146,12 @@ def measure(n: int = 5000, rounds: int = 3, sandbox: bool = True) -> dict:
         if tvm is not None:
             tvm.stop()
         floors.stop()
-    floor = None
     out: dict = {}
-    for name, xs in samples.items():
+    for xs in samples.values():
         xs.sort()
+    floor = bench.percentile(samples["relay floor"], 50) / 1000
+    for name, xs in samples.items():
         med = bench.percentile(xs, 50) / 1000
-        floor = floor or med
         out[name] = {"median": med, "p99": bench.percentile(xs, 99) / 1000,
                      "ratio": med / floor}
     for name, why in (peers.missing if peers else {}).items():

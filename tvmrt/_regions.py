@@ -379,6 +379,13 @@ class StrictRegionTable(RegionTable):
 
     __slots__ = ()
 
+    def _unmap_seg(self, vaddr: int, size: int, seg: int) -> None:
+        """Give the mapping up: nothing of the segment stays in this process."""
+        memory.unmap(vaddr, size)
+        self.mapped.pop(seg, None)
+
+    # RegionTable.lend with the unmap in place of the mprotect: the default table's body
+    # stays one straight run on the call path (no hook to call), so this is its copy
     def lend(self, vaddr, size) -> Loan:
         if type(vaddr) is int and type(size) is int and 0 < size <= U64 \
                 and not (vaddr | size) & (PAGE - 1):
@@ -389,8 +396,7 @@ class StrictRegionTable(RegionTable):
                     r = self._roots.get(vaddr)
                     if r is not None:
                         r[1][0] = 1                 # its views raise before the page goes
-                    memory.unmap(vaddr, size)
-                    self.mapped.pop(seg, None)
+                    self._unmap_seg(vaddr, size, seg)
                     del self.owned[vaddr]
                     self.lent[vaddr] = o
                     self._stale = True
@@ -410,8 +416,7 @@ class StrictRegionTable(RegionTable):
             if o is None:
                 return False
             self._park(vaddr)
-            memory.unmap(vaddr, o[1])
-            self.mapped.pop(o[0], None)
+            self._unmap_seg(vaddr, o[1], o[0])
             self._stale = True
             return True
 

@@ -71,6 +71,7 @@ from typing import Any
 from tvmrt import errors as E
 from tvmrt._attest import ENCLAVE_KEY, KEY_MAX, STORAGE_KEY, Signer, measure as measure
 
+from . import schema
 from .config import Config
 from .effects import (
     Close,
@@ -85,17 +86,7 @@ from .effects import (
     Stats,
     Verify,
 )
-from .validate import (
-    U64,
-    Invalid,
-    check_u64,
-    get_bytes,
-    get_int,
-    get_name,
-    get_opt_window,
-    get_str,
-    get_u64,
-)
+from .schema import U64, Invalid
 
 NORMAL = 0
 SERVER = 1
@@ -339,12 +330,9 @@ def _err(exc, rid=None):
 
 
 def _timeout(msg, default):
+    """The (schema-checked) ``timeout`` of ``msg``, or ``default`` when it has none."""
     t = msg.get("timeout")
-    if t is None:
-        return default
-    if type(t) not in (int, float) or not 0 <= t < 1e9:
-        raise Invalid("timeout must be a non-negative number of seconds")
-    return t
+    return default if t is None else t
 
 
 class Core:
@@ -694,7 +682,10 @@ class Core:
                    if peers[ep].enclave.state != DONE)
 
     def message(self, peer_id, msg, nfds=0, now=0.0):
-        """Handle one decoded frame from ``peer_id``."""
+        """Handle one decoded frame from ``peer_id``: checked against its op's schema
+        (:mod:`tvmrt.monitor.schema`), then handed to the op's handler.  A refusal is an
+        error reply (to a request: with its rid) that also gives back the regions the
+        sender's runtime revoked for the message (the schema names them)."""
         p = self.peers.get(peer_id)
         if p is None or not p.alive:
             return []
@@ -703,39 +694,48 @@ class Core:
         rid = msg.get("rid")
         if type(rid) is not int or rid <= 0 or rid > U64:
             rid = None
+        e = p.enclave
+        spec = (schema.HOST if e is None else schema.ENCLAVE).get(op)
         try:
-            e = p.enclave
+            if spec is None:
+                raise E.LocalProtocolError(f"unknown op {op!r:.40}")
+            if not spec.request:
+                rid = None          # a notification: its refusal is an unsolicited error
+            elif rid is None:
+                raise E.LocalProtocolError(f"request {op!r} without a valid rid")
+            spec.check(msg, nfds, self.config)
             if e is None:
-                handler = _HOST_OPS.get(op)
-                if handler is None:
-                    raise E.LocalProtocolError(f"unknown op {op!r}")
-                if rid is None:
-                    raise E.LocalProtocolError(f"request {op!r} without a valid rid")
-                handler(self, fx, p, msg, rid, nfds, now)
-                return fx
-            request = _ENCLAVE_OPS.get(op)
-            if request is not None:
-                if rid is None:
-                    raise E.LocalProtocolError(f"request {op!r} without a valid rid")
-                request(self, fx, p, e, msg, rid, now)
-                return fx
-            note = _ENCLAVE_NOTES.get(op)
-            if note is None:
-                raise E.LocalProtocolError(f"unknown op {op!r}")
-            rid = None          # a notification: its refusal is an unsolicited error
-            note(self, fx, p, e, msg, now)
+                _HOST_OPS[op](self, fx, p, msg, rid, nfds, now)
+            elif spec.request:
+                _ENCLAVE_OPS[op](self, fx, p, e, msg, rid, now)
+            else:
+                _ENCLAVE_NOTES[op](self, fx, p, e, msg, now)
         except (Invalid, E.TvmError) as exc:
-            back = getattr(exc, "regrant", None)
             if getattr(exc, "norid", False):
                 rid = None
             if isinstance(exc, Invalid):
                 exc = E.InvalidArgument(str(exc))
             reply = _err(exc, rid)
             segs: list = []
-            if back is not None:
-                reply["g"], segs = self._grants(peer_id, [back])
+            back = self._revoked(p, spec, msg) if spec is not None and spec.revokes else ()
+            if back:
+                reply["g"], segs = self._grants(peer_id, back)
             self._send(fx, peer_id, reply, segs)
         return fx
+
+    def _revoked(self, p: Peer, spec: schema.Op, msg: dict) -> list:
+        """The regions ``p``'s runtime revoked before sending the refused ``msg`` (as
+        its schema names them) that ``p`` still owns and maps: a refused message moved
+        nothing, so they are granted back with the error.  Naming a region ``p`` does
+        not own gets nothing back."""
+        out: list = []
+        assert spec.revokes is not None
+        for by, key in spec.revokes(msg):
+            r = self.regions.get(key) if by == "id" else self.by_vaddr.get(key)
+            if (r is not None and r.kind == "relay" and r.owner == p.id and r.seg in p.segs
+                    and r.seg not in self.pending_seg and r not in out):
+                out.append(r)
+        return out
 
     def disconnected(self, peer_id):
         """The peer's socket closed (or sent garbage and was cut off)."""
@@ -1368,16 +1368,16 @@ class Core:
 
 # ---------------------------------------------------------------------- host ops
 def _h_shmget(core, fx, p, msg, rid, nfds, now):
-    core._new_region(fx, p, get_u64(msg, "size"), "shm", "shm", rid, "shmget")
+    core._new_region(fx, p, msg["size"], "shm", "shm", rid, "shmget")
 
 
 def _h_sget(core, fx, p, msg, rid, nfds, now):
-    core._new_region(fx, p, get_u64(msg, "size"), "relay", "relay", rid, "sget")
+    core._new_region(fx, p, msg["size"], "relay", "relay", rid, "sget")
 
 
 def _h_attach(core, fx, p, msg, rid, nfds, now):
     kind = "shm" if msg["op"] == "shmat" else "relay"
-    r = core._host_region(p, get_int(msg, "id"), kind)
+    r = core._host_region(p, msg["id"], kind)
     if kind == "relay" and r.owner != p.id:
         raise E.RegionLoaned(f"schrodinger region {r.id:#x} is held by an enclave")
     if r.seg in p.segs:
@@ -1390,7 +1390,7 @@ def _h_attach(core, fx, p, msg, rid, nfds, now):
 
 def _h_detach(core, fx, p, msg, rid, nfds, now):
     kind = "shm" if msg["op"] == "shmdt" else "relay"
-    r = core._host_region(p, get_int(msg, "id"), kind)
+    r = core._host_region(p, msg["id"], kind)
     if r.seg not in p.segs:
         raise E.BadState(f"region {r.id:#x} is not attached")
     p.segs.discard(r.seg)
@@ -1400,7 +1400,7 @@ def _h_detach(core, fx, p, msg, rid, nfds, now):
 
 def _h_ctl(core, fx, p, msg, rid, nfds, now):
     kind = "shm" if msg["op"] == "shmctl" else "relay"
-    r = core._host_region(p, get_int(msg, "id"), kind)
+    r = core._host_region(p, msg["id"], kind)
     if kind == "relay":
         if r.owner != p.id:
             raise E.RegionLoaned(f"schrodinger region {r.id:#x} is held by an enclave")
@@ -1422,23 +1422,15 @@ def _h_ctl(core, fx, p, msg, rid, nfds, now):
 
 def _h_create(core, fx, p, msg, rid, nfds, now):
     cfg = core.config
-    name = get_name(msg, "name")
-    etype = get_int(msg, "type")
-    if etype not in (NORMAL, SERVER):
-        raise E.InvalidArgument(f"enclave type must be 0 (normal) or 1 (server), not {etype}")
-    code = get_bytes(msg, "code", cfg.max_code)
-    path = get_str(msg, "path", 4096, default="<eapp>")
-    window = get_opt_window(msg, "shm")
+    name = msg["name"]
+    etype = msg["type"]
+    code = msg["code"]
+    path = msg.get("path", "<eapp>")
+    window = msg.get("shm")
     timeout = _timeout(msg, cfg.create_timeout)
-    if nfds not in (0, 2):
-        raise E.InvalidArgument(f"create carries stdout and stderr (2 fds) or none, "
-                                f"not {nfds}")
     if etype == SERVER and name in core.servers:
         raise E.NameInUse(f"a server named {name!r} exists")
     instances = msg.get("instances", 1)
-    if type(instances) is not int or not 1 <= instances <= cfg.max_instances:
-        raise E.InvalidArgument(f"instances must be 1 .. {cfg.max_instances}, "
-                                f"not {instances!r:.40}")
     if instances > 1 and etype != SERVER:
         raise E.InvalidArgument("only a server enclave has instances")
     mine = core._host_enclaves(p)
@@ -1476,20 +1468,13 @@ def _h_create(core, fx, p, msg, rid, nfds, now):
 def _callers(msg, etype):
     """The ``callers`` of a create: who may acquire and call the server (see
     :attr:`Pool.allow`): absent or None, enclaves of the same host process; ``"*"``, any
-    enclave; a list of enclave names and 32-byte measurements (at most 64)."""
+    enclave; a list of enclave names and 32-byte measurements (schema: ``callers``)."""
     c = msg.get("callers")
     if c is None:
         return None
     if etype != SERVER:
         raise E.InvalidArgument("only a server has callers")
-    if c == "*":
-        return True
-    if (type(c) is not list or len(c) > 64 or not all(
-            (type(x) is str and 0 < len(x) <= 64) or (type(x) is bytes and len(x) == 32)
-            for x in c)):
-        raise E.InvalidArgument("callers must be '*' or a list of at most 64 enclave "
-                                "names and 32-byte measurements")
-    return frozenset(c)
+    return True if c == "*" else frozenset(c)
 
 
 def _start_enclave(core, fx, p, name, etype, code, path, measurement, shm, pool, index,
@@ -1531,47 +1516,36 @@ def _start_enclave(core, fx, p, name, etype, code, path, measurement, shm, pool,
 
 
 def _own_enclave(core, p, msg):
-    e = core._enclave(get_int(msg, "handle"), p.id)
+    e = core._enclave(msg["handle"], p.id)
     if e.host != p.id:
         raise E.NotPermitted(f"enclave {e.name!r} belongs to another host")
     return e
 
 
 def _h_run(core, fx, p, msg, rid, nfds, now):
+    # refused, the host gets the region of ``mem`` back (Core._revoked)
+    e = _own_enclave(core, p, msg)
+    if e.type != NORMAL:
+        raise E.BadState("a server enclave is entered by call_enclave, not run")
+    if e.state != CREATED:
+        raise E.BadState(f"enclave {e.name!r} is {e.state}, not ready to run")
+    if e.stopped_by is not None:
+        raise E.Stopped(f"enclave {e.name!r} is stopped: resume it first")
     window = msg.get("mem")
-    back = None
-    if type(window) is list and len(window) == 3:
-        r = core.regions.get(window[0])
-        if (r is not None and r.kind == "relay" and r.owner == p.id
-                and r.creator == p.id and r.seg in p.segs):
-            back = r          # refused: re-grant it (the client revoked it before sending)
-    try:
-        e = _own_enclave(core, p, msg)
-        if e.type != NORMAL:
-            raise E.BadState("a server enclave is entered by call_enclave, not run")
-        if e.state != CREATED:
-            raise E.BadState(f"enclave {e.name!r} is {e.state}, not ready to run")
-        if e.stopped_by is not None:
-            raise E.Stopped(f"enclave {e.name!r} is stopped: resume it first")
-        window = get_opt_window(msg, "mem")
-        timeout = _timeout(msg, None)
-        loans = []
-        a13 = a14 = 0
-        if window is not None:
-            sid, off, size = window
-            r = core._host_region(p, sid, "relay")
-            if r.owner != p.id:
-                raise E.RegionLoaned(f"schrodinger region {r.id:#x} is held by an enclave")
-            if off % core.page or size % core.page:
-                raise E.Unaligned("schrodinger offset and size must be page multiples")
-            if size == 0 or off + size > r.length:
-                raise E.BadSize(f"window {off:#x}+{size:#x} outside region of {r.length:#x}")
-            loans.append(r)
-            a13, a14 = r.vaddr + off, size
-    except (Invalid, E.TvmError) as exc:
-        if back is not None:
-            exc.regrant = back      # type: ignore[union-attr]
-        raise
+    timeout = _timeout(msg, None)
+    loans = []
+    a13 = a14 = 0
+    if window is not None:
+        sid, off, size = window
+        r = core._host_region(p, sid, "relay")
+        if r.owner != p.id:
+            raise E.RegionLoaned(f"schrodinger region {r.id:#x} is held by an enclave")
+        if off % core.page or size % core.page:
+            raise E.Unaligned("schrodinger offset and size must be page multiples")
+        if size == 0 or off + size > r.length:
+            raise E.BadSize(f"window {off:#x}+{size:#x} outside region of {r.length:#x}")
+        loans.append(r)
+        a13, a14 = r.vaddr + off, size
     a10, a11 = e.shm if e.shm else (0, 0)
     f = Frame("run", p.id, e, loans, [a10, a11, 0, a13, a14], rid)
     for r in loans:
@@ -1607,7 +1581,7 @@ def _h_destroy(core, fx, p, msg, rid, nfds, now):
 def _h_attest(core, fx, p, msg, rid, nfds, now):
     pool = _own_pool(core, p, msg)
     e = pool.live()[0] if pool is not None else _own_enclave(core, p, msg)
-    nonce = get_u64(msg, "nonce")
+    nonce = msg["nonce"]
     rep = core.report(e, nonce)
     core._send(fx, p.id, {"op": "r", "rid": rid, "report": rep})
 
@@ -1689,12 +1663,12 @@ _HOST_OPS = {
 
 # ---------------------------------------------------------------------- enclave requests
 def _e_mmap(core, fx, p, e, msg, rid, now):
-    core._new_region(fx, p, get_u64(msg, "size"), "relay", "mmap", rid, "mmap")
+    core._new_region(fx, p, msg["size"], "relay", "mmap", rid, "mmap")
 
 
 def _e_unmap(core, fx, p, e, msg, rid, now):
-    vaddr = get_u64(msg, "vaddr")
-    size = get_u64(msg, "size")
+    vaddr = msg["vaddr"]
+    size = msg["size"]
     r = core.by_vaddr.get(vaddr)
     if r is None or r.kind != "relay" or r.owner != p.id:
         raise E.NotOwned(f"no region at {vaddr:#x} owned by this enclave")
@@ -1716,92 +1690,67 @@ def _server_for(core, name, e) -> Pool:
 
 
 def _e_acquire(core, fx, p, e, msg, rid, now):
-    name = get_name(msg, "name")
-    pool = _server_for(core, name, e)
+    pool = _server_for(core, msg["name"], e)
     core._send(fx, p.id, {"op": "r", "rid": rid, "handle": pool.handle})
 
 
-def _callarg(msg) -> list:
-    """The six u64 fields of call_enclave_arg_t in ``msg["a"]`` (a call or a return)."""
-    a = msg.get("a")
-    if type(a) is not list or len(a) != 6:
-        raise Invalid("'a' must be the 6 fields of call_enclave_arg_t")
-    for v in a:
-        if type(v) is not int or v < 0 or v > U64:
-            check_u64(v, "call_enclave_arg_t field")
-    return a
-
-
 def _e_call(core, fx, p, e, msg, rid, now):
-    try:
-        a = _callarg(msg)
-        nb = msg.get("nb", False)
-        if nb is not False and nb is not True:
-            raise Invalid("field 'nb' must be a boolean")
-        timeout = msg.get("timeout")
-        if timeout is not None:
-            timeout = _timeout(msg, None)
-        if e.state not in (RUNNING, SERVING):
-            raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
-        if rid in e.out:
-            # answered without a rid: a reply naming it would reach the first call's waiter
-            dup = E.LocalProtocolError(f"rid {rid} is already in use by a call")
-            dup.norid = True        # type: ignore[attr-defined]
-            raise dup
-        handle = get_int(msg, "handle")
-        pool = core.pools.get(handle)
-        if pool is None:
-            s = core._enclave(handle)           # a finished server's tombstone, or unknown
-            if s.type != SERVER or s.pool is None:
-                raise E.UnknownHandle(f"enclave {s.name!r} is not a server")
-            pool = s.pool                       # called by one instance's own handle
-        # (the usual case, a caller of the server's own host process, is one test)
-        if pool.allow is not e.hostacct and not pool.may_call(e):
-            raise E.UnknownHandle(f"no live enclave {handle:#x}")    # as if none
-        members = pool.members
-        # cycle: an instance is the caller itself, or waits (down all its outgoing calls,
-        # running or queued) for the caller -- which covers the caller's own chain
+    # (schema-checked; refused, the caller gets its request region back: Core._revoked)
+    a = msg["a"]
+    nb = msg.get("nb", False)
+    timeout = msg.get("timeout")
+    if e.state not in (RUNNING, SERVING):
+        raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
+    if rid in e.out:
+        # answered without a rid: a reply naming it would reach the first call's waiter
+        dup = E.LocalProtocolError(f"rid {rid} is already in use by a call")
+        dup.norid = True        # type: ignore[attr-defined]
+        raise dup
+    handle = msg["handle"]
+    pool = core.pools.get(handle)
+    if pool is None:
+        s = core._enclave(handle)           # a finished server's tombstone, or unknown
+        if s.type != SERVER or s.pool is None:
+            raise E.UnknownHandle(f"enclave {s.name!r} is not a server")
+        pool = s.pool                       # called by one instance's own handle
+    # (the usual case, a caller of the server's own host process, is one test)
+    if pool.allow is not e.hostacct and not pool.may_call(e):
+        raise E.UnknownHandle(f"no live enclave {handle:#x}")    # as if none
+    members = pool.members
+    # cycle: an instance is the caller itself, or waits (down all its outgoing calls,
+    # running or queued) for the caller -- which covers the caller's own chain
+    for m in members:
+        if m is e or (m.out and core._waits_for(m, e)):
+            raise E.CallCycle(f"server {pool.name!r} is already on the call chain")
+    req_vaddr, req_size = a[2], a[3]
+    loans = []
+    if req_vaddr:
+        if req_vaddr % core.page:
+            raise E.Unaligned(f"req_vaddr {req_vaddr:#x} is not page aligned")
+        if req_size == 0 or req_size % core.page:
+            raise E.BadSize(f"req_size {req_size:#x} must be a non-zero page multiple")
+        r = core.by_vaddr.get(req_vaddr)
+        if r is None or r.kind != "relay" or r.owner != p.id:
+            raise E.NotOwned(f"no region at {req_vaddr:#x} owned by the caller")
+        if req_size != r.length:
+            raise E.BadSize(f"req_size {req_size:#x} must cover the whole region "
+                            f"({r.length:#x})")
+        loans.append(r)
+    free = None                             # an idle instance, when nobody queues
+    if not pool.queue:
         for m in members:
-            if m is e or (m.out and core._waits_for(m, e)):
-                raise E.CallCycle(f"server {pool.name!r} is already on the call chain")
-        req_vaddr, req_size = a[2], a[3]
-        loans = []
-        if req_vaddr:
-            if req_vaddr % core.page:
-                raise E.Unaligned(f"req_vaddr {req_vaddr:#x} is not page aligned")
-            if req_size == 0 or req_size % core.page:
-                raise E.BadSize(f"req_size {req_size:#x} must be a non-zero page multiple")
-            r = core.by_vaddr.get(req_vaddr)
-            if r is None or r.kind != "relay" or r.owner != p.id:
-                raise E.NotOwned(f"no region at {req_vaddr:#x} owned by the caller")
-            if req_size != r.length:
-                raise E.BadSize(f"req_size {req_size:#x} must cover the whole region "
-                                f"({r.length:#x})")
-            loans.append(r)
-        free = None                             # an idle instance, when nobody queues
-        if not pool.queue:
-            for m in members:
-                if m.state == IDLE and m.stopped_by is None:
-                    free = m
-                    break
-        if nb and free is None:
-            raise E.ServerBusy(f"server {pool.name!r} is busy")
-        cfg = core.config
-        if len(e.out) >= cfg.max_calls_out:
-            raise E.QuotaExceeded(f"this enclave has {len(e.out)} calls in flight "
-                                  f"(at most {cfg.max_calls_out})")
-        if free is None and len(pool.queue) >= cfg.max_queue:
-            raise E.QuotaExceeded(f"server {pool.name!r} has {len(pool.queue)} callers "
-                                  f"queued (at most {cfg.max_queue})")
-    except (Invalid, E.TvmError) as exc:
-        # refused before anything moved: re-grant the request region the caller owns
-        # (its runtime revoked it before sending)
-        a = msg.get("a")
-        if type(a) is list and len(a) == 6 and type(a[2]) is int:
-            r = core.by_vaddr.get(a[2])
-            if r is not None and r.kind == "relay" and r.owner == p.id and r.seg in p.segs:
-                exc.regrant = r     # type: ignore[union-attr]
-        raise
+            if m.state == IDLE and m.stopped_by is None:
+                free = m
+                break
+    if nb and free is None:
+        raise E.ServerBusy(f"server {pool.name!r} is busy")
+    cfg = core.config
+    if len(e.out) >= cfg.max_calls_out:
+        raise E.QuotaExceeded(f"this enclave has {len(e.out)} calls in flight "
+                              f"(at most {cfg.max_calls_out})")
+    if free is None and len(pool.queue) >= cfg.max_queue:
+        raise E.QuotaExceeded(f"server {pool.name!r} has {len(pool.queue)} callers "
+                              f"queued (at most {cfg.max_queue})")
     # queued, a call names the instance it would have had (any live one); the instance
     # that takes it replaces that (``_next_call``)
     f = Frame("call", p.id, free if free is not None else pool.live()[0], loans, a, rid)
@@ -1823,12 +1772,12 @@ def _e_call(core, fx, p, e, msg, rid, now):
 
 
 def _e_report(core, fx, p, e, msg, rid, now):
-    nonce = get_u64(msg, "nonce")
+    nonce = msg["nonce"]
     name = msg.get("name")
     if name is None:
         target = e
     else:
-        name = get_name(msg, "name")
+        name = msg["name"]
         pool = core.servers.get(name)
         if pool is None:
             raise E.NoSuchServer(f"no server named {name!r}")
@@ -1840,11 +1789,11 @@ def _e_key(core, fx, p, e, msg, rid, now):
     """``get_key``: a key of ``size`` bytes for this enclave's measurement.  Penglai's
     ENCLAVE_KEY and STORAGE_KEY are distinct keys here (equal there), and its
     ATTEST_KEY (2), which "succeeds" there without writing anything, is refused."""
-    ktype = get_int(msg, "type")
+    ktype = msg["type"]
     if ktype not in (ENCLAVE_KEY, STORAGE_KEY):
         raise E.InvalidArgument(f"key type must be 0 (ENCLAVE_KEY) or 1 (STORAGE_KEY), "
                                 f"not {ktype}")
-    size = get_int(msg, "size")
+    size = msg["size"]
     if not 1 <= size <= KEY_MAX:
         raise E.BadSize(f"key size must be 1 .. {KEY_MAX} bytes, not {size}")
     key = core.signer.derive_key(e.measurement, ktype, size)
@@ -1885,7 +1834,7 @@ def _n_ret(core, fx, p, e, msg, now):
         raise E.BadState("SERVER_RETURN outside a call")
     if e.out:
         raise E.BadState("SERVER_RETURN while waiting for a nested call")
-    a = _callarg(msg)
+    a = msg["a"]
     resp_vaddr = a[4]
     resp = None
     bad = None
@@ -1911,14 +1860,14 @@ def _n_ret(core, fx, p, e, msg, now):
 def _n_exit(core, fx, p, e, msg, now):
     if e.type != NORMAL or e.state != RUNNING:
         raise E.BadState("EAPP_RETURN outside a run")
-    v = get_u64(msg, "v")
+    v = msg["v"]
     e.end = (E.BadState, f"enclave {e.name!r} has exited with value {v}")
     core._settle(fx, e, v)      # its outstanding calls are withdrawn, then the run ends
     fx.append(Kill(e.peer))
 
 
 def _n_fault(core, fx, p, e, msg, now):
-    why = get_str(msg, "why", 8192, default="fault")
+    why = msg.get("why", "fault")
     c = msg.get("c")
     cls = FAULT_CLASSES.get(c, E.EnclaveFault) if type(c) is int else E.EnclaveFault
     f = e.frame_in
@@ -1938,8 +1887,6 @@ _ENCLAVE_NOTES = {"ready": _n_ready, "ret": _n_ret, "exit": _n_exit, "fault": _n
 
 
 # ---------------------------------------------------------------------- relay pages, the rest
-#: the only rerun reason Penglai accepts (RETURN_USER_RELAY_PAGE)
-RERUN_RELAY_PAGE = 1
 
 
 def _e_return_relay(core, fx, p, e, msg, rid, now):
@@ -1949,24 +1896,18 @@ def _e_return_relay(core, fx, p, e, msg, rid, now):
     unanswered until the host's ``rerun`` lends them again at the same address (or the
     enclave ends).  The runtime revoked the regions it sends (``v``: their vaddrs)."""
     f = e.frame_in
-    v = msg.get("v")
-    back = [r for r in (f.loans if f is not None else ())
-            if type(v) is list and r.vaddr in v and r.owner == p.id and r.seg in p.segs]
-    try:
-        if e.type != NORMAL or e.state != RUNNING or f is None or f.kind != "run":
-            raise E.BadState("eapp_return_relay_page outside a run")
-        if f.paused is not None:
-            raise E.BadState("the relay page was returned already")
-        if e.out:
-            raise E.BadState("eapp_return_relay_page while a call is in flight")
-        if type(v) is not list or sorted(v) != sorted(r.vaddr for r in f.loans):
-            raise E.InvalidArgument("'v' must list the run's relay regions")
-        if len(back) != len(f.loans):
-            raise E.NotOwned("a relay region of the run is not held by this enclave")
-    except (Invalid, E.TvmError) as exc:
-        if back:
-            exc.regrant = back[0]       # type: ignore[union-attr]
-        raise
+    v = msg["v"]
+    # refused, the regions of ``v`` it holds go back to it (Core._revoked)
+    if e.type != NORMAL or e.state != RUNNING or f is None or f.kind != "run":
+        raise E.BadState("eapp_return_relay_page outside a run")
+    if f.paused is not None:
+        raise E.BadState("the relay page was returned already")
+    if e.out:
+        raise E.BadState("eapp_return_relay_page while a call is in flight")
+    if sorted(v) != sorted(r.vaddr for r in f.loans):
+        raise E.InvalidArgument("'v' must list the run's relay regions")
+    if any(r.owner != p.id or r.seg not in p.segs for r in f.loans):
+        raise E.NotOwned("a relay region of the run is not held by this enclave")
     for r in f.loans:
         core._return_to_lender(fx, r)       # the host (a dead host's enclave is dead)
     f.paused = rid
@@ -1989,30 +1930,19 @@ def _h_rerun(core, fx, p, msg, rid, nfds, now):
     addresses (the host's client revoked the ones it maps before sending); its
     ``eapp_return_relay_page`` returns 0.  Answered like ``run``."""
     # ``mem``: the id of the region the client revoked for this request, given back
-    # on any refusal (the enclave's frame names the regions that really move)
-    r = core.regions.get(msg.get("mem"))
-    back = [r] if (r is not None and r.kind == "relay" and r.owner == p.id
-                   and r.creator == p.id and not r.stack and r.seg in p.segs) else []
-    try:
-        e = _own_enclave(core, p, msg)
-        f = e.frame_in
-        reason = get_int(msg, "reason")
-        if reason != RERUN_RELAY_PAGE:
-            raise E.InvalidArgument(f"rerun reason must be 1 (RETURN_USER_RELAY_PAGE), "
-                                    f"not {reason}")
-        timeout = _timeout(msg, None)
-        if f is None or f.kind != "run" or f.paused is None:
-            raise E.BadState(f"enclave {e.name!r} is {e.state} and has not returned its "
-                             f"relay page: nothing to rerun")
-        for r in f.loans:
-            if r.id not in core.regions:
-                raise E.UnknownId(f"schrodinger region {r.id:#x} was removed")
-            if r.owner != p.id or r.stack:
-                raise E.RegionLoaned(f"schrodinger region {r.id:#x} is not the host's")
-    except (Invalid, E.TvmError) as exc:
-        if back:
-            exc.regrant = back[0]       # type: ignore[union-attr]
-        raise
+    # on any refusal (Core._revoked; the enclave's frame names the regions that move).
+    # ``reason`` is RERUN_RELAY_PAGE, the only one the schema admits.
+    e = _own_enclave(core, p, msg)
+    f = e.frame_in
+    timeout = _timeout(msg, None)
+    if f is None or f.kind != "run" or f.paused is None:
+        raise E.BadState(f"enclave {e.name!r} is {e.state} and has not returned its "
+                         f"relay page: nothing to rerun")
+    for r in f.loans:
+        if r.id not in core.regions:
+            raise E.UnknownId(f"schrodinger region {r.id:#x} was removed")
+        if r.owner != p.id or r.stack:
+            raise E.RegionLoaned(f"schrodinger region {r.id:#x} is not the host's")
     erid, f.paused = f.paused, None
     f.rid = rid
     f.answered = False
@@ -2033,48 +1963,39 @@ def _e_asyn(core, fx, p, e, msg, rid, now):
     error (no such server, its queue full, a region not owned outright).  From then on
     the region is the server's: queued while the server is busy (FIFO with calls,
     bounded by ``max_queue``), freed if the server ends before or after taking it."""
-    vaddr = msg.get("vaddr")
-    mine = core.by_vaddr.get(vaddr) if type(vaddr) is int else None
-    if mine is not None and (mine.kind != "relay" or mine.owner != p.id
-                             or mine.seg not in p.segs):
-        mine = None
-    try:
-        if e.state not in (RUNNING, SERVING):
-            raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
-        name = get_name(msg, "name")
-        arg = get_u64(msg, "arg")
-        vaddr = get_u64(msg, "vaddr")
-        size = get_u64(msg, "size")
-        pool = _server_for(core, name, e)
-        if any(m is e for m in pool.members):
-            raise E.CallCycle(f"server {name!r} is this enclave")
-        regs = []
-        if vaddr:
-            if vaddr % core.page:
-                raise E.Unaligned(f"req_vaddr {vaddr:#x} is not page aligned")
-            r = core.by_vaddr.get(vaddr)
-            if r is None or r.kind != "relay" or r.owner != p.id:
-                raise E.NotOwned(f"no region at {vaddr:#x} owned by the caller")
-            if r.stack:
-                raise E.RegionLoaned(f"region {vaddr:#x} is on loan to this enclave: "
-                                     f"only a region it owns may be given away")
-            if size != r.length:
-                raise E.BadSize(f"req_size {size:#x} must cover the whole region "
-                                f"({r.length:#x})")
-            regs.append(r)
-        free = None
-        if not pool.queue:
-            for m in pool.members:
-                if m.state == IDLE:
-                    free = m
-                    break
-        if free is None and len(pool.queue) >= core.config.max_queue:
-            raise E.QuotaExceeded(f"server {name!r} has {len(pool.queue)} callers "
-                                  f"queued (at most {core.config.max_queue})")
-    except (Invalid, E.TvmError) as exc:
-        if mine is not None:
-            exc.regrant = mine      # type: ignore[union-attr]
-        raise
+    # refused, the region of ``vaddr`` goes back to the caller (Core._revoked)
+    if e.state not in (RUNNING, SERVING):
+        raise E.BadState(f"enclave is {e.state}; only a running enclave may call")
+    name = msg["name"]
+    arg = msg["arg"]
+    vaddr = msg["vaddr"]
+    size = msg["size"]
+    pool = _server_for(core, name, e)
+    if any(m is e for m in pool.members):
+        raise E.CallCycle(f"server {name!r} is this enclave")
+    regs = []
+    if vaddr:
+        if vaddr % core.page:
+            raise E.Unaligned(f"req_vaddr {vaddr:#x} is not page aligned")
+        r = core.by_vaddr.get(vaddr)
+        if r is None or r.kind != "relay" or r.owner != p.id:
+            raise E.NotOwned(f"no region at {vaddr:#x} owned by the caller")
+        if r.stack:
+            raise E.RegionLoaned(f"region {vaddr:#x} is on loan to this enclave: "
+                                 f"only a region it owns may be given away")
+        if size != r.length:
+            raise E.BadSize(f"req_size {size:#x} must cover the whole region "
+                            f"({r.length:#x})")
+        regs.append(r)
+    free = None
+    if not pool.queue:
+        for m in pool.members:
+            if m.state == IDLE:
+                free = m
+                break
+    if free is None and len(pool.queue) >= core.config.max_queue:
+        raise E.QuotaExceeded(f"server {name!r} has {len(pool.queue)} callers "
+                              f"queued (at most {core.config.max_queue})")
     f = Frame("asyn", p.id, free if free is not None else pool.live()[0], regs,
               [arg, 0, vaddr, size, 0, 0], None)
     f.answered = True               # nobody waits for its return
@@ -2121,9 +2042,9 @@ def _e_split(core, fx, p, e, msg, rid, now):
     (``Region.off``), so every grant, revoke and drop stays per region.  Answered when
     the fd exists (``segment_created``) with ``split``: ``[seg1, len1, seg2, len2]``;
     a failed dup undoes the split (``segment_failed``)."""
-    addr = get_u64(msg, "vaddr")
-    size = get_u64(msg, "size")
-    at = get_u64(msg, "at")
+    addr = msg["vaddr"]
+    size = msg["size"]
+    at = msg["at"]
     if core.config.isolation == "strict":
         # the two halves share one file: strict mode's check (no other process maps the
         # segment's file) would take the other half's holder for a violator

@@ -2,8 +2,8 @@
 
 Every message is a map with a short string key ``"op"``.  Decoding is strict:
 no ext types, bounded lengths, string map keys, a frame-size limit.  Schema
-checks of individual fields are done by the receiver (the monitor validates
-every field of every peer message; see :mod:`tvmrt.monitor.validate`).
+checks of individual fields are done by the receiver (the monitor checks
+every field of every peer message; see :mod:`tvmrt.monitor.schema`).
 """
 from __future__ import annotations
 

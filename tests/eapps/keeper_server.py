@@ -1,0 +1,17 @@
+"""The innocent borrower of tests/test_hostile.py's lender attacks: on a call with a
+region it fills the region with 0xA5, says so (its shm int64 0 = 1), holds it for a
+second while the hostile lender tries to touch it, then checks every byte: shm int64 1
+(and resp_val) = 1 if the region is exactly as it left it, 2 if someone changed it."""
+import time
+
+from tvmrt.eapp import *
+
+
+def main(args):
+    shm = mem(args[13], 64).cast("q")
+    region = mem(args[11], args[12])
+    region[:] = b"\xa5" * len(region)
+    shm[0] = 1
+    time.sleep(1.0)
+    shm[1] = 1 if bytes(region) == b"\xa5" * len(region) else 2
+    return CallArg(resp_val=shm[1])

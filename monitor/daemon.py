@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import secrets
 import select
 import signal
@@ -81,6 +82,29 @@ def _read_maps(fd: int) -> int:
         if not n:
             return off
         off += n
+
+
+def _raise_fd_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit.
+
+    Every live segment is an fd of the monitor, and one enclave may hold
+    ``Config.max_regions`` (1,024) regions: at the usual soft limit of 1,024 a single
+    enclave flooding ``eapp_mmap`` within its own quota took every fd the monitor had,
+    and the others could no longer get a region, be created or connect
+    (tests/test_hostile.py).  The hard limit is the administrator's word (at EMFILE the
+    monitor still refuses just the one asking).  Called after the zygote is forked: the
+    enclaves keep the limit they were given."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            with open("/proc/sys/fs/nr_open") as f:      # the kernel's own ceiling
+                hard = int(f.read())
+        if soft == resource.RLIM_INFINITY or soft >= hard:
+            return
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+    except (OSError, ValueError):
+        pass                    # kept as it is: the monitor works, with fewer regions
 
 
 def prepare_socket_path(path: str) -> str | None:
@@ -345,6 +369,7 @@ class Daemon:
             # process: the zygote and every enclave inherit the reservation through fork.
             memory.reserve_arenas()
             self._start_zygote()
+            _raise_fd_limit()
             try:
                 self.core = self._make_core()
                 self.listener = self._listen()

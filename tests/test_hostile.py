@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 import threading
 import time
 
@@ -67,9 +68,21 @@ def _settled_fds(mon) -> int:
 
 
 def _monitor(**kw):
-    for mon in private_monitor(**kw):
-        mon.idle_fds = _settled_fds(mon)
-        yield mon
+    """A private monitor started with the usual soft limit on open files (1,024),
+    whatever this test run has: one enclave's ``eapp_mmap`` flood within its own quota
+    must not starve the others of the monitor's fds (the monitor raises its soft limit
+    to the hard one)."""
+    gen = private_monitor(**kw)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        mon = next(gen)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    mon.idle_fds = _settled_fds(mon)
+    yield mon
+    for _ in gen:               # the monitor's own teardown and its checks
+        pass
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ the keeper holds it, keeps using it.  shm int64 [0] chooses how:
    showed the keeper's 0xA5 bytes.
 
 [8] the call's return code, [9] its resp_val, [11] the region's first byte once back.
+The attack starts when the host says the keeper holds the region ([14] = 1; at most
+20 s) and [15] = 1 says it is over.
 """
 import ctypes
 import os
@@ -25,7 +27,16 @@ SIZE = PAGE
 
 
 def _attack(shm, r, view):
-    time.sleep(0.4)                      # the keeper holds the region by now
+    try:
+        _attack1(shm, r, view)
+    finally:
+        shm[15] = 1
+
+
+def _attack1(shm, r, view):
+    until = time.monotonic() + 20
+    while shm[14] != 1 and time.monotonic() < until:
+        time.sleep(0.005)              # until the keeper holds the region, its bytes in
     mode = shm[0]
     if mode == 0:
         try:

@@ -8,8 +8,9 @@ As a server (name "resizer"), on a call with a region: req_arg 1 shrinks the seg
 to nothing, 2 grows it to twice its size, both with ``ftruncate`` of the kept fd, and
 returns (shm int64 [8]: the errno of the ftruncate, 0 if it worked).
 As a normal enclave (the lender): lends a fresh region to "keeper" and, while the keeper
-holds it, shrinks the segment (shm int64 [0] = 1) or grows it ([0] = 2): [10] the errno
-of the ftruncate (0: it worked), [8] the call's code.
+holds it (the host says so: [14] = 1), shrinks the segment ([0] = 1) or grows it
+([0] = 2), and says it is done ([15] = 1): [10] the errno of the ftruncate (0: it
+worked), [8] the call's code.
 """
 import os
 import threading
@@ -48,8 +49,11 @@ def main(args):
     r = eapp_mmap(0, PAGE)
 
     def later():
-        time.sleep(0.4)                          # the keeper holds the region by now
+        until = time.monotonic() + 20
+        while shm[14] != 1 and time.monotonic() < until:
+            time.sleep(0.005)                    # until the keeper holds the region
         shm[10] = _resize(r, PAGE, shm[0])
+        shm[15] = 1
     t = threading.Thread(target=later)
     t.start()
     shm[8] = call_enclave(acquire_enclave("keeper"),

@@ -1,6 +1,7 @@
 """Calls "cheat" twice lending the same region (tests/test_hostile.py): first with
 req_arg shm int64 [0] (a cheat that keeps the segment's fd and maps it after the
-return), then, 0.6 s later, honestly (req_arg 10) -- "cheat" again, or "honest" (an
+return), then -- once the cheat's late write shows in int 1, or after 10 s --
+honestly (req_arg 10) -- "cheat" again, or "honest" (an
 echo_server) if shm int64 [1] is 1.  Results: [8] the first call's code,
 [9] and [10] the region's ints 0 and 1 between the calls, [11] the second call's code,
 [12] and [13] ints 0 and 1 once the region is back after it (-1: not back in 10 s)."""
@@ -17,7 +18,9 @@ def main(args):
     ints(r, 2)[0] = 10
     shm[8] = call_enclave(h, CallArg(req_arg=shm[0], req_vaddr=r, req_size=PAGE),
                           timeout=20)
-    time.sleep(0.6)
+    until = time.monotonic() + 10
+    while ints(r, 2)[1] == 0 and time.monotonic() < until:
+        time.sleep(0.005)
     v = ints(r, 2)
     shm[9], shm[10] = v[0], v[1]
     del v

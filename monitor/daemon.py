@@ -8,6 +8,7 @@ stalling the monitor.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import resource
@@ -51,6 +52,7 @@ from .effects import (
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 _lseek, _SEEK_END = os.lseek, os.SEEK_END
+_MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x0008)
 #: follow-on reads chained after one epoll event (bounds what one pair can take)
 _FOLLOW_CHAIN = 8
 #: the hit score's ceiling, and how many messages pass between probes while it is cold
@@ -792,7 +794,15 @@ class Daemon:
         check looks for."""
         name = f"{self._seg_prefix}{seg:x}.{secrets.token_hex(8)}"
         try:
-            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            try:
+                # not executable, and sealed so (a system with vm.memfd_noexec = 2
+                # refuses any other memfd)
+                fd = os.memfd_create(name, flags | _MFD_NOEXEC_SEAL)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                fd = os.memfd_create(name, flags)      # a kernel before 6.3
             try:
                 os.ftruncate(fd, size)
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS,

@@ -8,7 +8,10 @@ stalling the monitor.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import resource
 import secrets
 import select
 import signal
@@ -19,8 +22,6 @@ import time
 import traceback
 from collections.abc import Iterable
 from dataclasses import replace
-
-import posix_ipc
 
 from tvmrt import _memory as memory, _sandbox, _wire as wire
 from tvmrt._paths import default_socket_path
@@ -51,6 +52,7 @@ from .effects import (
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 _lseek, _SEEK_END = os.lseek, os.SEEK_END
+_MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x0008)
 #: follow-on reads chained after one epoll event (bounds what one pair can take)
 _FOLLOW_CHAIN = 8
 #: the hit score's ceiling, and how many messages pass between probes while it is cold
@@ -82,6 +84,29 @@ def _read_maps(fd: int) -> int:
         if not n:
             return off
         off += n
+
+
+def _raise_fd_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit.
+
+    Every live segment is an fd of the monitor, and one enclave may hold
+    ``Config.max_regions`` (1,024) regions: at the usual soft limit of 1,024 a single
+    enclave flooding ``eapp_mmap`` within its own quota took every fd the monitor had,
+    and the others could no longer get a region, be created or connect
+    (tests/test_hostile.py).  The hard limit is the administrator's word (at EMFILE the
+    monitor still refuses just the one asking).  Called after the zygote is forked: the
+    enclaves keep the limit they were given."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            with open("/proc/sys/fs/nr_open") as f:      # the kernel's own ceiling
+                hard = int(f.read())
+        if soft == resource.RLIM_INFINITY or soft >= hard:
+            return
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+    except (OSError, ValueError):
+        pass                    # kept as it is: the monitor works, with fewer regions
 
 
 def prepare_socket_path(path: str) -> str | None:
@@ -256,14 +281,14 @@ class Daemon:
         self.core: Core = None      # type: ignore[assignment]  # set by run()
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
-        self.segs: dict[int, posix_ipc.SharedMemory | _SegFd] = {}
+        self.segs: dict[int, _SegFd] = {}
         #: split families: seg -> size of the file its regions share
         self.fsize: dict[int, int] = {}
         self.running = False
         self.zpid: int | None = None
         self.zsock: socket.socket = None      # type: ignore[assignment]  # set by run()
         self._fds: list[int] = []   # fds that came with the message being handled
-        self._seg_prefix = f"/tvmrt.{os.getpid()}."
+        self._seg_prefix = f"tvmrt.{os.getpid()}."
         self._rx = wire.Receiver()
         self._made_dir: str | None = None   # the socket directory, if this monitor made it
         self._sock_id: tuple[int, int] | None = None
@@ -346,6 +371,7 @@ class Daemon:
             # process: the zygote and every enclave inherit the reservation through fork.
             memory.reserve_arenas()
             self._start_zygote()
+            _raise_fd_limit()
             try:
                 self.core = self._make_core()
                 self.listener = self._listen()
@@ -690,7 +716,7 @@ class Daemon:
 
         Reads ``/proc/PID/maps`` through the fd the enclave passed at birth (a host's is
         opened by path: hosts are dumpable), and looks for the segment's unique name
-        (``/tvmrt.<monitor pid>.<seg>.<random>``: the kernel prints the file's name in
+        (``/memfd:tvmrt.<monitor pid>.<seg>.<random>``: the kernel prints the file's name in
         every mapping of it, including ones made from a dup of its fd) with
         ``bytes.find``: nothing else of the text is parsed.  A process that is gone
         maps nothing; a maps file that cannot be read at all is a violation (a holder
@@ -754,18 +780,40 @@ class Daemon:
         return None
 
     def _new_seg(self, seg, size) -> str | None:
-        """Create segment ``seg``; None, or why it could not be created."""
+        """Create segment ``seg``; None, or why it could not be created.
+
+        A memfd, sealed at its size (``F_SEAL_SHRINK | F_SEAL_GROW``) and against
+        further seals (``F_SEAL_SEAL``): whoever gets its fd -- every holder does, and a
+        hostile eapp keeps a dup of it by wrapping the runtime before the grant -- can
+        neither truncate it (the current holder would die of SIGBUS at its next touch,
+        which no check at the next handoff can prevent) nor grow it, nor add a seal that
+        would stop the next holder from mapping it writable.  Only a memfd takes seals
+        (a POSIX shm file is born with ``F_SEAL_SEAL``).  It has no path to unlink: its
+        name (``tvmrt.<monitor pid>.<seg>.<random>``) only labels it in
+        ``/proc/PID/maps`` as ``/memfd:<name> (deleted)``, which is what strict mode's
+        check looks for."""
+        name = f"{self._seg_prefix}{seg:x}.{secrets.token_hex(8)}"
         try:
-            shm = posix_ipc.SharedMemory(f"{self._seg_prefix}{seg:x}.{secrets.token_hex(8)}",
-                                         posix_ipc.O_CREX, mode=0o600, size=size)
+            flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            try:
+                # not executable, and sealed so (a system with vm.memfd_noexec = 2
+                # refuses any other memfd)
+                fd = os.memfd_create(name, flags | _MFD_NOEXEC_SEAL)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                fd = os.memfd_create(name, flags)      # a kernel before 6.3
+            try:
+                os.ftruncate(fd, size)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            except BaseException:
+                os.close(fd)
+                raise
         except Exception as exc:
             self._log(f"cannot create a segment of {size} bytes: {exc}")
             return f"{exc.__class__.__name__}: {exc}"
-        try:
-            shm.unlink()        # nothing can open it by name; the kernel frees it with us
-        except Exception:
-            pass
-        self.segs[seg] = shm
+        self.segs[seg] = _SegFd(fd, f"/memfd:{name}")
         return None
 
     def _spawn(self, eff):
@@ -874,13 +922,13 @@ class Daemon:
 
 
 class _SegFd:
-    """A second fd on a segment's file (a split region's half): closed like a
-    SharedMemory's."""
+    """The monitor's fd of a segment (a sealed memfd, or a dup of one for a split
+    region's half) and the name its mappings show in ``/proc/PID/maps``."""
     __slots__ = ("fd", "name")
 
     def __init__(self, fd: int, name: str):
         self.fd = fd
-        self.name = name        # the file's, shared with the first half
+        self.name = name        # the file's (a split half shares its first half's)
 
     def close_fd(self) -> None:
         if self.fd >= 0:

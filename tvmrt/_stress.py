@@ -25,13 +25,14 @@ OUTCOMES = ("ok", "bad", "gone", "late", "other")
 
 def _writable_segments(pid: int) -> set[int]:
     """Numbers of the tvmrt segments process ``pid`` maps writable now (a segment's name
-    is ``/tvmrt.<monitor pid>.<segment number, hex>.<random>``)."""
+    is ``tvmrt.<monitor pid>.<segment number, hex>.<random>``: a memfd, shown as
+    ``/memfd:<name> (deleted)``)."""
     out = set()
     try:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 parts = line.split(None, 5)
-                if len(parts) == 6 and parts[1][1] == "w" and "/tvmrt." in parts[5]:
+                if len(parts) == 6 and parts[1][1] == "w" and "/memfd:tvmrt." in parts[5]:
                     name = parts[5].rsplit("/", 1)[1].split()[0]
                     fields = name.split(".")
                     if len(fields) == 4:

@@ -9,6 +9,11 @@ req_arg 12: dup: keeps a dup of the segment fd it was sent (intercepted from the
             runtime) and maps it at another address; after returning, a thread writes
             0x777 into int 1 through that mapping.
 req_arg 13: opens /proc/self/mem for writing; resp_val is the errno (0: it opened).
+req_arg 14: keeps the dup unmapped and returns (nothing is mapped when it gives the
+            region up); 0.2 s later a thread maps it elsewhere and writes 0x888 into
+            int 1 (tests/test_hostile.py).
+req_arg 15: as 14, but maps it back at the region's own address (``MAP_FIXED`` over the
+            arena's reservation) and writes 0x999 there.
 """
 import ctypes
 import mmap
@@ -58,6 +63,18 @@ def main(args):
         def write():
             m[4:8] = (0x777).to_bytes(4, "little")
         _later(write)
+    elif a0 in (14, 15):
+        fd = [f for v, f in KEPT if v == vaddr][-1]
+
+        def remap():
+            if a0 == 14:
+                m = mmap.mmap(fd, 0x1000)
+                MAPS.append(m)
+                m[4:8] = (0x888).to_bytes(4, "little")
+            else:
+                _orig(vaddr, 0x1000, fd)           # MAP_SHARED | MAP_FIXED, read-write
+                ctypes.c_int.from_address(vaddr + 4).value = 0x999
+        _later(remap)
     elif a0 == 13:
         try:
             os.close(os.open("/proc/self/mem", os.O_RDWR))

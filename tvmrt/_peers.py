@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import tempfile
 import time
 
 from . import _iox2, bench
+from ._memory import set_pdeathsig
 
 MSG = b"\0" * 8
 IOX_NULL = "iceoryx2 request-response"
@@ -75,6 +77,15 @@ def _zmq_proxy(front, back):
         b.close(0)
 
 
+def _child(fn, *args):
+    """A peer server process: it dies with this process and ignores ^C (:meth:`Peers.stop`
+    ends it), like the floors' processes."""
+    set_pdeathsig(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    fn(*args)
+
+
 class Peers:
     """The peer servers (processes) and their clients; :meth:`block` times ``n`` calls
     of one peer; :meth:`stop` ends every process and removes every file they made."""
@@ -88,7 +99,7 @@ class Peers:
         self.ctx = multiprocessing.get_context("fork")
 
     def _proc(self, fn, *args):
-        p = self.ctx.Process(target=fn, args=args, daemon=True)
+        p = self.ctx.Process(target=_child, args=(fn, *args), daemon=True)
         p.start()
         self.procs.append(p)
 

@@ -148,7 +148,8 @@ def _fork(fn, keep, *args) -> int:
     """Fork a child running ``fn(*args)`` with only ``keep`` fds (+ stdio) open.
 
     The child dies with this process (PR_SET_PDEATHSIG), ignores ^C (the parent
-    stops it by closing its sockets) and never returns into the caller's code.
+    stops it by closing its sockets), dies quietly of SIGTERM and never returns into
+    the caller's code.
     """
     parent = os.getpid()
     sys.stdout.flush()
@@ -162,6 +163,7 @@ def _fork(fn, keep, *args) -> int:
         if os.getppid() != parent:
             os._exit(0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the parent's unwinding one
         lo = 3
         for fd in sorted(keep):
             os.closerange(lo, fd)

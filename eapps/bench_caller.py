@@ -5,7 +5,8 @@ of sixteen little-endian u64 (see :mod:`tvmrt.bench`)::
 
     0 magic  1 mode (0 null, 1 loan, 2 loan + write every page, 3 loan, untouched)
     2 n  3 size
-    4 status (written here: 0 ok, else a negative code)  5 calls done
+    4 status (written here: 0 ok, else a negative code)
+    5 calls done (also every 128 calls, between them, for the progress display)
     6 total ns spent writing the pages before calls ``warm``.. (mode 2)  7 warm
     8 CPU time of this process over the loop, ns  9..15 unused
 
@@ -33,6 +34,7 @@ def main(args):
     if magic != MAGIC or HDR.size + 8 * n > shm_size:
         return 2
     out = mem(shm + HDR.size, 8 * n).cast("Q")
+    live = mem(shm + 5 * 8, 8).cast("Q")
     status, done, prewrite = 0, 0, 0
 
     h = acquire_enclave(SERVER_NAME)
@@ -68,6 +70,8 @@ def main(args):
                 break
             out[i] = t1 - t0
             done += 1
+            if not done & 127:
+                live[0] = done
             if arg.resp_val != arg.req_arg + 1 or (
                     mode != LOAN_NONE and vaddr and mem(vaddr, 1)[0] != (v + 1) & 0xFF):
                 status = BAD_DATA

@@ -179,6 +179,11 @@ def test_progress_line_only_on_a_tty():
         assert re.fullmatch(r"\r\033\[Knull \| round 1/3 \| 10/100 calls \| [\d.]+ s",
                             tty.getvalue())
     assert tty.getvalue().endswith("\r\033[K"), "cleared on exit"
+    live = Tty()
+    with Progress(stream=live) as p:            # the run's count plus the block's own
+        p.total, p.done, p.poll = 100, 10, lambda: 5
+        p.show("loan_4k", unit="calls")
+        assert "| 15/100 calls |" in live.getvalue()
     off = Tty()
     with Progress(enabled=False, stream=off) as p:      # --json
         p.show("null")

@@ -26,6 +26,7 @@ import time
 
 from . import _iox2, bench
 from ._memory import set_pdeathsig
+from ._progress import LOCK
 
 MSG = b"\0" * 8
 IOX_NULL = "iceoryx2 request-response"
@@ -100,7 +101,8 @@ class Peers:
 
     def _proc(self, fn, *args):
         p = self.ctx.Process(target=_child, args=(fn, *args), daemon=True)
-        p.start()
+        with LOCK:                      # not while the progress line is being written
+            p.start()
         self.procs.append(p)
 
     def start(self) -> Peers:
@@ -111,8 +113,11 @@ class Peers:
             # forked before this process makes any iceoryx2 node or zmq context
             self.iox[IOX_NULL] = _iox2.Iox2(0)
             self.iox[IOX_64M] = _iox2.Iox2(bench.BIG)
-            for x in self.iox.values():
-                x.spawn()
+            for name, x in list(self.iox.items()):
+                try:
+                    x.spawn()
+                except Exception as exc:     # e.g. no /dev/shm: a row saying so
+                    self._iox_failed(name, exc)
         a, b = self.ctx.Pipe()
         self._proc(_pipe_server, b)
         b.close()
@@ -138,12 +143,20 @@ class Peers:
                 s.send(MSG)                 # wait until the server answers
                 s.recv()
                 self.clients[name] = ((lambda s=s: (s.send(MSG), s.recv())), s)
-        for x in self.iox.values():
-            x.connect()
+        for name, x in list(self.iox.items()):
+            try:
+                x.connect()
+            except Exception as exc:
+                self._iox_failed(name, exc)
         if IOX_NULL in self.iox:
             x = self.iox[IOX_NULL]
             self.clients[IOX_NULL] = (None, x)
         return self
+
+    def _iox_failed(self, name: str, exc: Exception) -> None:
+        """iceoryx2 is installed but could not start: stop what it made, say why."""
+        self.iox.pop(name).stop()
+        self.missing[name] = f"iceoryx2 failed: {type(exc).__name__}: {exc}"[:120]
 
     def block(self, name: str, n: int) -> list[int]:
         if name == IOX_NULL:
@@ -178,7 +191,7 @@ def measure(n: int = 5000, rounds: int = 3, sandbox: bool = True, big_calls: int
     ``progress`` a :class:`tvmrt._progress.Progress` or None."""
     big = max(1, big_calls // rounds)
     warm = bench.WARMUP_BIG
-    floors = bench.Floors().start()
+    floors = bench.Floors()
     tvm = peers = None
     samples: dict[str, list[int]] = {}
 
@@ -188,8 +201,12 @@ def measure(n: int = 5000, rounds: int = 3, sandbox: bool = True, big_calls: int
             progress.done += len(xs)
 
     try:
-        tvm = bench.Tvm(max(n, big + warm), sandbox=sandbox).start()
-        peers = Peers().start()
+        # each one is assigned before it starts: one failing half way is still stopped
+        floors.start()
+        tvm = bench.Tvm(max(n, big + warm), sandbox=sandbox)
+        tvm.start()
+        peers = Peers()
+        peers.start()
         names = list(peers.clients)
         if progress is not None:
             progress.total = rounds * (n * (2 + len(names)) + (big + warm) *
@@ -199,6 +216,8 @@ def measure(n: int = 5000, rounds: int = 3, sandbox: bool = True, big_calls: int
             for name in ["relay floor", TVM_NULL, *names, TVM_64M, IOX_64M]:
                 if progress is not None:
                     progress.show(name, rnd)
+                if progress is not None:
+                    progress.poll = tvm.live_done if name in (TVM_NULL, TVM_64M) else None
                 if name == "relay floor":
                     add(name, floors.relay_block(n))
                 elif name == TVM_NULL:

@@ -59,8 +59,11 @@ def sweep(quick: bool = False, sandbox: bool = True, progress=None) -> dict:
     if progress is not None:
         progress.total = 3 * sum(n + w for n, w in plan)
 
+    tvm = None
+
     def timed(key, size, fn, n, warm):
         if progress is not None:
+            progress.poll = tvm.live_done if tvm is not None else None
             progress.show(f"plot: {SERIES[key]}, {_label(size)}")
         gc.collect()
         gc.disable()
@@ -69,6 +72,7 @@ def sweep(quick: bool = False, sandbox: bool = True, progress=None) -> dict:
         finally:
             gc.enable()
         if progress is not None:
+            progress.poll = None
             progress.done += n + warm
         res.setdefault(key, []).append(statistics.median(xs) / 1000)
 

@@ -151,10 +151,12 @@ def _fork(fn, keep, *args) -> int:
     stops it by closing its sockets), dies quietly of SIGTERM and never returns into
     the caller's code.
     """
+    from ._progress import LOCK
     parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
+    with LOCK:                          # not while the progress line is being written
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
     if pid:
         return pid
     code = 70
@@ -422,6 +424,11 @@ class Tvm:
             return _scale.create_to_ready(self.host, n, prefix=f"ready{self.blocks}"), 0
         return self.calls(MODE[config], CONFIGS[config][1], n, warm, config)
 
+    def live_done(self) -> int:
+        """Calls the running block's caller has made so far (it writes the count every
+        128 calls), for the progress display; another thread may call this."""
+        return struct.unpack_from("<Q", self.shm.view, 5 * 8)[0]
+
     def burst(self, n: int, live=None) -> float:
         """Create ``n`` idle enclaves back to back; the seconds it took.  They are all
         destroyed again before this returns (also when a create fails)."""
@@ -602,10 +609,14 @@ def measure(c: dict, progress=None, sandbox: bool = True,
                     show(key, n, warm, r)
                     gc.collect()
                     gc.disable()
+                    if progress is not None and k != "create":
+                        progress.poll = tvm.live_done
                     try:
                         s, pw = tvm.block(k, n + warm, warm)
                     finally:
                         gc.enable()
+                        if progress is not None:
+                            progress.poll = None
                     record(key, s, pw, n, warm)
                 if r == rounds - 1 and mode == isolations[0] and c["burst"]:
                     nb = c["burst"]

@@ -11,7 +11,8 @@ What is used, iceoryx2 0.10 Python API:
   keeps its segments at a few times 64 MiB);
 * two ``event`` services per figure, "request sent" and "response sent": the sender
   ``Notifier.notify()``s after ``send``, the receiver sleeps in
-  ``Listener.blocking_wait()`` and then drains ``Server.receive()`` /
+  ``Listener.blocking_wait()`` (the client in ``timed_wait`` of a second, to notice a
+  dead server) and then drains ``Server.receive()`` /
   ``PendingResponse.receive()``.  (iceoryx2's request-response ports have no wake-up of
   their own in Python; events are its documented way to wait, see its
   ``event_based_communication`` example.)
@@ -182,17 +183,25 @@ class Iox2:
         if self.size:
             b = b.initial_max_slice_len(self.size)
         self.client = b.create()
+        self.tick = iox.Duration.from_secs(1)
         self.ntf = self.side.req.notifier_builder().create()
         self.lis = self.side.resp.listener_builder().create()
         self.side.ports += [self.client, self.ntf, self.lis]
         return self
 
     def _wait(self, pending):
+        """The response to ``pending``: sleep in the listener until the server's event,
+        waking once a second to see that the server is still there (a dead server must
+        not hang the bench, and ^C is seen within a second)."""
+        wait = self.lis.timed_wait
         while True:
-            self.lis.blocking_wait()
+            wait(self.tick)
             r = pending.receive()
             if r is not None:
                 return r
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                self.pid = None
+                raise bench.BenchError("iceoryx2: the server process died")
 
     def null_block(self, n: int) -> list[int]:
         """``n`` null round trips, ns each."""

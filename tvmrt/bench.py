@@ -24,8 +24,8 @@ Floors, written without tvmrt (plain ``socket``, ``msgpack``, ``os.fork``):
                    three processes, a blocking relay that ``msgpack.unpackb``s every
                    frame it forwards; 6-field dict packed/unpacked at both ends
                    (floors.md 1b, "blocking relay thread, SEQPACKET");
-* ``copy_4k`` / ``copy_64m`` / ``copy_256m``  the same bytes copied through an AF_UNIX SOCK_STREAM
-                   socketpair (4 MiB buffers) to a server that ``recv_into``s a
+* ``copy_4k`` / ``copy_64m`` / ``copy_256m``  the same bytes copied through an AF_UNIX
+                   SOCK_STREAM socketpair (4 MiB buffers) to a server that ``recv_into``s a
                    preallocated buffer, touches it like bench-server does, and sends
                    it all back into the client's preallocated buffer (for 256 MiB
                    the one it sent from, and the server runs only for its block: the
@@ -46,6 +46,10 @@ Every config runs one block per round, rounds in a shuffled order (seeded by the
 round number); the first samples of every block are dropped as warm-up and the rest
 are pooled.  Every process inherits this process's CPU affinity, so
 ``taskset -c 0 tvmrt bench`` measures co-located processes.
+
+``--peers`` is :mod:`tvmrt._peers` (and :mod:`tvmrt._iox2`), ``--plot`` is
+:mod:`tvmrt._plot`, the live line :mod:`tvmrt._progress`; :func:`main` runs them all
+with the same signal handling and clean-up.  ``docs/performance.md`` has the figures.
 """
 from __future__ import annotations
 
@@ -755,8 +759,9 @@ def _sigint(signum, frame):
 
 
 def main(ns) -> int:
-    """``tvmrt bench``: run, print the table (or JSON); 0, or 1 if it could not measure,
-    130 on ^C.  Every process it started is gone when it returns, also on ^C/SIGTERM."""
+    """``tvmrt bench`` (also ``--peers`` and ``--plot``): run, print the table (or JSON);
+    0 whether the goals are met or not, 1 if it could not measure, 130 on ^C.  Every
+    process and file it made is gone when it returns, also on ^C/SIGTERM."""
     old = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, _sigterm),
                                                (signal.SIGINT, _sigint))}
     try:

@@ -107,10 +107,13 @@ def cleanup(encs, shms=(), servers=()):
 
 
 def throughput(host, calls: int = 2000, pairs=(1, 2, 4, 16, 64),
-               instances=(1, 2, 4), progress=print) -> dict:
-    """The throughput tables (see the module docstring)."""
+               instances=(1, 2, 4), progress=print, live=None) -> dict:
+    """The throughput tables (see the module docstring); ``progress(line)`` after each
+    figure, ``live(what)`` before each one starts."""
     out: dict = {"pairs": {}, "instances": {}}
+    live = live or (lambda what: None)
     for n in pairs:
+        live(f"throughput: {n} caller/server pairs")
         servers = [host.create("tput_server", name=f"tput-{k}", type=SERVER)
                    for k in range(n)]
         encs, shms = _callers(host, range(n), max(200, calls // n))
@@ -121,6 +124,7 @@ def throughput(host, calls: int = 2000, pairs=(1, 2, 4, 16, 64),
         progress(f"  {n:>3} pairs: {out['pairs'][n]:9.0f} calls/s")
     for work in (0, 200):
         for k in instances:
+            live(f"throughput: 1 server of {k} instances, 4 callers, {work} µs of work")
             server = host.create("tput_server", name="tput-0", type=SERVER, instances=k)
             encs, shms = _callers(host, [0] * 4, max(200, calls // 4), work)
             try:

@@ -429,26 +429,35 @@ def _bench_scale(ns) -> int:
                 live.clear()
                 print(*a)
 
-        phase = ["throughput"]
+        shown = ["scale"]
 
-        def step(text):                 # a line of the table; then the next step, live
+        def step(text):                 # a line of the table, then the live line again
             say(text)
-            live.show(f"{phase[0]}: next step")
+            live.show(shown[0])
+
+        def now(what):
+            shown[0] = what
+            live.show(what)
 
         if ns.throughput:
             say("throughput (aggregate calls/s, callers start together):")
-            live.show("throughput: 1 pair")
             t = _scale.throughput(host, calls=ns.calls if ns.calls != 20000 else 4000,
-                                  progress=step)
+                                  progress=step, live=now)
             out["pairs"] = t["pairs"]
             out["instances"] = {f"{k} instances, {w} us work": v
                                 for (k, w), v in t["instances"].items()}
         if ns.scale:
             say(f"scale ({ns.scale} live enclaves):")
-            phase[0] = "scale"
-            live.show("scale: 10 live enclaves")
+            now("scale: the rate with 10 live enclaves")
+            then = [f"scale: creating {ns.scale - 10} enclaves",
+                    f"scale: the rate with {ns.scale} live enclaves", "scale: memory"]
+
+            def scale_step(text):       # scale() says three lines: what comes after each
+                shown[0] = then.pop(0) if then else shown[0]
+                step(text)
+
             r = out["scale"] = _scale.scale(
-                host, ns.scale, progress=step,
+                host, ns.scale, progress=scale_step,
                 live=lambda done, total: live.show("scale: creating enclaves", "", done,
                                                    total, "enclaves"))
             mib = 2 ** 20

@@ -128,8 +128,7 @@ class Peers:
         except ImportError:
             for name in ("pyzmq REQ/REP", "pyzmq REQ/REP via zmq.proxy"):
                 self.missing[name] = "pyzmq not installed: pip install 'tvmrt[peers]'"
-            zmq = None
-        if zmq is not None:
+        else:
             direct = f"ipc://{self.dir}/direct"
             self._proc(_zmq_rep, direct, True)
             front, back = f"ipc://{self.dir}/front", f"ipc://{self.dir}/back"

@@ -57,6 +57,7 @@ class Progress:
             self._thread.start()
 
     def _draw(self) -> None:
+        assert self._last is not None
         what, rnd, done, total, unit = self._last
         if done is None:
             done = self.done

@@ -18,6 +18,7 @@ runs).
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 
 from . import bench
@@ -30,13 +31,16 @@ SERIES = {"loan_touch": "tvmrt loan, both touch every page",
           "copy": "socket copy both ways (floor)"}
 
 
-def require() -> None:
-    """Raise BenchError (saying how to install it) if matplotlib is missing."""
+def require(path: str | None = None) -> None:
+    """Raise BenchError (saying how to install it) if matplotlib is missing, or if
+    ``path``'s directory does not exist (checked before a sweep, not after it)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise bench.BenchError("--plot needs matplotlib: pip install 'tvmrt[plot]'") \
             from None
+    if path is not None and not os.path.isdir(os.path.dirname(path) or "."):
+        raise bench.BenchError(f"--plot {path}: no such directory")
 
 
 def _calls(size: int, quick: bool) -> tuple[int, int]:

@@ -791,7 +791,7 @@ def _main(ns) -> int:
         with Progress(enabled=not as_json) as progress:
             if getattr(ns, "plot", None):
                 from . import _plot
-                _plot.require()
+                _plot.require(ns.plot)
                 res = _plot.sweep(quick=getattr(ns, "quick", False), sandbox=sandbox,
                                   progress=progress)
                 _plot.draw(res, ns.plot)

@@ -10,6 +10,9 @@ to the last one's end.
 Scale: the null-call rate of one pair with 10 live enclaves, then with ``N`` (idle
 servers make up the number), the monitor's RSS (from its own ``ps``) and the RSS and USS
 of a sample of enclaves.
+
+Creation (shared with ``tvmrt bench``'s create-to-ready row): :func:`create_idle` makes
+idle servers back to back, :func:`create_to_ready` times single creates.
 """
 from __future__ import annotations
 
@@ -18,6 +21,38 @@ import threading
 import time
 
 from tvmrt import SERVER
+
+#: the small eapp that creation figures create (an idle server: created, ready, waiting)
+IDLE_EAPP = "tput_server"
+
+
+def create_idle(host, n: int, into: list, prefix: str = "idle", live=None) -> float:
+    """Create idle servers until ``into`` holds ``n``, back to back; returns the seconds
+    it took.  Each enclave is appended to ``into`` as soon as it exists, so the caller
+    owns (and destroys, e.g. with :func:`cleanup`) whatever was made, also when a create
+    fails half way.  ``live(done, total)`` is called every 25 creates and after the last."""
+    start = len(into)
+    t0 = time.monotonic()
+    while len(into) < n:
+        into.append(host.create(IDLE_EAPP, name=f"{prefix}-{len(into)}", type=SERVER))
+        done = len(into) - start
+        if live is not None and (done % 25 == 0 or len(into) == n):
+            live(done, n - start)
+    return time.monotonic() - t0
+
+
+def create_to_ready(host, n: int, prefix: str = "ready") -> list[int]:
+    """Time ``n`` single creates of an idle server, ns each: from ``host.create()`` until
+    it returns, which is when the enclave has reported ready (its module code ran).
+    Each one is destroyed before the next (not timed)."""
+    out = []
+    clock = time.perf_counter_ns
+    for i in range(n):
+        t0 = clock()
+        e = host.create(IDLE_EAPP, name=f"{prefix}-{i}", type=SERVER)
+        out.append(clock() - t0)
+        e.destroy()
+    return out
 
 
 def _callers(host, ks, calls, work_us=0):
@@ -60,7 +95,8 @@ def _go(encs, shms) -> float:
     return total / (span / 1e9)
 
 
-def _cleanup(encs, shms, servers=()):
+def cleanup(encs, shms=(), servers=()):
+    """Destroy the enclaves, remove the shared memory; errors (already gone) ignored."""
     for e in list(encs) + list(servers):
         try:
             e.destroy()
@@ -71,33 +107,38 @@ def _cleanup(encs, shms, servers=()):
 
 
 def throughput(host, calls: int = 2000, pairs=(1, 2, 4, 16, 64),
-               instances=(1, 2, 4), progress=print) -> dict:
-    """The throughput tables (see the module docstring)."""
+               instances=(1, 2, 4), progress=print, live=None) -> dict:
+    """The throughput tables (see the module docstring); ``progress(line)`` after each
+    figure, ``live(what)`` before each one starts."""
     out: dict = {"pairs": {}, "instances": {}}
+    live = live or (lambda what: None)
     for n in pairs:
+        live(f"throughput: {n} caller/server pairs")
         servers = [host.create("tput_server", name=f"tput-{k}", type=SERVER)
                    for k in range(n)]
         encs, shms = _callers(host, range(n), max(200, calls // n))
         try:
             out["pairs"][n] = _go(encs, shms)
         finally:
-            _cleanup(encs, shms, servers)
+            cleanup(encs, shms, servers)
         progress(f"  {n:>3} pairs: {out['pairs'][n]:9.0f} calls/s")
     for work in (0, 200):
         for k in instances:
+            live(f"throughput: 1 server of {k} instances, 4 callers, {work} µs of work")
             server = host.create("tput_server", name="tput-0", type=SERVER, instances=k)
             encs, shms = _callers(host, [0] * 4, max(200, calls // 4), work)
             try:
                 out["instances"][(k, work)] = _go(encs, shms)
             finally:
-                _cleanup(encs, shms, [server])
+                cleanup(encs, shms, [server])
             progress(f"  1 server of {k} instances, 4 callers, {work} µs of work: "
                      f"{out['instances'][(k, work)]:9.0f} calls/s")
     return out
 
 
-def scale(host, n: int, calls: int = 3000, progress=print) -> dict:
-    """The rate of one pair with 10 and with ``n`` live enclaves, and memory figures."""
+def scale(host, n: int, calls: int = 3000, progress=print, live=None) -> dict:
+    """The rate of one pair with 10 and with ``n`` live enclaves, and memory figures.
+    ``live(done, total)`` follows the creation of the ``n`` enclaves."""
     import psutil
 
     server = host.create("tput_server", name="tput-0", type=SERVER)
@@ -109,17 +150,14 @@ def scale(host, n: int, calls: int = 3000, progress=print) -> dict:
         try:
             return _go(encs, shms)
         finally:
-            _cleanup(encs, shms)
+            cleanup(encs, shms)
 
     try:
-        for i in range(8):              # 10 live with the caller and its server
-            idle.append(host.create("tput_server", name=f"idle-{i}", type=SERVER))
+        create_idle(host, 8, idle)      # 10 live with the caller and its server
         res["rate_10"] = statistics.median(rate() for _ in range(3))
         progress(f"  10 live enclaves: {res['rate_10']:.0f} calls/s")
-        t0 = time.monotonic()
-        while len(idle) < n - 2:
-            idle.append(host.create("tput_server", name=f"idle-{len(idle)}", type=SERVER))
-        res["create_per_s"] = (n - 10) / (time.monotonic() - t0)
+        took = create_idle(host, n - 2, idle, live=live)
+        res["create_per_s"] = (n - 10) / took
         progress(f"  created {n - 10} more: {res['create_per_s']:.0f} enclaves/s")
         res["rate_n"] = statistics.median(rate() for _ in range(3))
         progress(f"  {n} live enclaves: {res['rate_n']:.0f} calls/s")
@@ -138,5 +176,5 @@ def scale(host, n: int, calls: int = 3000, progress=print) -> dict:
         res["enclave_uss"] = statistics.median(uss) if uss else None
         res["live"] = len(info["enclaves"]) + 1     # and the caller of the measurement
     finally:
-        _cleanup([], [], idle + [server])
+        cleanup([], [], idle + [server])
     return res

@@ -409,15 +409,7 @@ def _pubkey(ns) -> int:
 def _bench(ns) -> int:
     if ns.throughput or ns.scale:
         return _bench_scale(ns)
-    if ns.peers:
-        import json
-
-        from tvmrt import _peers
-        res = _peers.measure(n=ns.calls if ns.calls != 20000 else 5000,
-                             rounds=ns.rounds, sandbox=not ns.no_sandbox)
-        print(json.dumps(res) if ns.json else _peers.format_table(res))
-        return 0
-    from tvmrt import bench
+    from tvmrt import bench  # the main bench, --peers and --plot
     return bench.main(ns)
 
 
@@ -427,20 +419,47 @@ def _bench_scale(ns) -> int:
     import json
 
     from tvmrt import _scale
+    from tvmrt._progress import Progress
     from tvmrt.host import Host
-    say = (lambda *a: None) if ns.json else print
     out: dict = {}
-    with Host.connect(embedded=True, sandbox=not ns.no_sandbox) as host:
+    with Progress(enabled=not ns.json) as live, \
+            Host.connect(embedded=True, sandbox=not ns.no_sandbox) as host:
+        def say(*a):
+            if not ns.json:
+                live.clear()
+                print(*a)
+
+        shown = ["scale"]
+
+        def step(text):                 # a line of the table, then the live line again
+            say(text)
+            live.show(shown[0])
+
+        def now(what):
+            shown[0] = what
+            live.show(what)
+
         if ns.throughput:
             say("throughput (aggregate calls/s, callers start together):")
             t = _scale.throughput(host, calls=ns.calls if ns.calls != 20000 else 4000,
-                                  progress=say)
+                                  progress=step, live=now)
             out["pairs"] = t["pairs"]
             out["instances"] = {f"{k} instances, {w} us work": v
                                 for (k, w), v in t["instances"].items()}
         if ns.scale:
             say(f"scale ({ns.scale} live enclaves):")
-            r = out["scale"] = _scale.scale(host, ns.scale, progress=say)
+            now("scale: the rate with 10 live enclaves")
+            then = [f"scale: creating {ns.scale - 10} enclaves",
+                    f"scale: the rate with {ns.scale} live enclaves", "scale: memory"]
+
+            def scale_step(text):       # scale() says three lines: what comes after each
+                shown[0] = then.pop(0) if then else shown[0]
+                step(text)
+
+            r = out["scale"] = _scale.scale(
+                host, ns.scale, progress=scale_step,
+                live=lambda done, total: live.show("scale: creating enclaves", "", done,
+                                                   total, "enclaves"))
             mib = 2 ** 20
             say(f"  one pair at {ns.scale} live: {r['rate_n'] / r['rate_10']:.0%} of its "
                 f"rate at 10; monitor RSS {r['monitor_rss'] / mib:.1f} MiB; per enclave "
@@ -526,11 +545,19 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="measure call_enclave against raw floors")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.add_argument("--calls", type=int, default=20000, help="calls per null/4 KiB row")
-    b.add_argument("--big-calls", type=int, default=20, help="calls for the 64 MiB row")
+    b.add_argument("--big-calls", type=int, default=20, help="calls for the 64 and 256 MiB "
+                   "rows that touch every page")
+    b.add_argument("--creates", type=int, default=50, help="timed creates for the "
+                   "create-to-ready row")
+    b.add_argument("--burst", type=int, metavar="N", help="enclaves created back to back "
+                   "for the burst figure (default 200, --quick 20; at most 1000)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
-    b.add_argument("--peers", action="store_true", help="tvmrt's null call next to "
-                   "multiprocessing.Pipe and pyzmq REQ/REP (direct and brokered), same run")
+    b.add_argument("--peers", action="store_true", help="tvmrt's null call and 64 MiB loan "
+                   "next to multiprocessing.Pipe, pyzmq REQ/REP (direct and brokered) and "
+                   "iceoryx2 request-response, same run (pip install 'tvmrt[peers]')")
+    b.add_argument("--plot", metavar="FILE.png", help="latency against region size, "
+                   "loaning vs copying, drawn to FILE.png (pip install 'tvmrt[plot]')")
     b.add_argument("--throughput", action="store_true", help="aggregate calls/s with 1, 2, "
                    "4, 16, 64 caller/server pairs and one server of 1, 2, 4 instances")
     b.add_argument("--scale", type=int, metavar="N", help="a pair's call rate with 10 and "

@@ -3,12 +3,13 @@ one handler, the compiled checks agree with the field checkers, and arbitrary me
 from arbitrary peers, checked against it, never break the state machine."""
 from __future__ import annotations
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import test_core as T
 from core_driver import NOTES, Driver
-from tvmrt import errors as E
+from tvmrt import _wire as wire, errors as E
 from tvmrt.monitor import core as C, schema as S
 from tvmrt.monitor.config import Config
 
@@ -175,3 +176,52 @@ def test_a_bad_field_is_invalid_argument_and_an_unknown_op_a_protocol_error():
     T.err(T.hreq(d, h, "mmap", size=4096), E.LocalProtocolError)   # an enclave's op
     T.err(T.hreq(d, h, "ps", extra=1), E.InvalidArgument)
     d.check()
+
+
+@st.composite
+def frames(draw):
+    """Bytes a peer might send: a schema-shaped message packed, then maybe truncated,
+    with a byte changed, or with garbage appended; or any bytes at all."""
+    _t, _op, msg, _n = draw(messages())
+    try:
+        data = msgpack.packb(msg, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError):
+        data = b"\xc1"
+    how = draw(st.integers(0, 4))
+    if how == 1 and data:
+        data = data[:draw(st.integers(0, len(data) - 1))]
+    elif how == 2 and data:
+        i = draw(st.integers(0, len(data) - 1))
+        data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]
+    elif how == 3:
+        data += draw(st.binary(min_size=1, max_size=8))
+    elif how == 4:
+        data = draw(st.binary(max_size=64))
+    return data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 3), frames()), max_size=25))
+def test_arbitrary_frames_through_the_decoder_and_the_core(events):
+    """What the daemon does with a frame: decode it (a malformed one cuts the peer off:
+    ``disconnected``), else hand it to the core; the core keeps every invariant."""
+    d = Driver(T.new_core())
+    h, c, [(s, sh)] = T._world(d)
+    peers = [h, c, s, d.connect()]
+    for who, data in events:
+        peer = peers[who]
+        q = d.core.peers.get(peer)
+        if q is None or not q.alive or q.eof:
+            continue
+        try:
+            msg = wire.decode(data)
+        except E.RemoteProtocolError:
+            d.disconnected(peer)
+            if q.kind == C.ENCLAVE:
+                d.exited(peer)
+        else:
+            d.message(peer, msg)
+        d.check()
+        for p in peers:
+            d.take(p)
+    d.finish()

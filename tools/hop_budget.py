@@ -1,0 +1,186 @@
+"""Per-hop budget of a null call_enclave against the relay floor's: the CPU time each
+process spends per call, and its context switches, from the kernel's own counters.
+
+    python tools/hop_budget.py [--calls N] [--rounds R] [--config null|loan_4k]
+
+Runs the relay floor (client here, relay, server: ``tvmrt.bench.Floors``), the same
+floor with a relay that waits in ``epoll`` as a broker of many peers must ("epoll"),
+and tvmrt's null call (caller enclave, monitor, bench-server: ``tvmrt.bench.Tvm``) in alternating
+blocks, and reads for every process the run time in ``/proc/PID/schedstat`` (ns on the
+CPU) and ``voluntary/nonvoluntary_ctxt_switches`` in ``/proc/PID/status`` before and
+after each block.  The floor's client is this thread (``/proc/thread-self``); tvmrt's
+caller measures its own loop (``time.thread_time_ns``, written into the shared header
+by ``eapps/bench_caller.py``).  CPU time is what each process does, whatever the
+machine's load: a budget, not a latency (``tvmrt bench`` gives those).  The "wall"
+line is the median latency of the same blocks.
+
+Reading another process's /proc files needs the same uid (sandboxed enclaves are
+non-dumpable: their /proc files are root's, so run as root to see the server's line).
+"""
+from __future__ import annotations
+
+import argparse
+import select
+import socket
+import statistics
+import sys
+import time
+
+import msgpack
+
+from tvmrt import bench
+
+
+def _cpu_ns(path: str) -> int:
+    with open(f"{path}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def _switches(path: str) -> int:
+    n = 0
+    with open(f"{path}/status") as f:
+        for line in f:
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                n += int(line.split()[1])
+    return n
+
+
+def _sample(paths: dict[str, str]) -> dict[str, tuple[int, int]]:
+    return {k: (_cpu_ns(p), _switches(p)) for k, p in paths.items()}
+
+
+def _delta(a, b, n):
+    return {k: ((b[k][0] - a[k][0]) / n / 1000, (b[k][1] - a[k][1]) / n) for k in a}
+
+
+def _epoll_relay_proc(a: socket.socket, b: socket.socket) -> None:
+    """The relay floor as a broker of many peers must wait: non-blocking sockets and
+    ``epoll_wait`` instead of a blocking ``recv`` on the one socket it expects, and,
+    like the monitor, a read of the peer it just sent to before going back to epoll."""
+    for s in (a, b):
+        s.setblocking(False)
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN)
+    ep.register(b.fileno(), select.EPOLLIN)
+    other = {a.fileno(): b, b.fileno(): a}
+    unpackb = msgpack.unpackb
+    while True:
+        for fd, _ev in ep.poll():
+            src = other[other[fd].fileno()]
+            while True:
+                try:
+                    d = src.recv(65536)
+                except BlockingIOError:
+                    break
+                if not d:
+                    return
+                unpackb(d)
+                dst = other[src.fileno()]
+                dst.send(d)
+                src = dst           # follow on: its answer may be there already
+
+
+class EpollFloor:
+    """The relay floor with :func:`_epoll_relay_proc` as its relay."""
+
+    def __init__(self):
+        cli, rel_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        rel_s, srv = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = cli
+        self.pids = [bench._fork(bench._relay_server_proc, [srv.fileno()], srv),
+                     bench._fork(_epoll_relay_proc, [rel_c.fileno(), rel_s.fileno()],
+                                 rel_c, rel_s)]
+        for s in (rel_c, rel_s, srv):
+            s.close()
+
+    def block(self, n: int) -> list[int]:
+        send, recv = self.sock.send, self.sock.recv
+        packb, unpackb = msgpack.packb, msgpack.unpackb
+        perf = time.perf_counter_ns
+        out = [0] * n
+        msg = {"req_arg": 0, "resp_val": 0, "req_vaddr": 0x7F3A_5C00_0000,
+               "req_size": 0x1000, "resp_vaddr": 0x7F3A_5C40_0000, "resp_size": 0x1000}
+        for i in range(n):
+            msg["req_arg"] = i
+            t0 = perf()
+            send(packb(msg))
+            r = unpackb(recv(65536))
+            out[i] = perf() - t0
+            if r["resp_val"] != i + 1:
+                raise bench.BenchError(f"epoll floor: bad reply {r!r}")
+        return out
+
+    def stop(self) -> None:
+        self.sock.close()
+        bench._reap(self.pids, 5.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=5000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--config", choices=("null", "loan_4k"), default="null")
+    ns = ap.parse_args(argv)
+    n, warm = ns.calls, bench.WARMUP_SMALL
+    floors = bench.Floors().start()
+    efloor = EpollFloor()
+    tvm = bench.Tvm(n + warm).start()
+    try:
+        ps = tvm.host.ps()
+        mon = ps["monitor"]["pid"]
+        srv = next(e["pid"] for e in ps["enclaves"] if e["name"] == bench.SERVER_NAME)
+        fpaths = {"client": "/proc/thread-self", "relay": f"/proc/{floors.pids[1]}",
+                  "server": f"/proc/{floors.pids[0]}"}
+        tpaths = {"monitor": f"/proc/{mon}", "server": f"/proc/{srv}"}
+        epaths = {"client": "/proc/thread-self", "relay": f"/proc/{efloor.pids[1]}",
+                  "server": f"/proc/{efloor.pids[0]}"}
+        rows: dict[str, list] = {}
+        walls: dict[str, list] = {"floor": [], "epoll": [], "tvmrt": []}
+        for _ in range(ns.rounds):
+            efloor.block(warm)
+            a = _sample(epaths)
+            samples = efloor.block(n)
+            b = _sample(epaths)
+            walls["epoll"] += samples
+            for k, v in _delta(a, b, n).items():
+                rows.setdefault(("epoll", k), []).append(v)
+            floors.relay_block(warm)
+            a = _sample(fpaths)
+            samples = floors.relay_block(n)
+            b = _sample(fpaths)
+            walls["floor"] += samples
+            for k, v in _delta(a, b, n).items():
+                rows.setdefault(("floor", k), []).append(v)
+            a = _sample(tpaths)
+            samples, _ = tvm.block(ns.config, n + warm, warm)
+            b = _sample(tpaths)
+            walls["tvmrt"] += samples[warm:]
+            for k, v in _delta(a, b, n + warm).items():
+                rows.setdefault(("tvmrt", k), []).append(v)
+            rows.setdefault(("tvmrt", "caller"), []).append(
+                (tvm.caller_cpu_ns / (n + warm) / 1000, float("nan")))
+    finally:
+        tvm.stop()
+        efloor.stop()
+        floors.stop()
+    print(f"per-call budget, {ns.config}, {n} calls x {ns.rounds} rounds, "
+          f"{bench.placement()}; medians of the rounds")
+    print(f"{'':7} {'process':9} {'CPU µs/call':>12} {'switches/call':>14}")
+    total = {"floor": 0.0, "epoll": 0.0, "tvmrt": 0.0}
+    for (side, proc), vals in rows.items():
+        cpu = statistics.median(v[0] for v in vals)
+        sw = statistics.median(v[1] for v in vals)
+        total[side] += cpu
+        print(f"{side:7} {proc:9} {cpu:12.1f} {sw:14.2f}")
+    for side in ("floor", "epoll", "tvmrt"):
+        wall = statistics.median(walls[side]) / 1000
+        print(f"{side:7} {'all':9} {total[side]:12.1f}   (wall median {wall:.1f} µs)")
+    fw = statistics.median(walls["floor"])
+    for side in ("epoll", "tvmrt"):
+        print(f"{side}/floor: CPU {total[side] / total['floor']:.2f}x, wall "
+              f"{statistics.median(walls[side]) / fw:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

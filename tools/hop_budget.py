@@ -1,7 +1,7 @@
 """Per-hop budget of a null call_enclave against the relay floor's: the CPU time each
 process spends per call, and its context switches, from the kernel's own counters.
 
-    python tools/hop_budget.py [--calls N] [--rounds R] [--config null|loan_4k]
+    python tools/hop_budget.py [--calls N] [--rounds R] [--config null|loan_4k ...]
 
 Runs the relay floor (client here, relay, server: ``tvmrt.bench.Floors``), the same
 floor with a relay that waits in ``epoll`` as a broker of many peers must ("epoll"),
@@ -119,9 +119,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--config", choices=("null", "loan_4k"), default="null")
+    ap.add_argument("--config", choices=("null", "loan_4k"), action="append",
+                    help="tvmrt call shape(s) (default: null and loan_4k, same run)")
     ns = ap.parse_args(argv)
     n, warm = ns.calls, bench.WARMUP_SMALL
+    configs = ns.config or ["null", "loan_4k"]
     floors = bench.Floors().start()
     efloor = EpollFloor()
     tvm = bench.Tvm(n + warm).start()
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
         epaths = {"client": "/proc/thread-self", "relay": f"/proc/{efloor.pids[1]}",
                   "server": f"/proc/{efloor.pids[0]}"}
         rows: dict[str, list] = {}
-        walls: dict[str, list] = {"floor": [], "epoll": [], "tvmrt": []}
+        walls: dict[str, list] = {"floor": [], "epoll": [], **{c: [] for c in configs}}
         for _ in range(ns.rounds):
             efloor.block(warm)
             a = _sample(epaths)
@@ -151,34 +153,33 @@ def main(argv=None) -> int:
             walls["floor"] += samples
             for k, v in _delta(a, b, n).items():
                 rows.setdefault(("floor", k), []).append(v)
-            a = _sample(tpaths)
-            samples, _ = tvm.block(ns.config, n + warm, warm)
-            b = _sample(tpaths)
-            walls["tvmrt"] += samples[warm:]
-            for k, v in _delta(a, b, n + warm).items():
-                rows.setdefault(("tvmrt", k), []).append(v)
-            rows.setdefault(("tvmrt", "caller"), []).append(
-                (tvm.caller_cpu_ns / (n + warm) / 1000, float("nan")))
+            for cfg in configs:
+                a = _sample(tpaths)
+                samples, _ = tvm.block(cfg, n + warm, warm)
+                b = _sample(tpaths)
+                walls[cfg] += samples[warm:]
+                for k, v in _delta(a, b, n + warm).items():
+                    rows.setdefault((cfg, k), []).append(v)
+                rows.setdefault((cfg, "caller"), []).append(
+                    (tvm.caller_cpu_ns / (n + warm) / 1000, float("nan")))
     finally:
         tvm.stop()
         efloor.stop()
         floors.stop()
-    print(f"per-call budget, {ns.config}, {n} calls x {ns.rounds} rounds, "
-          f"{bench.placement()}; medians of the rounds")
-    print(f"{'':7} {'process':9} {'CPU µs/call':>12} {'switches/call':>14}")
-    total = {"floor": 0.0, "epoll": 0.0, "tvmrt": 0.0}
+    print(f"per-call budget, {n} calls x {ns.rounds} rounds, {bench.placement()}; "
+          f"medians of the rounds")
+    print(f"{'':8} {'process':9} {'CPU µs/call':>12} {'switches/call':>14}")
+    total = dict.fromkeys(walls, 0.0)
     for (side, proc), vals in rows.items():
         cpu = statistics.median(v[0] for v in vals)
         sw = statistics.median(v[1] for v in vals)
         total[side] += cpu
-        print(f"{side:7} {proc:9} {cpu:12.1f} {sw:14.2f}")
-    for side in ("floor", "epoll", "tvmrt"):
-        wall = statistics.median(walls[side]) / 1000
-        print(f"{side:7} {'all':9} {total[side]:12.1f}   (wall median {wall:.1f} µs)")
+        print(f"{side:8} {proc:9} {cpu:12.1f} {sw:14.2f}")
     fw = statistics.median(walls["floor"])
-    for side in ("epoll", "tvmrt"):
-        print(f"{side}/floor: CPU {total[side] / total['floor']:.2f}x, wall "
-              f"{statistics.median(walls[side]) / fw:.2f}x")
+    for side in walls:
+        wall = statistics.median(walls[side])
+        print(f"{side:8} {'all':9} {total[side]:12.1f}   wall median {wall / 1000:.1f} µs; "
+              f"× floor: CPU {total[side] / total['floor']:.2f}, wall {wall / fw:.2f}")
     return 0
 
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import posix_ipc
 
-from tvmrt import _memory as memory, _sandbox, _wire as wire
+from tvmrt import _memory as memory, _sandbox, _trace, _wire as wire
 from tvmrt._paths import default_socket_path
 from tvmrt.errors import (
     MonitorGone,
@@ -286,6 +286,8 @@ class Daemon:
                 keep = theirs.fileno()
                 os.closerange(3, keep)
                 os.closerange(keep + 1, 65536)
+                _trace.FD = None
+                _trace.reopen()         # debug only: the closeranges took its fd
                 zygote.serve(theirs, me, self.sandbox, self.support)
             finally:
                 os._exit(0)
@@ -348,6 +350,9 @@ class Daemon:
             self._start_zygote()
             try:
                 self.core = self._make_core()
+                if _trace.FD is not None:
+                    self.core.message = _trace.traced_message(  # type: ignore[method-assign]
+                        self.core.message)
                 self.listener = self._listen()
             except BaseException:
                 self._stop_zygote()
@@ -794,6 +799,8 @@ class Daemon:
         fds = [theirs.fileno()] + list(out)
         if shm_seg is not None and shm_seg in self.segs:
             fds.append(self.segs[shm_seg].fd)
+        if _trace.FD is not None:
+            _trace.mark("m_spawn")
         try:
             self._zsend({"op": "spawn", "k": peer, "spec": spec}, fds)
         finally:

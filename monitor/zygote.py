@@ -62,7 +62,7 @@ import socket
 import sys
 import traceback
 
-from tvmrt import _memory as memory, _sandbox, _wire as wire
+from tvmrt import _memory as memory, _sandbox, _trace, _wire as wire
 
 
 def describe_status(status: int) -> str:
@@ -260,6 +260,8 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             finish()
         op = msg.get("op")
         if op == "spawn":
+            if _trace.FD is not None:
+                _trace.mark("z_spawn")
             peer = msg["k"]
             if prepared is None:
                 wire.close_all(fds)
@@ -274,6 +276,8 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             if pid == 0:
                 msg["spec"]["k"] = peer
                 _child(me, sock, (wake_r, wake_w), msg["spec"], fds, prepared, devnull)
+            if _trace.FD is not None:
+                _trace.mark("z_sent")
             wire.close_all(fds)
             children[pid] = peer
             by_peer[peer] = pid
@@ -299,6 +303,8 @@ def _child(zygote_pid, zsock, wake, spec, fds, prepared, devnull):
     """In the new enclave process: cut ties with the zygote, keep only the enclave's
     fds, enter the sandbox, then run the eapp."""
     code = 70
+    if _trace.FD is not None:
+        _trace.mark("c_start")
     try:
         memory.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != zygote_pid:
@@ -335,6 +341,8 @@ def _child(zygote_pid, zsock, wake, spec, fds, prepared, devnull):
         # Every other fd goes: whatever the zygote held (or a bug leaked to it) is no
         # business of the eapp's.  The ruleset fd is closed by enter().
         keep = {enc_fd, *prepared.fds()}
+        if _trace.FD is not None:
+            keep.add(_trace.FD)
         if shm_fd is not None:
             keep.add(shm_fd)
         lo = 3
@@ -349,6 +357,8 @@ def _child(zygote_pid, zsock, wake, spec, fds, prepared, devnull):
             print(f"tvmrt: enclave {spec.get('name')!r} cannot enter its sandbox "
                   f"({prepared.state}): {exc}", file=sys.stderr, flush=True)
             os._exit(code)
+        if _trace.FD is not None:
+            _trace.mark("c_sandbox")
         code = eapp_runtime.run(enc_fd, spec, shm_fd)
     except BaseException:
         try:

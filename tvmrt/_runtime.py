@@ -14,7 +14,7 @@ import socket
 import sys
 import traceback
 
-from . import _memory as memory
+from . import _memory as memory, _trace
 from ._callarg import FIELDS, CallArg
 from ._channel import Channel
 from ._layout import U64
@@ -286,6 +286,8 @@ def run(fd: int, spec: dict, shm_fd: int | None) -> int:
     ns = {"__name__": "__eapp__", "__file__": path, "__builtins__": __builtins__}
     try:
         code = compile(spec["code"], path, "exec")
+        if _trace.FD is not None:
+            _trace.mark("c_compiled")
         exec(code, ns)
         entry = ns.get("main")
         if not callable(entry):
@@ -300,6 +302,8 @@ def run(fd: int, spec: dict, shm_fd: int | None) -> int:
         except TvmError:
             pass
         return 1
+    if _trace.FD is not None:
+        _trace.mark("c_ready")
     try:
         rt.chan.notify({"op": "ready"})
         if rt.type == SERVER:

@@ -288,7 +288,8 @@ class Daemon:
                 os.closerange(keep + 1, 65536)
                 _trace.FD = None
                 _trace.reopen()         # debug only: the closeranges took its fd
-                zygote.serve(theirs, me, self.sandbox, self.support)
+                zygote.serve(theirs, me, self.sandbox, self.support,
+                             maps=self.isolation == "strict")
             finally:
                 os._exit(0)
         theirs.close()

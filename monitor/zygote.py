@@ -55,6 +55,7 @@ the reason on its stderr): it never runs with less than ``ps`` shows.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import select
 import signal
@@ -141,12 +142,22 @@ def signal_tree(pid: int, sig: int) -> None:
             pass
 
 
+#: warm enclave processes kept forked ahead (see the module docstring): two, so that a
+#: create finds one while the zygote forks the next, and each idle one costs its pages
+POOL_SIZE = 2
+#: what a warm process calls itself (``ps``, /proc/PID/comm) until it becomes an enclave
+WARM_NAME = b"tvmrt-warm"
+
+
 def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
-          support: _sandbox.Support | None = None) -> None:
+          support: _sandbox.Support | None = None, maps: bool = False,
+          pool: int = POOL_SIZE) -> None:
     """Run the zygote loop on ``sock`` until the monitor says exit or goes away.
 
     ``sandbox`` is the state every enclave gets (:func:`tvmrt._sandbox.level` of
-    ``support``); the zygote is non-dumpable unless it is ``off``."""
+    ``support``); the zygote is non-dumpable unless it is ``off``.  ``maps`` (strict
+    isolation): every enclave opens its ``/proc/self/maps`` for the monitor before its
+    sandbox.  ``pool``: how many warm processes to keep."""
     # SIGTERM, not SIGKILL, when the monitor dies: the zygote must live on long enough to
     # kill its enclaves' groups (a grandchild does not inherit anyone's PDEATHSIG).
     stop: list[bool] = []
@@ -184,7 +195,69 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
     signal.signal(signal.SIGCHLD, lambda *a: None)
     children: dict[int, int] = {}    # enclave main pid -> peer
     by_peer: dict[int, int] = {}     # peer -> enclave main pid
+    # warm processes: pid -> the zygote's end of its private channel, oldest first
+    warm: dict[int, socket.socket] = {}
     me = os.getpid()
+    with open("/proc/self/comm", "rb") as f:
+        comm = f.read().strip()      # what an enclave calls itself (the zygote's name)
+    # Everything imported so far lives as long as the zygote: moved out of the collector's
+    # reach, a child's collections never write to (and so copy) those pages.
+    gc.freeze()
+
+    def fork_warm() -> None:
+        """Fork one warm process: it gets ready (fds, group, sandbox) and waits for a
+        spec on a channel of its own.  The zygote holds no enclave's fds now (those of
+        a spawn are closed before any refill), so a warm process inherits none."""
+        zend, cend = wire.seqpacket_pair()
+        try:
+            pid = os.fork()
+        except BaseException:
+            zend.close()
+            cend.close()
+            raise
+        if pid == 0:
+            _warm(me, cend, prepared, devnull, maps, comm)
+        cend.close()
+        warm[pid] = zend
+
+    def refill() -> bool:
+        """Fork warm processes up to ``pool``; False when a fork failed (out of
+        processes or memory: a create then forks for itself)."""
+        while prepared is not None and len(warm) < pool:
+            try:
+                fork_warm()
+            except OSError:
+                return False
+        return True
+
+    def take_warm(peer, spec, fds) -> int | None:
+        """Hand the enclave ``peer`` to a warm process (forked now if none is left):
+        its pid, or None when none could take it (the monitor is told why)."""
+        why = "no process could be started"
+        for _ in range(3):           # a warm process killed from outside: try the next
+            if not warm:
+                try:
+                    fork_warm()
+                except OSError as exc:
+                    why = str(exc)
+                    break
+            pid = next(iter(warm))
+            zend = warm.pop(pid)
+            try:
+                wire.send(zend, {"op": "become", "k": peer, "spec": spec}, fds)
+                if maps:
+                    m, mfds = wire.recv(zend, want_fds=True)
+                    if len(mfds) == 1:
+                        wire.send(sock, {"op": "maps", "k": peer}, mfds)
+                    wire.close_all(mfds)
+                return pid
+            except Exception as exc:
+                why = f"the warm process went away ({exc})"
+                kill_tree(pid)       # reaped (silently) by reap()
+            finally:
+                zend.close()
+        wire.send(sock, {"op": "spawn_failed", "k": peer, "why": why})
+        return None
 
     def reap():
         """Reap every child that ended; an enclave's group is killed before its leader is
@@ -198,6 +271,9 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 return
             pid = info.si_pid
             peer = children.pop(pid, None)
+            zend = warm.pop(pid, None)
+            if zend is not None:
+                zend.close()         # a warm process killed from outside: refilled later
             if peer is not None:
                 kill_tree(pid)       # the rest of the enclave (the leader is a zombie)
             try:
@@ -215,7 +291,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
     def sweep():
         """Kill every adopted orphan that belongs to no live enclave."""
         for pid in child_pids():
-            if pid in children:
+            if pid in children or pid in warm:
                 continue
             try:
                 if os.getsid(pid) in children or os.getpgid(pid) in children:
@@ -236,11 +312,17 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 os._exit(0)
             children.pop(pid, None)
 
+    # A pool short of processes (one was killed from outside) is refilled when nothing
+    # else is waiting, with at most ``pool`` forks between two spawns: processes that
+    # die as soon as they are forked must not make the zygote fork in a loop.
+    idle_forks = pool if refill() else 0
     while True:
         if stop:
             finish()
+        short = idle_forks > 0 and len(warm) < pool and prepared is not None
         try:
-            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [],
+                                        0 if short else None)
         except InterruptedError:
             ready = []
         reap()
@@ -252,7 +334,15 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             # A signal (SIGCHLD): a death may have handed us orphans.  Every enclave's end
             # is one, so the sweep after it finds whatever is left of that enclave.
             sweep()
-        if stop or sock.fileno() not in ready:
+        if stop:
+            continue
+        if sock.fileno() not in ready:
+            if not ready and short:
+                idle_forks -= 1
+                try:
+                    fork_warm()
+                except OSError:
+                    idle_forks = 0
             continue
         try:
             msg, fds = wire.recv(sock, want_fds=True)
@@ -268,20 +358,18 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 wire.send(sock, {"op": "spawn_failed", "k": peer, "why": unprepared})
                 continue
             try:
-                pid = os.fork()
-            except OSError as exc:
+                pid = take_warm(peer, msg["spec"], fds)
+            finally:
                 wire.close_all(fds)
-                wire.send(sock, {"op": "spawn_failed", "k": peer, "why": str(exc)})
-                continue
-            if pid == 0:
-                msg["spec"]["k"] = peer
-                _child(me, sock, (wake_r, wake_w), msg["spec"], fds, prepared, devnull)
             if _trace.FD is not None:
                 _trace.mark("z_sent")
-            wire.close_all(fds)
+            if pid is None:
+                continue
             children[pid] = peer
             by_peer[peer] = pid
             wire.send(sock, {"op": "spawned", "k": peer, "pid": pid})
+            # the next warm process now, while this one runs its eapp's module code
+            idle_forks = pool if refill() else 0
         elif op == "kill":
             kpid = by_peer.get(msg.get("k"))
             if kpid is not None:
@@ -299,16 +387,17 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             wire.close_all(fds)
 
 
-def _child(zygote_pid, zsock, wake, spec, fds, prepared, devnull):
-    """In the new enclave process: cut ties with the zygote, keep only the enclave's
-    fds, enter the sandbox, then run the eapp."""
+def _warm(zygote_pid, chan, prepared, devnull, maps, comm):
+    """A warm process: cut ties with the zygote, keep only its own channel, enter the
+    sandbox, then wait for the spec and fds of the enclave it is to become, and run
+    its eapp.  Everything before the wait is off a create's critical path."""
     code = 70
-    if _trace.FD is not None:
-        _trace.mark("c_start")
+    failed = None
     try:
         memory.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != zygote_pid:
             os._exit(code)
+        memory._libc["prctl"](15, WARM_NAME, 0, 0, 0)       # PR_SET_NAME, for ps
         # A process group of its own before the eapp runs: whatever it forks is in this
         # group, which the zygote kills when the enclave ends.  Not a session: with the
         # kernel's autogroup scheduling every session is a scheduling group of its own,
@@ -318,44 +407,59 @@ def _child(zygote_pid, zsock, wake, spec, fds, prepared, devnull):
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if spec.get("maps"):
-            # Strict mode: the monitor reads this process's maps before every grant.  It
-            # could not open them itself (this process is non-dumpable and the monitor
-            # may not be root), but the kernel checks access at open only: a process
-            # may always open its own, and the fd sent now stays readable.
-            mfd = os.open("/proc/self/maps", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                wire.send(zsock, {"op": "maps", "k": spec["k"]}, [mfd])
-            finally:
-                os.close(mfd)
-        zsock.close()
-        for fd in wake:
-            os.close(fd)
-        enc_fd, out_fd, err_fd = fds[0], fds[1], fds[2]
-        shm_fd = fds[3] if len(fds) > 3 else None
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        os.dup2(devnull, 0)
-        # Every other fd goes: whatever the zygote held (or a bug leaked to it) is no
-        # business of the eapp's.  The ruleset fd is closed by enter().
-        keep = {enc_fd, *prepared.fds()}
+        # Every fd but its channel goes now: the zygote's channel to the monitor, other
+        # warm processes' channels, its stdio (the monitor's: an enclave gets its host's
+        # at the spawn).  The ruleset fd is closed by enter().
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        keep = {chan.fileno(), *prepared.fds()}
         if _trace.FD is not None:
             keep.add(_trace.FD)
-        if shm_fd is not None:
-            keep.add(shm_fd)
         lo = 3
         for fd in sorted(keep):
             os.closerange(lo, fd)
             lo = fd + 1
         os.closerange(lo, 1 << 20)
+        if maps:
+            # Strict mode: the monitor reads this process's maps before every grant.  It
+            # could not open them itself (this process is non-dumpable and the monitor
+            # may not be root), but the kernel checks access at open only: a process
+            # may always open its own, and the fd sent now stays readable.  The zygote
+            # passes it on at the spawn, with the enclave's peer number.
+            mfd = os.open("/proc/self/maps", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                wire.send(chan, {"op": "maps"}, [mfd])
+            finally:
+                os.close(mfd)
         from tvmrt import _runtime as eapp_runtime
         try:
             prepared.enter()
         except OSError as exc:
+            # said when there is an enclave (and its host's stderr) to say it to
+            failed = exc
+        else:
+            eapp_runtime.rehearse(chan)
+        try:
+            msg, fds = wire.recv(chan, want_fds=True)
+        except Exception:
+            os._exit(0)              # the zygote is gone or drains its pool: no enclave
+        if _trace.FD is not None:
+            _trace.mark("c_start")
+        chan.close()
+        spec = msg["spec"]
+        spec["k"] = msg["k"]
+        enc_fd, out_fd, err_fd = fds[0], fds[1], fds[2]
+        shm_fd = fds[3] if len(fds) > 3 else None
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        os.close(out_fd)
+        os.close(err_fd)
+        memory._libc["prctl"](15, comm, 0, 0, 0)
+        if failed is not None:
             print(f"tvmrt: enclave {spec.get('name')!r} cannot enter its sandbox "
-                  f"({prepared.state}): {exc}", file=sys.stderr, flush=True)
+                  f"({prepared.state}): {failed}", file=sys.stderr, flush=True)
             os._exit(code)
         if _trace.FD is not None:
             _trace.mark("c_sandbox")

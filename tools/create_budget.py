@@ -99,6 +99,7 @@ def main() -> int:
         if trace:
             creates = [c for c in read_trace(trace) if FIRST in c and LAST in c]
             names = set.intersection(*(set(c) for c in creates))
+            print(sorted(set.union(*(set(c) for c in creates)) - names), file=sys.stderr)
             steps = sorted(names, key=lambda s: statistics.median(c[s] - c[FIRST]
                                                                  for c in creates))
             budget = {}

@@ -195,8 +195,12 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
     signal.signal(signal.SIGCHLD, lambda *a: None)
     children: dict[int, int] = {}    # enclave main pid -> peer
     by_peer: dict[int, int] = {}     # peer -> enclave main pid
-    # warm processes: pid -> the zygote's end of its private channel, oldest first
-    warm: dict[int, socket.socket] = {}
+    # Warm processes not yet assigned to an enclave: pid -> the zygote's end of the
+    # process's channel while it gets ready, None once that end went to the monitor.
+    warm: dict[int, socket.socket | None] = {}
+    # warm processes handed to the monitor that died before it assigned them: pid -> how
+    # (told as the enclave's end if the monitor assigns it; dropped when it says drop)
+    dead: dict[int, str] = {}
     me = os.getpid()
     with open("/proc/self/comm", "rb") as f:
         comm = f.read().strip()      # what an enclave calls itself (the zygote's name)
@@ -204,10 +208,12 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
     # reach, a child's collections never write to (and so copy) those pages.
     gc.freeze()
 
-    def fork_warm() -> None:
-        """Fork one warm process: it gets ready (fds, group, sandbox) and waits for a
-        spec on a channel of its own.  The zygote holds no enclave's fds now (those of
-        a spawn are closed before any refill), so a warm process inherits none."""
+    def fork_warm() -> tuple[int, socket.socket]:
+        """Fork one warm process (see :func:`_warm`); returns its pid and the zygote's
+        end of its channel.  The zygote holds no enclave's fds now (a spawn's are closed
+        before anything else is forked), so the new process inherits none; what it does
+        inherit (the channels of the monitor and of other warm processes) it closes
+        before anything else."""
         zend, cend = wire.seqpacket_pair()
         try:
             pid = os.fork()
@@ -218,46 +224,66 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
         if pid == 0:
             _warm(me, cend, prepared, devnull, maps, comm)
         cend.close()
-        warm[pid] = zend
+        return pid, zend
 
     def refill() -> bool:
         """Fork warm processes up to ``pool``; False when a fork failed (out of
-        processes or memory: a create then forks for itself)."""
+        processes or memory: a create then waits for a fork of its own)."""
         while prepared is not None and len(warm) < pool:
             try:
-                fork_warm()
+                pid, zend = fork_warm()
             except OSError:
                 return False
+            warm[pid] = zend
         return True
 
-    def take_warm(peer, spec, fds) -> int | None:
-        """Hand the enclave ``peer`` to a warm process (forked now if none is left):
-        its pid, or None when none could take it (the monitor is told why)."""
-        why = "no process could be started"
-        for _ in range(3):           # a warm process killed from outside: try the next
-            if not warm:
-                try:
-                    fork_warm()
-                except OSError as exc:
-                    why = str(exc)
-                    break
-            pid = next(iter(warm))
-            zend = warm.pop(pid)
+    def announce(pid: int, zend: socket.socket) -> None:
+        """A warm process said it is ready (with its maps fd in strict mode): hand its
+        channel to the monitor, which makes it an enclave without asking the zygote."""
+        warm[pid] = None
+        try:
+            msg, mfds = wire.recv(zend, want_fds=True)
+        except Exception:
+            kill_tree(pid)           # died or said nonsense: reaped (silently) by reap()
+            warm.pop(pid, None)
+            zend.close()
+            return
+        try:
+            if msg.get("op") == "warm":
+                wire.send(sock, {"op": "warm", "pid": pid}, [zend.fileno(), *mfds])
+            else:
+                kill_tree(pid)
+                warm.pop(pid, None)
+        finally:
+            wire.close_all(mfds)
+            zend.close()
+
+    def spawn_now(peer, spec, fds) -> int | None:
+        """No warm process was at hand (the monitor's were used up): fork one for
+        ``peer``, wait until it is ready, and give it the enclave's socket too (the
+        first of ``fds``).  Its pid, or None when it could not start (the monitor is
+        told why)."""
+        try:
+            pid, zend = fork_warm()
+        except OSError as exc:
+            wire.send(sock, {"op": "spawn_failed", "k": peer, "why": str(exc)})
+            return None
+        try:
+            _, mfds = wire.recv(zend, want_fds=True)
             try:
-                wire.send(zend, {"op": "become", "k": peer, "spec": spec}, fds)
-                if maps:
-                    m, mfds = wire.recv(zend, want_fds=True)
-                    if len(mfds) == 1:
-                        wire.send(sock, {"op": "maps", "k": peer}, mfds)
-                    wire.close_all(mfds)
-                return pid
-            except Exception as exc:
-                why = f"the warm process went away ({exc})"
-                kill_tree(pid)       # reaped (silently) by reap()
+                if mfds:
+                    wire.send(sock, {"op": "maps", "k": peer}, mfds)
             finally:
-                zend.close()
-        wire.send(sock, {"op": "spawn_failed", "k": peer, "why": why})
-        return None
+                wire.close_all(mfds)
+            wire.send(zend, {"op": "become", "k": peer, "spec": spec, "sock": 1}, fds)
+        except Exception as exc:
+            kill_tree(pid)           # reaped (silently) by reap()
+            wire.send(sock, {"op": "spawn_failed", "k": peer,
+                             "why": f"the new process went away ({exc})"})
+            return None
+        finally:
+            zend.close()
+        return pid
 
     def reap():
         """Reap every child that ended; an enclave's group is killed before its leader is
@@ -271,15 +297,19 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 return
             pid = info.si_pid
             peer = children.pop(pid, None)
-            zend = warm.pop(pid, None)
-            if zend is not None:
-                zend.close()         # a warm process killed from outside: refilled later
             if peer is not None:
                 kill_tree(pid)       # the rest of the enclave (the leader is a zombie)
             try:
                 _, status = os.waitpid(pid, 0)
             except ChildProcessError:
                 continue
+            if pid in warm:
+                zend = warm.pop(pid)
+                if zend is None:     # the monitor holds its channel: tell it if it asks
+                    dead[pid] = describe_status(status)
+                else:
+                    zend.close()
+                continue             # killed from outside: the pool is refilled later
             if peer is None:
                 continue             # an adopted orphan: reaped silently
             by_peer.pop(peer, None)
@@ -312,16 +342,22 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 os._exit(0)
             children.pop(pid, None)
 
-    # A pool short of processes (one was killed from outside) is refilled when nothing
-    # else is waiting, with at most ``pool`` forks between two spawns: processes that
-    # die as soon as they are forked must not make the zygote fork in a loop.
+    def enlist(pid, peer) -> None:
+        children[pid] = peer
+        by_peer[peer] = pid
+
+    # A pool short of processes (one was killed from outside, or a fork failed) is
+    # refilled when nothing else is waiting, with at most ``pool`` such forks between
+    # two assignments: processes that die as soon as they are forked must not make the
+    # zygote fork in a loop.
     idle_forks = pool if refill() else 0
     while True:
         if stop:
             finish()
         short = idle_forks > 0 and len(warm) < pool and prepared is not None
+        getting_ready = {z.fileno(): (pid, z) for pid, z in warm.items() if z is not None}
         try:
-            ready, _, _ = select.select([sock.fileno(), wake_r], [], [],
+            ready, _, _ = select.select([sock.fileno(), wake_r, *getting_ready], [], [],
                                         0 if short else None)
         except InterruptedError:
             ready = []
@@ -336,11 +372,16 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             sweep()
         if stop:
             continue
+        for fd in ready:
+            w = getting_ready.get(fd)
+            if w is not None and warm.get(w[0]) is w[1]:
+                announce(*w)
         if sock.fileno() not in ready:
             if not ready and short:
                 idle_forks -= 1
                 try:
-                    fork_warm()
+                    pid, zend = fork_warm()
+                    warm[pid] = zend
                 except OSError:
                     idle_forks = 0
             continue
@@ -349,7 +390,25 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
         except Exception:
             finish()
         op = msg.get("op")
-        if op == "spawn":
+        if op == "assigned":
+            # the monitor made warm process ``pid`` the enclave ``k``
+            apid, peer = msg.get("pid"), msg.get("k")
+            if apid in warm:
+                del warm[apid]
+                enlist(apid, peer)
+            else:
+                how = dead.pop(apid, "ended before it was started")
+                wire.send(sock, {"op": "exited", "k": peer, "how": how})
+            idle_forks = pool if refill() else 0
+        elif op == "drop":
+            # the monitor could not use warm process ``pid`` (its channel was closed)
+            dpid = msg.get("pid")
+            dead.pop(dpid, None)
+            if warm.get(dpid, 1) is None:
+                del warm[dpid]       # reaped (silently) as an orphan
+                kill_tree(dpid)
+            idle_forks = pool if refill() else 0
+        elif op == "spawn":
             if _trace.FD is not None:
                 _trace.mark("z_spawn")
             peer = msg["k"]
@@ -358,18 +417,13 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 wire.send(sock, {"op": "spawn_failed", "k": peer, "why": unprepared})
                 continue
             try:
-                pid = take_warm(peer, msg["spec"], fds)
+                spid = spawn_now(peer, msg["spec"], fds)
             finally:
                 wire.close_all(fds)
-            if _trace.FD is not None:
-                _trace.mark("z_sent")
-            if pid is None:
+            if spid is None:
                 continue
-            children[pid] = peer
-            by_peer[peer] = pid
-            wire.send(sock, {"op": "spawned", "k": peer, "pid": pid})
-            # the next warm process now, while this one runs its eapp's module code
-            idle_forks = pool if refill() else 0
+            enlist(spid, peer)
+            wire.send(sock, {"op": "spawned", "k": peer, "pid": spid})
         elif op == "kill":
             kpid = by_peer.get(msg.get("k"))
             if kpid is not None:
@@ -388,9 +442,10 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
 
 
 def _warm(zygote_pid, chan, prepared, devnull, maps, comm):
-    """A warm process: cut ties with the zygote, keep only its own channel, enter the
-    sandbox, then wait for the spec and fds of the enclave it is to become, and run
-    its eapp.  Everything before the wait is off a create's critical path."""
+    """A warm process: cut ties with the zygote, keep only its channel, enter the
+    sandbox, say ``warm`` (the zygote then hands the channel to the monitor), wait for
+    the ``become`` that makes it an enclave, and run its eapp.  Everything before the
+    wait is off a create's critical path."""
     code = 70
     failed = None
     try:
@@ -411,7 +466,7 @@ def _warm(zygote_pid, chan, prepared, devnull, maps, comm):
         sys.stderr.flush()
         # Every fd but its channel goes now: the zygote's channel to the monitor, other
         # warm processes' channels, its stdio (the monitor's: an enclave gets its host's
-        # at the spawn).  The ruleset fd is closed by enter().
+        # with ``become``).  The ruleset fd is closed by enter().
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         keep = {chan.fileno(), *prepared.fds()}
@@ -422,17 +477,13 @@ def _warm(zygote_pid, chan, prepared, devnull, maps, comm):
             os.closerange(lo, fd)
             lo = fd + 1
         os.closerange(lo, 1 << 20)
+        mfds = []
         if maps:
             # Strict mode: the monitor reads this process's maps before every grant.  It
             # could not open them itself (this process is non-dumpable and the monitor
             # may not be root), but the kernel checks access at open only: a process
-            # may always open its own, and the fd sent now stays readable.  The zygote
-            # passes it on at the spawn, with the enclave's peer number.
-            mfd = os.open("/proc/self/maps", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                wire.send(chan, {"op": "maps"}, [mfd])
-            finally:
-                os.close(mfd)
+            # may always open its own, and the fd sent now stays readable.
+            mfds.append(os.open("/proc/self/maps", os.O_RDONLY | os.O_CLOEXEC))
         from tvmrt import _runtime as eapp_runtime
         try:
             prepared.enter()
@@ -442,16 +493,24 @@ def _warm(zygote_pid, chan, prepared, devnull, maps, comm):
         else:
             eapp_runtime.rehearse(chan)
         try:
+            wire.send(chan, {"op": "warm"}, mfds)
+        finally:
+            wire.close_all(mfds)
+        try:
             msg, fds = wire.recv(chan, want_fds=True)
         except Exception:
-            os._exit(0)              # the zygote is gone or drains its pool: no enclave
+            os._exit(0)              # the monitor or the zygote let go: no enclave
         if _trace.FD is not None:
             _trace.mark("c_start")
-        chan.close()
+        if msg.get("sock"):
+            chan.close()             # the zygote started this one for a create: its
+            enc_fd = fds.pop(0)      # socket came with the spec
+        else:
+            enc_fd = chan.detach()   # the monitor's own channel to this process
         spec = msg["spec"]
         spec["k"] = msg["k"]
-        enc_fd, out_fd, err_fd = fds[0], fds[1], fds[2]
-        shm_fd = fds[3] if len(fds) > 3 else None
+        out_fd, err_fd = fds[0], fds[1]
+        shm_fd = fds[2] if len(fds) > 2 else None
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
         os.close(out_fd)

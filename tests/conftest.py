@@ -10,6 +10,7 @@ import pytest
 
 from tvmrt._embedded import EmbeddedMonitor
 from tvmrt.host import Host
+from tvmrt.monitor.zygote import WARM_NAME as _WARM
 
 EAPPS = Path(__file__).parent / "eapps"
 
@@ -63,6 +64,15 @@ def monitor_fds(mon) -> int:
             return h.ps()["monitor"]["fds"] - 1
 
 
+def wait_warm(mon, timeout=30):
+    """Wait until the monitor holds its full pool of warm processes (the channels it
+    holds to them are part of its idle fds)."""
+    from tvmrt.monitor.zygote import POOL_SIZE
+    with Host.connect(mon.path, embedded=False) as h:
+        assert wait_until(lambda: h.ps()["monitor"]["warm"] == POOL_SIZE, timeout), \
+            "the monitor's pool of warm processes did not fill"
+
+
 @pytest.fixture(scope="session")
 def monitor():
     mon = EmbeddedMonitor().start()
@@ -79,6 +89,7 @@ def monitor():
         while len(counts) < 3 or counts[-1] != counts[-2]:
             time.sleep(0.05)
             counts.append(monitor_fds(mon))
+    wait_warm(mon)
     mon.idle_fds = monitor_fds(mon)
     yield mon
     kids = proc.children(recursive=True)
@@ -105,11 +116,13 @@ def enclave_procs(mon):
 
 
 def _enclave_procs(mon):
-    """Processes below the monitor other than the zygote."""
+    """Processes below the monitor other than the zygote and its warm processes (forked
+    ahead, each to become an enclave: see monitor/zygote.py)."""
     out = []
     for k in psutil.Process(mon.pid).children(recursive=True):
         try:
-            if k.ppid() != mon.pid and k.status() != psutil.STATUS_ZOMBIE:
+            if (k.ppid() != mon.pid and k.status() != psutil.STATUS_ZOMBIE
+                    and k.name() != _WARM.decode()):
                 out.append(k)
         except psutil.NoSuchProcess:
             pass                  # it ended between the two calls

@@ -54,6 +54,8 @@ def read_trace(path):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=200)
+    ap.add_argument("--gap", type=float, default=0.0,
+                    help="ms to wait after each destroy (0: back to back)")
     ap.add_argument("--burst", type=int, default=0)
     ap.add_argument("--no-sandbox", action="store_true")
     ap.add_argument("--trace", action="store_true")
@@ -83,6 +85,8 @@ def main() -> int:
                 _trace.mark("h_reply")
                 lat.append(time.monotonic_ns() - t0)
                 e.destroy()
+                if ns.gap:
+                    time.sleep(ns.gap / 1e3)
             cpu1 = os.times()
             out["median_us"] = statistics.median(lat) / 1e3
             out["p99_us"] = pct(lat, 99) / 1e3
@@ -99,7 +103,6 @@ def main() -> int:
         if trace:
             creates = [c for c in read_trace(trace) if FIRST in c and LAST in c]
             names = set.intersection(*(set(c) for c in creates))
-            print(sorted(set.union(*(set(c) for c in creates)) - names), file=sys.stderr)
             steps = sorted(names, key=lambda s: statistics.median(c[s] - c[FIRST]
                                                                  for c in creates))
             budget = {}
@@ -115,7 +118,7 @@ def main() -> int:
         print(json.dumps(out))
         return 0
     print(f"create-to-ready: median {out['median_us']:.0f} µs, p99 {out['p99_us']:.0f} µs "
-          f"(n={ns.n}); host CPU {out['host_cpu_us']:.0f} µs per create+destroy")
+          f"(n={ns.n}, gap {ns.gap:g} ms); host CPU {out['host_cpu_us']:.0f} µs per create+destroy")
     if "burst_per_s" in out:
         print(f"burst of {ns.burst}: {out['burst_per_s']:.0f} enclaves/s")
     if "budget_us" in out:

@@ -5,17 +5,37 @@ so the zygote holds nothing but its own channel to the monitor.  The runtime is
 already imported, so starting an enclave costs one ``fork`` (~1-2 ms) instead of
 a Python start-up (~30 ms).
 
+**Warm processes.**  The fork is not even on a create's path: the zygote keeps
+:data:`POOL_SIZE` processes forked ahead (:func:`_warm`).  Each closes every fd but
+its channel and ``/dev/null``, starts its process group, enters the sandbox, rehearses
+the runtime's set-up, and says ``warm``; the zygote then hands the other end of its
+channel to the monitor and keeps none.  A create is one ``become`` message from the
+monitor on that channel (the spec, the host's stdout/stderr, the shm segment), which
+from then on is the enclave's channel to the monitor; the monitor tells the zygote
+whose process it is (``assigned``), and the zygote forks the next one.  Only when the
+monitor has none left does it ask the zygote to ``spawn`` (a warm process forked for
+that create, given the enclave's socket with the spec).  A warm process forked after a
+spawn holds none of that enclave's fds: the zygote closes a spawn's fds before it
+forks anything else.  docs/design.md, "Creating an enclave", has the figures.
+
 Protocol on the zygote channel (SOCK_SEQPACKET, msgpack):
-    monitor -> zygote  {"op": "spawn", "k": peer, "spec": {...}}  fds: sock, stdout, stderr[, shm]
+    monitor -> zygote  {"op": "assigned", "k": peer, "pid": pid}  warm process pid is
+                                                         enclave peer's now
+                       {"op": "drop", "pid": pid}        the monitor could not use it
+                       {"op": "spawn", "k": peer, "spec": {...}}  fds: sock, stdout, stderr[, shm]
                        {"op": "kill", "k": peer}
                        {"op": "signal", "k": peer, "sig": "stop" | "cont"}
                        {"op": "exit"}                    kill every enclave, reap, exit
-    zygote -> monitor  {"op": "spawned", "k": peer, "pid": pid}
+    zygote -> monitor  {"op": "warm", "pid": pid}  fds: the warm process's channel[, its
+                                                   /proc/self/maps in strict mode]
+                       {"op": "spawned", "k": peer, "pid": pid}
                        {"op": "spawn_failed", "k": peer, "why": text}
                        {"op": "exited", "k": peer, "how": text}
-    enclave -> monitor {"op": "maps", "k": peer}  fd: its /proc/self/maps (strict mode;
-                       sent by the new process itself over the zygote's channel, before
-                       it closes it and enters the sandbox)
+                       {"op": "maps", "k": peer}  fd: its /proc/self/maps (strict mode,
+                       for a spawned one)
+    warm -> zygote     {"op": "warm"}  [fd: its /proc/self/maps, opened before the sandbox]
+    monitor -> warm    {"op": "become", "k": peer, "spec": {...}}  fds: stdout, stderr[, shm]
+    (zygote -> warm    the same with "sock": 1, fds: sock, stdout, stderr[, shm])
 
 An enclave is its main process and everything it forks: they end together.
 Each enclave process starts a process group of its own (``setpgid`` before the
@@ -42,8 +62,11 @@ below an enclave is re-parented to the zygote, not to init.
   group and every child, and keeps killing what is re-parented to it until it
   has no child left.
 
-Every enclave process also gets ``PR_SET_PDEATHSIG(SIGKILL)`` towards the zygote
-(re-checked after fork), for when the zygote itself is SIGKILLed.
+Every enclave process (warm ones too) also gets ``PR_SET_PDEATHSIG(SIGKILL)`` towards
+the zygote (re-checked after fork), for when the zygote itself is SIGKILLed.  Warm
+processes are the zygote's children like enclaves: killed with the rest when it ends,
+reaped silently if killed from outside (then the monitor's ``assigned`` is answered
+with ``exited``, and the pool is refilled).
 
 Before the eapp's code runs, every enclave process keeps only the fds it is meant to
 have -- 0 (``/dev/null``: never the monitor's terminal), 1 and 2 (what its host gave),

@@ -84,13 +84,15 @@ def monitor():
         assert wait_until(lambda: mon.ready_pipe not in _fd_targets(mon.pid), 10), \
             "the monitor kept its ready pipe open"
     except PermissionError:
-        # not root, and the monitor is non-dumpable: wait for its own count to settle
-        counts = [monitor_fds(mon)]
-        while len(counts) < 3 or counts[-1] != counts[-2]:
-            time.sleep(0.05)
-            counts.append(monitor_fds(mon))
+        pass
     wait_warm(mon)
-    mon.idle_fds = monitor_fds(mon)
+    # the connection wait_warm made is closed on the monitor's side a moment later: wait
+    # for its count to settle
+    counts = [monitor_fds(mon)]
+    while len(counts) < 3 or counts[-1] != counts[-2] or counts[-2] != counts[-3]:
+        time.sleep(0.05)
+        counts.append(monitor_fds(mon))
+    mon.idle_fds = counts[-1]
     yield mon
     kids = proc.children(recursive=True)
     assert mon.stop() == 0, "the monitor did not exit 0 on SIGTERM"

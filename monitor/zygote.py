@@ -447,6 +447,8 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 continue
             enlist(spid, peer)
             wire.send(sock, {"op": "spawned", "k": peer, "pid": spid})
+            # the monitor had none left: a burst, or forks failed before (then try again)
+            idle_forks = pool if refill() else 0
         elif op == "kill":
             kpid = by_peer.get(msg.get("k"))
             if kpid is not None:

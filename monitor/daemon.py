@@ -605,13 +605,17 @@ class Daemon:
         op, peer = msg.get("op"), msg.get("k")
         if op == "maps" and len(fds) == 1 and peer in self.socks and peer not in self.maps:
             self.maps[peer] = fds.pop()
-        elif op == "warm" and fds:
-            chan = socket.socket(fileno=fds.pop(0))
-            mfd = fds.pop(0) if fds else None
-            if len(self.warm) < zygote.POOL_SIZE:
-                self.warm.append((msg.get("pid"), chan, mfd))
-            else:                   # more than the zygote should keep: not ours to hold
-                self._drop_warm(msg.get("pid"), chan, mfd)
+        elif op == "warm":
+            if not fds or (self.isolation == "strict") != (len(fds) == 2):
+                # its fds were lost (this process is out of fds): the zygote kills it
+                self._zsend({"op": "drop", "pid": msg.get("pid")})
+            else:
+                chan = socket.socket(fileno=fds.pop(0))
+                mfd = fds.pop(0) if fds else None
+                if len(self.warm) < zygote.POOL_SIZE:
+                    self.warm.append((msg.get("pid"), chan, mfd))
+                else:               # more than the zygote should keep: not ours to hold
+                    self._drop_warm(msg.get("pid"), chan, mfd)
         wire.close_all(fds)
         if op == "spawned":
             self._apply(self.core.spawned(peer, msg.get("pid")))
@@ -794,8 +798,11 @@ class Daemon:
         if _trace.FD is not None:
             _trace.mark("m_spawn")
         while self.warm:
-            if self._become(self.warm.popleft(), peer, spec, shm_seg, stdio):
+            w = self.warm.popleft()
+            if self._become(w, peer, spec, shm_seg, stdio):
                 return
+            if self.warm and self.warm[0] is w:
+                break               # out of fds: kept for the next create
         mine = theirs = None
         null = None
         try:
@@ -831,14 +838,20 @@ class Daemon:
         zygote is told whose process it is.  False when the process is gone."""
         pid, chan, mfd = w
         null = None
-        try:
-            if stdio == "message" and len(self._fds) >= 2:
-                fds = self._fds[:2]
-            else:
+        if stdio == "message" and len(self._fds) >= 2:
+            fds = self._fds[:2]
+        else:
+            try:
                 null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                fds = [null, null]
-            if shm_seg is not None and shm_seg in self.segs:
-                fds.append(self.segs[shm_seg].fd)
+            except OSError:
+                # out of fds: not the warm process's fault; the zygote's way refuses
+                # the create (ResourceExhausted) and this one waits for the next
+                self.warm.appendleft(w)
+                return False
+            fds = [null, null]
+        if shm_seg is not None and shm_seg in self.segs:
+            fds.append(self.segs[shm_seg].fd)
+        try:
             wire.send(chan, {"op": "become", "k": peer, "spec": spec}, fds)
         except (MonitorGone, OSError):
             self._drop_warm(pid, chan, mfd)

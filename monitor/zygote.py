@@ -430,7 +430,8 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             if warm.get(dpid, 1) is None:
                 del warm[dpid]       # reaped (silently) as an orphan
                 kill_tree(dpid)
-            idle_forks = pool if refill() else 0
+            # refilled by the idle forks only: a monitor out of fds drops every warm
+            # process it is handed, and must not make the zygote fork in a loop
         elif op == "spawn":
             if _trace.FD is not None:
                 _trace.mark("z_spawn")

@@ -290,8 +290,12 @@ def rehearse(sock: socket.socket) -> None:
     ns["main"]([0] * 32)
 
 
-def run(fd: int, spec: dict, shm_fd: int | None) -> int:
-    """Entry of a freshly forked enclave process.  Returns the process exit code."""
+def run(fd: int, spec: dict, shm_fd: int | None, started: int | None = None) -> int:
+    """Entry of a freshly forked enclave process.  Returns the process exit code.
+
+    ``started``: an fd closed once ``ready`` is sent (the zygote waits for that before
+    it forks the next warm process, so that the fork does not compete with this start
+    for a CPU)."""
     global current
     sock = socket.socket(fileno=fd)
     rt = current = Runtime(sock, spec)
@@ -331,6 +335,8 @@ def run(fd: int, spec: dict, shm_fd: int | None) -> int:
         _trace.mark("c_ready")
     try:
         rt.chan.notify({"op": "ready"})
+        if started is not None:
+            os.close(started)
         if rt.type == SERVER:
             return rt.run_server(entry)
         return rt.run_normal(entry)

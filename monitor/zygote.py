@@ -7,12 +7,14 @@ a Python start-up (~30 ms).
 
 **Warm processes.**  The fork is not even on a create's path: the zygote keeps
 :data:`POOL_SIZE` processes forked ahead (:func:`_warm`).  Each closes every fd but
-its channel and ``/dev/null``, starts its process group, enters the sandbox, rehearses
-the runtime's set-up, and says ``warm``; the zygote then hands the other end of its
-channel to the monitor and keeps none.  A create is one ``become`` message from the
-monitor on that channel (the spec, the host's stdout/stderr, the shm segment), which
-from then on is the enclave's channel to the monitor; the monitor tells the zygote
-whose process it is (``assigned``), and the zygote forks the next one.  Only when the
+its channel, its pipe (below) and ``/dev/null``, starts its process group, enters the
+sandbox, rehearses the runtime's set-up, and says ``warm``; the zygote then hands the
+other end of its channel to the monitor and keeps none.  A create is one ``become``
+message from the monitor on that channel (the spec, the host's stdout/stderr, the shm
+segment), which from then on is the enclave's channel to the monitor; the monitor tells the zygote
+whose process it is (``assigned``), and the zygote forks the next one once that
+enclave has said ``ready`` (a pipe the warm process closes then; at once if the monitor
+has none left), so that the fork does not compete with the start.  Only when the
 monitor has none left does it ask the zygote to ``spawn`` (a warm process forked for
 that create, given the enclave's socket with the spec).  A warm process forked after a
 spawn holds none of that enclave's fds: the zygote closes a spawn's fds before it
@@ -70,7 +72,8 @@ with ``exited``, and the pool is refilled).
 
 Before the eapp's code runs, every enclave process keeps only the fds it is meant to
 have -- 0 (``/dev/null``: never the monitor's terminal), 1 and 2 (what its host gave),
-its channel to the monitor and its shared-memory segment until mapped -- and enters
+its channel to the monitor, its shared-memory segment until mapped and its pipe to the
+zygote until it has said ready -- and enters
 the sandbox (:mod:`tvmrt._sandbox`), whose Landlock ruleset and seccomp program the
 zygote builds once at start.  An enclave that cannot enter it ends (exit status 70,
 the reason on its stderr): it never runs with less than ``ps`` shows.

@@ -240,7 +240,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
     # reach, a child's collections never write to (and so copy) those pages.
     gc.freeze()
 
-    def fork_warm() -> tuple[int, socket.socket]:
+    def fork_warm(rehearse: bool = True) -> tuple[int, socket.socket]:
         """Fork one warm process (see :func:`_warm`); returns its pid and the zygote's
         end of its channel.  The zygote holds no enclave's fds now (a spawn's are closed
         before anything else is forked), so the new process inherits none; what it does
@@ -262,7 +262,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             cend.close()
             raise
         if pid == 0:
-            _warm(me, cend, gate_w, prepared, devnull, maps, comm)
+            _warm(me, cend, gate_w, prepared, devnull, maps, comm, rehearse)
         os.close(gate_w)
         cend.close()
         gates[pid] = gate_r
@@ -301,15 +301,21 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             zend.close()
 
     def spawn_now(peer, spec, fds) -> int | None:
-        """No warm process was at hand (the monitor's were used up): fork one for
-        ``peer``, wait until it is ready, and give it the enclave's socket too (the
-        first of ``fds``).  Its pid, or None when it could not start (the monitor is
-        told why)."""
-        try:
-            pid, zend = fork_warm()
-        except OSError as exc:
-            wire.send(sock, {"op": "spawn_failed", "k": peer, "why": str(exc)})
-            return None
+        """No warm process was at hand (the monitor's were used up): take one that is
+        still getting ready (a burst outran the refill: its fork is paid already), else
+        fork one for ``peer`` without the rehearsal (it would only add to this wait);
+        wait until it is ready, and give it the enclave's socket too (the first of
+        ``fds``).  Its pid, or None when it could not start (the monitor is told why)."""
+        pid = next((p for p, z in warm.items() if z is not None), None)
+        if pid is not None:
+            zend = warm.pop(pid)
+            assert zend is not None
+        else:
+            try:
+                pid, zend = fork_warm(rehearse=False)
+            except OSError as exc:
+                wire.send(sock, {"op": "spawn_failed", "k": peer, "why": str(exc)})
+                return None
         try:
             _, mfds = wire.recv(zend, want_fds=True)
             try:
@@ -497,7 +503,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             wire.close_all(fds)
 
 
-def _warm(zygote_pid, chan, gate, prepared, devnull, maps, comm):
+def _warm(zygote_pid, chan, gate, prepared, devnull, maps, comm, rehearse=True):
     """A warm process: cut ties with the zygote, keep only its channel, enter the
     sandbox, say ``warm`` (the zygote then hands the channel to the monitor), wait for
     the ``become`` that makes it an enclave, and run its eapp.  Everything before the
@@ -508,7 +514,7 @@ def _warm(zygote_pid, chan, gate, prepared, devnull, maps, comm):
         memory.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != zygote_pid:
             os._exit(code)
-        memory._libc["prctl"](15, WARM_NAME, 0, 0, 0)       # PR_SET_NAME, for ps
+        memory.set_name(WARM_NAME)  # for ps, and for tests that tell them from enclaves
         # A process group of its own before the eapp runs: whatever it forks is in this
         # group, which the zygote kills when the enclave ends.  Not a session: with the
         # kernel's autogroup scheduling every session is a scheduling group of its own,
@@ -547,7 +553,11 @@ def _warm(zygote_pid, chan, gate, prepared, devnull, maps, comm):
             # said when there is an enclave (and its host's stderr) to say it to
             failed = exc
         else:
-            eapp_runtime.rehearse(chan)
+            try:
+                if rehearse:
+                    eapp_runtime.rehearse(chan)
+            except Exception:
+                pass                 # only a head start: the create does it for real
         try:
             wire.send(chan, {"op": "warm"}, mfds)
         finally:
@@ -571,7 +581,7 @@ def _warm(zygote_pid, chan, gate, prepared, devnull, maps, comm):
         os.dup2(err_fd, 2)
         os.close(out_fd)
         os.close(err_fd)
-        memory._libc["prctl"](15, comm, 0, 0, 0)
+        memory.set_name(comm)
         if failed is not None:
             print(f"tvmrt: enclave {spec.get('name')!r} cannot enter its sandbox "
                   f"({prepared.state}): {failed}", file=sys.stderr, flush=True)

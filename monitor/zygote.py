@@ -318,17 +318,25 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 return None
         try:
             _, mfds = wire.recv(zend, want_fds=True)
-            try:
-                if mfds:
-                    wire.send(sock, {"op": "maps", "k": peer}, mfds)
-            finally:
-                wire.close_all(mfds)
-            wire.send(zend, {"op": "become", "k": peer, "spec": spec, "sock": 1}, fds)
         except Exception as exc:
             kill_tree(pid)           # reaped (silently) by reap()
+            zend.close()
             wire.send(sock, {"op": "spawn_failed", "k": peer,
                              "why": f"the new process went away ({exc})"})
             return None
+        try:
+            if mfds:
+                wire.send(sock, {"op": "maps", "k": peer}, mfds)
+        finally:
+            wire.close_all(mfds)
+        # the monitor learns the pid before the enclave can say ready (a warm process
+        # answers at once): ``ps`` after a create shows it
+        enlist(pid, peer)
+        wire.send(sock, {"op": "spawned", "k": peer, "pid": pid})
+        try:
+            wire.send(zend, {"op": "become", "k": peer, "spec": spec, "sock": 1}, fds)
+        except Exception:
+            kill_tree(pid)           # its end is reported as the enclave's (``exited``)
         finally:
             zend.close()
         return pid
@@ -482,8 +490,6 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 wire.close_all(fds)
             if spid is None:
                 continue
-            enlist(spid, peer)
-            wire.send(sock, {"op": "spawned", "k": peer, "pid": spid})
             # the monitor had none left: a burst, or forks failed before (then try again)
             idle_forks = pool if refill() else 0
         elif op == "kill":

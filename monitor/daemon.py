@@ -20,10 +20,11 @@ import stat
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import replace
 
-from tvmrt import _memory as memory, _sandbox, _wire as wire
+from tvmrt import _memory as memory, _sandbox, _trace, _wire as wire
 from tvmrt._paths import default_socket_path
 from tvmrt.errors import (
     MonitorGone,
@@ -278,6 +279,10 @@ class Daemon:
         # the kernel checks access when the file is opened, so the monitor can read an
         # enclave's maps through it even as a non-root user (docs/design.md)
         self.maps: dict[int, int] = {}
+        #: warm processes the zygote handed over, oldest first: (pid, channel, maps fd
+        #: or None).  A create makes one of them its enclave by a message on its
+        #: channel, without a round trip through the zygote (docs/design.md).
+        self.warm: deque[tuple[int, socket.socket, int | None]] = deque()
         self.core: Core = None      # type: ignore[assignment]  # set by run()
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
@@ -311,7 +316,10 @@ class Daemon:
                 keep = theirs.fileno()
                 os.closerange(3, keep)
                 os.closerange(keep + 1, 65536)
-                zygote.serve(theirs, me, self.sandbox, self.support)
+                _trace.FD = None
+                _trace.reopen()         # debug only: the closeranges took its fd
+                zygote.serve(theirs, me, self.sandbox, self.support,
+                             maps=self.isolation == "strict")
             finally:
                 os._exit(0)
         theirs.close()
@@ -374,6 +382,9 @@ class Daemon:
             _raise_fd_limit()
             try:
                 self.core = self._make_core()
+                if _trace.FD is not None:
+                    self.core.message = _trace.traced_message(  # type: ignore[method-assign]
+                        self.core.message)
                 self.listener = self._listen()
             except BaseException:
                 self._stop_zygote()
@@ -620,6 +631,17 @@ class Daemon:
         op, peer = msg.get("op"), msg.get("k")
         if op == "maps" and len(fds) == 1 and peer in self.socks and peer not in self.maps:
             self.maps[peer] = fds.pop()
+        elif op == "warm":
+            if not fds or (self.isolation == "strict") != (len(fds) == 2):
+                # its fds were lost (this process is out of fds): the zygote kills it
+                self._zsend({"op": "drop", "pid": msg.get("pid")})
+            else:
+                chan = socket.socket(fileno=fds.pop(0))
+                mfd = fds.pop(0) if fds else None
+                if len(self.warm) < zygote.POOL_SIZE:
+                    self.warm.append((msg.get("pid"), chan, mfd))
+                else:               # more than the zygote should keep: not ours to hold
+                    self._drop_warm(msg.get("pid"), chan, mfd)
         wire.close_all(fds)
         if op == "spawned":
             self._apply(self.core.spawned(peer, msg.get("pid")))
@@ -675,7 +697,7 @@ class Daemon:
         except (OSError, ValueError, IndexError):
             fds = rss = -1
         return {"pid": os.getpid(), "fds": fds, "rss": rss, "segments": len(self.segs),
-                "sockets": len(self.socks)}
+                "sockets": len(self.socks), "warm": len(self.warm)}
 
     def _send(self, eff):
         peer, msg, segs = eff
@@ -817,9 +839,18 @@ class Daemon:
         return None
 
     def _spawn(self, eff):
-        """Have the zygote start the enclave of ``eff``; without the fds for its
-        socket pair the create is refused (ResourceExhausted) and nothing is left."""
+        """Make a warm process the enclave of ``eff`` (see :meth:`_become`), or, when
+        none is left, have the zygote start one for it; without the fds for its socket
+        pair the create is refused (ResourceExhausted) and nothing is left."""
         peer, spec, shm_seg, stdio = eff
+        if _trace.FD is not None:
+            _trace.mark("m_spawn")
+        while self.warm:
+            w = self.warm.popleft()
+            if self._become(w, peer, spec, shm_seg, stdio):
+                return
+            if self.warm and self.warm[0] is w:
+                break               # out of fds: kept for the next create
         mine = theirs = None
         null = None
         try:
@@ -848,6 +879,50 @@ class Daemon:
             theirs.close()
             if null is not None:
                 os.close(null)
+
+    def _become(self, w, peer, spec, shm_seg, stdio) -> bool:
+        """Send warm process ``w`` its spec and fds (its host's stdout and stderr, or
+        /dev/null; the shm segment): its channel is the enclave's from now on, and the
+        zygote is told whose process it is.  False when the process is gone."""
+        pid, chan, mfd = w
+        null = None
+        if stdio == "message" and len(self._fds) >= 2:
+            fds = self._fds[:2]
+        else:
+            try:
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                # out of fds: not the warm process's fault; the zygote's way refuses
+                # the create (ResourceExhausted) and this one waits for the next
+                self.warm.appendleft(w)
+                return False
+            fds = [null, null]
+        if shm_seg is not None and shm_seg in self.segs:
+            fds.append(self.segs[shm_seg].fd)
+        try:
+            wire.send(chan, {"op": "become", "k": peer, "spec": spec}, fds)
+        except (MonitorGone, OSError):
+            self._drop_warm(pid, chan, mfd)
+            return False
+        finally:
+            if null is not None:
+                os.close(null)
+        if _trace.FD is not None:
+            _trace.mark("m_sent")
+        chan.setblocking(False)
+        self.socks[peer] = chan
+        self.sel.register(chan, ("peer", peer))
+        if mfd is not None:
+            self.maps[peer] = mfd
+        self._zsend({"op": "assigned", "k": peer, "pid": pid})
+        self._apply(self.core.spawned(peer, pid))
+        return True
+
+    def _drop_warm(self, pid, chan, mfd) -> None:
+        chan.close()
+        if mfd is not None:
+            os.close(mfd)
+        self._zsend({"op": "drop", "pid": pid})
 
     def _zsend(self, msg, fds=()):
         try:
@@ -884,6 +959,11 @@ class Daemon:
         for fd in self.maps.values():
             os.close(fd)
         self.maps.clear()
+        while self.warm:
+            _, chan, mfd = self.warm.popleft()
+            chan.close()
+            if mfd is not None:
+                os.close(mfd)
         for shm in self.segs.values():
             shm.close_fd()
         self.segs.clear()

@@ -10,6 +10,7 @@ import pytest
 
 from tvmrt._embedded import EmbeddedMonitor
 from tvmrt.host import Host
+from tvmrt.monitor.zygote import WARM_NAME as _WARM
 
 EAPPS = Path(__file__).parent / "eapps"
 
@@ -63,6 +64,15 @@ def monitor_fds(mon) -> int:
             return h.ps()["monitor"]["fds"] - 1
 
 
+def wait_warm(mon, timeout=30):
+    """Wait until the monitor holds its full pool of warm processes (the channels it
+    holds to them are part of its idle fds)."""
+    from tvmrt.monitor.zygote import POOL_SIZE
+    with Host.connect(mon.path, embedded=False) as h:
+        assert wait_until(lambda: h.ps()["monitor"]["warm"] == POOL_SIZE, timeout), \
+            "the monitor's pool of warm processes did not fill"
+
+
 @pytest.fixture(scope="session")
 def monitor():
     mon = EmbeddedMonitor().start()
@@ -74,12 +84,15 @@ def monitor():
         assert wait_until(lambda: mon.ready_pipe not in _fd_targets(mon.pid), 10), \
             "the monitor kept its ready pipe open"
     except PermissionError:
-        # not root, and the monitor is non-dumpable: wait for its own count to settle
-        counts = [monitor_fds(mon)]
-        while len(counts) < 3 or counts[-1] != counts[-2]:
-            time.sleep(0.05)
-            counts.append(monitor_fds(mon))
-    mon.idle_fds = monitor_fds(mon)
+        pass
+    wait_warm(mon)
+    # the connection wait_warm made is closed on the monitor's side a moment later: wait
+    # for its count to settle
+    counts = [monitor_fds(mon)]
+    while len(counts) < 3 or counts[-1] != counts[-2] or counts[-2] != counts[-3]:
+        time.sleep(0.05)
+        counts.append(monitor_fds(mon))
+    mon.idle_fds = counts[-1]
     yield mon
     kids = proc.children(recursive=True)
     assert mon.stop() == 0, "the monitor did not exit 0 on SIGTERM"
@@ -105,11 +118,13 @@ def enclave_procs(mon):
 
 
 def _enclave_procs(mon):
-    """Processes below the monitor other than the zygote."""
+    """Processes below the monitor other than the zygote and its warm processes (forked
+    ahead, each to become an enclave: see monitor/zygote.py)."""
     out = []
     for k in psutil.Process(mon.pid).children(recursive=True):
         try:
-            if k.ppid() != mon.pid and k.status() != psutil.STATUS_ZOMBIE:
+            if (k.ppid() != mon.pid and k.status() != psutil.STATUS_ZOMBIE
+                    and k.name() != _WARM.decode()):
                 out.append(k)
         except psutil.NoSuchProcess:
             pass                  # it ended between the two calls

@@ -181,6 +181,12 @@ def _probe_kill() -> bool:
 _KILL_WORKS = _probe_kill()
 
 
+def set_name(name: bytes) -> None:
+    """``PR_SET_NAME``: this thread's name as ``ps`` and ``/proc/PID/comm`` show it (at
+    most 15 bytes are kept)."""
+    _libc["prctl"](15, name, 0, 0, 0)       # a fresh function pointer: a char* argument
+
+
 def set_pdeathsig(sig: int) -> None:
     """Ask the kernel to send ``sig`` to this process when its parent dies."""
     _libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG

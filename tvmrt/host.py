@@ -445,8 +445,9 @@ class Host:
         """What the monitor holds: enclaves (each with its ``sandbox`` state), regions and
         owners, host count, the ``sandbox`` state it gives new enclaves, and its
         ``public_key`` (raw Ed25519, 32 bytes: what its reports verify with), and
-        ``monitor``: the monitor process's ``pid``, ``fds``, ``rss`` (bytes), ``segments``
-        and ``sockets`` as it counts them itself."""
+        ``monitor``: the monitor process's ``pid``, ``fds``, ``rss`` (bytes), ``segments``,
+        ``sockets`` and ``warm`` (warm processes ready to become enclaves) as it counts
+        them itself."""
         r = self._request({"op": "ps"})
         return {"enclaves": r["enclaves"], "regions": r["regions"], "hosts": r["hosts"],
                 "sandbox": r.get("sandbox"), "public_key": r["public_key"],

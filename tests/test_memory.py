@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import secrets
 import signal
 import subprocess
@@ -9,7 +10,6 @@ import sys
 import textwrap
 import threading
 
-import posix_ipc
 import pytest
 
 from conftest import SHM_PREFIX, eapp, shm_names, wait_until
@@ -159,14 +159,15 @@ def test_penglai_names_port_line_by_line(clean):
 def test_leak_check_counts_only_this_projects_segments():
     """Another program's /dev/shm files cannot fail (or satisfy) the leak checks."""
     tag = secrets.token_hex(6)
-    foreign = posix_ipc.SharedMemory(f"/other-program.{tag}", posix_ipc.O_CREX, size=4096)
-    ours = posix_ipc.SharedMemory(f"/{SHM_PREFIX}0.{tag}", posix_ipc.O_CREX, size=4096)
+    # what shm_open makes: a file in /dev/shm
+    paths = [f"/dev/shm/other-program.{tag}", f"/dev/shm/{SHM_PREFIX}0.{tag}"]
+    for path in paths:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         names = shm_names()
         assert f"{SHM_PREFIX}0.{tag}" in names
         assert f"other-program.{tag}" not in names
     finally:
-        for seg in (foreign, ours):
-            seg.close_fd()
-            seg.unlink()
+        for path in paths:
+            os.unlink(path)
     assert f"{SHM_PREFIX}0.{tag}" not in shm_names()

@@ -98,6 +98,20 @@ def test_bench_quick_json_rows_goals_and_table():
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
+def test_sandbox_cost_rows_in_the_same_run():
+    """``--sandbox-cost``: the default mode's rows again with the enclaves unsandboxed,
+    each with its ratio to the sandboxed row of the same run."""
+    p = _tvmrt("--quick", "--json", "--isolation", "mprotect", "--sandbox-cost")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["isolations"] == ["mprotect", "nosandbox"] and res["sandbox"] != "off"
+    rows = {r["config"]: r for r in res["rows"]}
+    for k in ("null", "loan_4k", "create"):
+        assert rows[f"nosandbox_{k}"]["label"].endswith("[no sandbox]")
+        assert rows[f"nosandbox_{k}"]["vs_mprotect"] > 0
+
+
 def test_peers_rows_and_nothing_left_behind():
     """``--peers``: relay floor, tvmrt, multiprocessing.Pipe, and pyzmq's and iceoryx2's
     rows when they are installed; iceoryx2's processes and files are gone afterwards."""

@@ -494,6 +494,11 @@ def counts(ns) -> dict:
     return c
 
 
+#: a pseudo transfer mode for ``--sandbox-cost``: the default (mprotect) transfers with
+#: the enclaves unsandboxed, so that the sandbox's cost is a ratio of the same run
+NOSANDBOX = "nosandbox"
+
+
 def row_key(k: str, mode: str) -> str:
     """The row of tvmrt config ``k`` in transfer mode ``mode``."""
     return k if mode == "mprotect" else f"{mode}_{k}"
@@ -610,9 +615,13 @@ def measure(c: dict, progress=None, sandbox: bool = True,
                 if step == len(modes):
                     break
                 mode = modes[step]
-                tvm = Tvm(max_n, sandbox, mode)
+                if mode == NOSANDBOX:
+                    tvm = Tvm(max_n, False, "mprotect")
+                else:
+                    tvm = Tvm(max_n, sandbox, mode)
                 tvm.start()
-                state = tvm.state
+                if mode != NOSANDBOX or state is None:
+                    state = tvm.state
                 order = list(tvm_keys)
                 rng.shuffle(order)
                 for k in order:
@@ -663,7 +672,8 @@ def measure(c: dict, progress=None, sandbox: bool = True,
         for mode in (isolations if k in FLOORS else (None,)):
             key = k if mode is None else row_key(k, mode)
             n, med, p99 = stats[key]
-            lab = label if mode in (None, "mprotect") else f"{label} [{mode}]"
+            lab = label if mode in (None, "mprotect") else \
+                f"{label} [{'no sandbox' if mode == NOSANDBOX else mode}]"
             row = {"config": key, "label": lab, "n": n, "median_us": round(med, 3),
                    "p99_us": round(p99, 3), "floor": None, "ratio": None,
                    "goal": None, "met": None}
@@ -805,6 +815,8 @@ def _main(ns) -> int:
             else:
                 iso = getattr(ns, "isolation", "both") or "both"
                 isolations = ("mprotect", "strict") if iso == "both" else (iso,)
+                if getattr(ns, "sandbox_cost", False) and sandbox:
+                    isolations += (NOSANDBOX,)
                 res = measure(c, progress, sandbox=sandbox, isolations=isolations)
                 table = format_table(res)
     except KeyboardInterrupt:

@@ -564,6 +564,10 @@ def main(argv=None) -> int:
                    "with N live enclaves, monitor and enclave memory")
     b.add_argument("--no-sandbox", action="store_true",
                    help="the embedded monitor runs the enclaves without the sandbox")
+    b.add_argument("--sandbox-cost", action="store_true",
+                   help="also run the default mode's rows with the enclaves unsandboxed "
+                   "(rows [no sandbox], with their ratio to the sandboxed ones): the "
+                   "sandbox's cost in the same run")
     b.add_argument("--isolation", choices=ISOLATION_MODES + ("both",), default="both",
                    help="transfer mode(s) to measure: both (default) runs the rows in each "
                    "mode against the same floors, side by side")

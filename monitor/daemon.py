@@ -17,6 +17,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 import traceback
@@ -65,6 +66,18 @@ _SUN_PATH_MAX = 107
 
 
 _MAPS_BUF = bytearray(1 << 18)
+
+#: PROCMAP_QUERY (Linux 6.11): an ioctl on a ``/proc/PID/maps`` fd that answers "the
+#: mapping covering this address, or the next one" (of file-backed ones here) as numbers,
+#: without formatting the text: ``struct procmap_query`` (104 bytes; ``size``,
+#: ``query_flags``, ``query_addr`` in; ``vma_start``, ``vma_end``, ..., ``inode`` at
+#: byte 64, ``dev_major``, ``dev_minor`` at 72 out)
+_PMQ_SIZE = 104
+_PROCMAP_QUERY = (3 << 30) | (_PMQ_SIZE << 16) | (ord("f") << 8) | 17
+_PMQ_COVERING_OR_NEXT_FILE = 0x10 | 0x20
+_PMQ_BUF = bytearray(_PMQ_SIZE)
+_PMQ_IN = struct.Struct("<QQQ")
+_PMQ_OUT = struct.Struct("<QQQQQQII")        # vma_start ... inode, dev_major, dev_minor
 
 
 def _read_maps(fd: int) -> int:
@@ -701,21 +714,53 @@ class Daemon:
 
     def _verify(self, eff: Verify) -> None:
         """Strict mode: send ``eff.send`` unless a process of ``eff.checks`` still maps
-        the segment named; the first that does goes to the core instead."""
-        for peer, pid, seg in eff.checks:
-            shm = self.segs.get(seg)
-            if shm is not None and self._maps_segment(peer, pid, shm.name):
-                self._apply(self.core.isolation_violation(peer, seg, eff))
-                return
-        self._send(eff.send)
+        the segment named; the first that does goes to the core instead.
 
-    def _maps_segment(self, peer: int, pid: int, name: str) -> bool:
-        """Does process ``pid`` (of ``peer``) map the segment called ``name``, with any
-        protection?  A strict holder that gave a region up keeps no mapping at all:
-        even a PROT_NONE one could be mprotect'ed back.
+        Each process's maps text is read once for all its segments.  The receiver of
+        the Send (a check naming ``send.peer``: it had the region before) is checked
+        only over the address ranges its grants name, with :data:`_PROCMAP_QUERY`: its
+        runtime maps each region there (``MAP_FIXED``), which would replace -- hide --
+        a rogue mapping made at that address, while one made anywhere else stays and is
+        found at the region's next grant, when this receiver is a past holder."""
+        checks = eff.checks
+        send = eff.send
+        segs = self.segs
+        if len(checks) == 1:
+            peer, pid, seg = checks[0]
+            shm = segs.get(seg)
+            if shm is None:
+                bad = None
+            elif peer == send.peer:
+                bad = self._maps_in_ranges(peer, pid, ((seg, shm),), send.msg["g"])
+            else:
+                bad = self._maps_segments(peer, pid, ((seg, shm),))
+        else:
+            by_peer: dict[int, tuple[int, list]] = {}
+            for peer, pid, seg in checks:
+                shm = segs.get(seg)
+                if shm is not None:
+                    by_peer.setdefault(peer, (pid, []))[1].append((seg, shm))
+            bad = None
+            for peer, (pid, found) in by_peer.items():
+                if peer == send.peer:
+                    bad = self._maps_in_ranges(peer, pid, found, send.msg["g"])
+                else:
+                    bad = self._maps_segments(peer, pid, found)
+                if bad is not None:
+                    break
+        if bad is not None:
+            self._apply(self.core.isolation_violation(bad[0], bad[1], eff))
+            return
+        self._send(send)
+
+    def _maps_segments(self, peer: int, pid: int, segs) -> tuple[int, int] | None:
+        """Does process ``pid`` (of ``peer``) map one of ``segs`` (``(seg, _SegFd)``),
+        with any protection?  ``(peer, seg)`` of the first it maps, else None.  A strict
+        holder that gave a region up keeps no mapping at all: even a PROT_NONE one could
+        be mprotect'ed back.
 
         Reads ``/proc/PID/maps`` through the fd the enclave passed at birth (a host's is
-        opened by path: hosts are dumpable), and looks for the segment's unique name
+        opened by path: hosts are dumpable), and looks for each segment's unique name
         (``/memfd:tvmrt.<monitor pid>.<seg>.<random>``: the kernel prints the file's name in
         every mapping of it, including ones made from a dup of its fd) with
         ``bytes.find``: nothing else of the text is parsed.  A process that is gone
@@ -733,11 +778,62 @@ class Daemon:
                 finally:
                     os.close(opened)
         except (ProcessLookupError, FileNotFoundError):
-            return False
+            return None
         except OSError as exc:
             self._log(f"peer {peer}: cannot read its maps ({exc}): treated as a violation")
-            return True
-        return _MAPS_BUF.find(name.encode(), 0, n) >= 0
+            return peer, segs[0][0]
+        find = _MAPS_BUF.find
+        for seg, shm in segs:
+            if find(shm.needle, 0, n) >= 0:
+                return peer, seg
+        return None
+
+    def _maps_in_ranges(self, peer: int, pid: int, segs, grants) -> tuple[int, int] | None:
+        """The receiver's check (see :meth:`_verify`): does process ``pid`` map one of
+        ``segs`` anywhere in the range its grant in ``grants`` names?  One
+        PROCMAP_QUERY per file-backed mapping from the range's start (in remap mode
+        there is none in it: one ioctl that finds the next one past it); a kernel
+        without the ioctl gets the whole maps text read instead."""
+        fd = self.maps.get(peer)
+        opened = -1
+        buf = _PMQ_BUF
+        try:
+            if fd is None:
+                opened = fd = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+            for seg, shm in segs:
+                ident = shm.ident()
+                for x in grants:
+                    if x[0] != seg:
+                        continue
+                    addr = x[1]
+                    end = addr + x[2]
+                    while addr < end:
+                        _PMQ_IN.pack_into(buf, 0, _PMQ_SIZE, _PMQ_COVERING_OR_NEXT_FILE, addr)
+                        try:
+                            fcntl.ioctl(fd, _PROCMAP_QUERY, buf, True)
+                        except OSError as exc:
+                            if exc.errno == errno.ENOENT:
+                                break               # no file mapping from here on
+                            raise
+                        v = _PMQ_OUT.unpack_from(buf, 24)
+                        if v[0] >= end:
+                            break
+                        if (v[5], v[6], v[7]) == ident:
+                            return peer, seg
+                        addr = v[1]
+        except (ProcessLookupError, FileNotFoundError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                return None                         # its memory is gone
+            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                return self._maps_segments(peer, pid, segs)     # before Linux 6.11
+            self._log(f"peer {peer}: cannot query its maps ({exc}): treated as a violation")
+            return peer, segs[0][0]
+        finally:
+            if opened >= 0:
+                os.close(opened)
+        return None
 
     def _resized(self, grants):
         """The first granted segment whose size is not its region's.
@@ -924,11 +1020,22 @@ class Daemon:
 class _SegFd:
     """The monitor's fd of a segment (a sealed memfd, or a dup of one for a split
     region's half) and the name its mappings show in ``/proc/PID/maps``."""
-    __slots__ = ("fd", "name")
+    __slots__ = ("fd", "name", "needle", "_ident")
 
     def __init__(self, fd: int, name: str):
         self.fd = fd
         self.name = name        # the file's (a split half shares its first half's)
+        self.needle = name.encode()
+        self._ident: tuple[int, int, int] | None = None
+
+    def ident(self) -> tuple[int, int, int]:
+        """The file's (inode, device major, minor), as PROCMAP_QUERY reports a mapping
+        of it (an fstat at the first strict check that needs it)."""
+        i = self._ident
+        if i is None:
+            st = os.fstat(self.fd)
+            i = self._ident = (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev))
+        return i
 
     def close_fd(self) -> None:
         if self.fd >= 0:

@@ -25,7 +25,7 @@ segment) in :attr:`Driver.cheat` (a process that keeps a mapping of a segment it
 up) is reported with ``isolation_violation``, else the Send is performed.  The
 invariant checked at every Send: no relay segment is granted while a process that
 cheated on it still lives (nothing is granted until the violator has exited), and a
-Verify names every other live holder of the segment the core knows of.
+Verify names every live holder of the segment the core knows of (its receiver too).
 
 Every violation raises :class:`Violation` (an AssertionError) at the effect that shows it.
 :meth:`Driver.check` verifies the invariants of the core's state between events, and
@@ -376,22 +376,14 @@ class Driver:
                         self.core.message(peer, {"op": "ready"}, 0, self.now), src)
         return done
 
-    def withdrawn(self, peer):
-        """Strict: segments granted to ``peer`` in a Send that was held and then went
-        without them (the core still counts it as a mapper)."""
-        got = {g[0] for e in self.effects if type(e) is Verify and e.send.peer == peer
-               for g in e.send.msg.get("g", ())}
-        return got - set(self.mapped[peer])
-
     def _verify(self, eff, src):
         """Perform a Verify as the shell does (the cheat set plays /proc/PID/maps)."""
         _assert(self.strict, "a Verify in the default mode")
-        checks, send = eff
+        checks, send = eff.checks, eff.send
         _assert(type(send) is Send and checks, f"bad verify {eff!r:.200}")
         remap = {g[0] for g in send.msg.get("g", ()) if g[4] == "remap"}
         for peer, _pid, seg in checks:
             _assert(seg in remap, f"verify of segment {seg} the send does not grant")
-            _assert(peer != send.peer, "verify of the receiver itself")
             _assert(peer in self.core.peers, f"verify of unknown peer {peer}")
         for peer, _pid, seg in checks:
             if (peer, seg) in self.cheat:
@@ -409,7 +401,7 @@ class Driver:
             r = self.core.seg_region.get(seg)
             for m in (r.mappers if r is not None else ()):
                 q = self.core.peers.get(m)
-                if m != send.peer and q is not None and (m, seg) in self.cheat:
+                if q is not None and (m, seg) in self.cheat:
                     _assert((m, seg) in named, f"cheater {m} on {seg} was not checked")
         return self._apply([send], src)
 
@@ -434,7 +426,7 @@ class Driver:
             # (a former holder of a region that was split drops its old mapping)
             _assert(seg in self.freed or seg in self.failed or peer in self.hosts
                     or seg in self.core.fsize, f"drop of segment {seg} that is still live")
-            _assert(seg in mapped or self.strict and seg in self.withdrawn(peer),
+            _assert(seg in mapped,
                     f"drop of segment {seg} that {peer} does not map (or a duplicate drop)")
             mapped.pop(seg, None)
         fd_segs = []
@@ -451,8 +443,7 @@ class Driver:
                 # the region up), and never while a cheater on it still lives
                 _assert(has_fd == 1, f"strict grant without the fd: {g}")
                 for q, s2 in self.caught | self.cheat:
-                    _assert(s2 != seg or q == peer
-                            or (q in self.enclaves and q not in self.procs),
+                    _assert(s2 != seg or (q in self.enclaves and q not in self.procs),
                             f"segment {seg} granted to {peer} while {q}, which kept a "
                             f"mapping of it, still lives")
                 fd_segs.append(seg)
@@ -670,16 +661,10 @@ class Driver:
             for r in regs:
                 if pid_ in r.mappers:
                     _assert(r.seg in q.segs, f"mapper {pid_} of {r.id:#x} lacks its segment")
+            # (strict: a Send held until a process is reaped is not counted: the core
+            # records a grant when it goes)
             seen = set(self.mapped[pid_]) - set(q.drops)
-            # (strict: a grant held until a violator dies is counted by the core already)
-            extra = q.segs - seen - held
-            if self.strict:
-                # a grant withdrawn after a violation (the region went elsewhere while the
-                # Send was held) leaves its receiver counted: it gets a drop it ignores
-                extra = {s for s in extra if (r := segs_of.get(s)) is not None
-                         and r.kind == "relay" and r.owner != pid_}
-            _assert(seen == q.segs or seen | (held & q.segs) | extra == q.segs,
-                    f"peer {pid_} maps {sorted(seen)} but the core thinks "
+            _assert(seen == q.segs, f"peer {pid_} maps {sorted(seen)} but the core thinks "
                     f"{sorted(q.segs)}")
         # quotas
         for r in regs:

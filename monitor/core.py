@@ -452,7 +452,7 @@ class Core:
             self._drop_account(a)
         for m in r.mappers:
             p = self.peers.get(m)
-            if p is not None and p.alive:
+            if p is not None and p.alive and r.seg in p.segs:
                 p.segs.discard(r.seg)
                 p.drops.append(r.seg)
         if not r.revoked:
@@ -1451,7 +1451,10 @@ def _h_detach(core, fx, p, msg, rid, nfds, now):
     if r.seg not in p.segs:
         raise E.BadState(f"region {r.id:#x} is not attached")
     p.segs.discard(r.seg)
-    r.mappers.discard(p.id)
+    if kind == "shm" or core.config.isolation != "strict":
+        r.mappers.discard(p.id)
+    # (strict: a host that detached a schrodinger region stays one of its mappers, a
+    # past holder checked at the region's grants like any other: it may keep a mapping)
     core._send(fx, p.id, {"op": "r", "rid": rid, "d": [r.seg]})
 
 

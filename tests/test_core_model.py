@@ -712,7 +712,7 @@ def test_core_model():
 
 @pytest.mark.timeout(120)
 def test_core_model_strict():
-    run_state_machine_as_test(StrictMachine, settings=_settings)
+    run_state_machine_as_test(StrictMachine, settings=settings(_settings, max_examples=300))
 
 
 @pytest.mark.timeout(120)

@@ -1396,9 +1396,18 @@ class Core:
         root = e.stopped_by
         e.stopped_by = None
         if root is e:
-            for m in self._stopped_by(e):
-                self._cont_member(fx, m)
+            self._cont_members(fx, self._stopped_by(e))
             fx.append(Log(f"enclave {e.name!r} ended stopped: its chain resumes"))
+
+    def _cont_members(self, fx, members: list[Enclave]) -> None:
+        """Continue ``members`` (the whole of one stop), in order.  None is stopped any
+        more before the first goes on: an idle server continued first takes the queued
+        call of a member continued later, which would otherwise stop it again on behalf
+        of a stop that is over."""
+        for m in members:
+            m.stopped_by = None
+        for m in members:
+            self._cont_member(fx, m)
 
     def stop(self, fx, e: Enclave) -> list[int]:
         """Stop ``e`` and the servers running its chain; returns their handles."""
@@ -1411,8 +1420,7 @@ class Core:
         """Continue everything the stop of ``e`` stopped; returns their handles."""
         members = self._stopped_by(e)
         members.sort(key=lambda m: m is not e)      # the root first
-        for m in members:
-            self._cont_member(fx, m)
+        self._cont_members(fx, members)
         return [m.handle for m in members]
 
     def report(self, e: Enclave, nonce: int) -> dict:

@@ -26,6 +26,9 @@ up) is reported with ``isolation_violation``, else the Send is performed.  The
 invariant checked at every Send: no relay segment is granted while a process that
 cheated on it still lives (nothing is granted until the violator has exited), and a
 Verify names every live holder of the segment the core knows of (its receiver too).
+The core's record of what each process maps (``Peer.segs``, less its pending drops)
+is what that process has received, exactly, in both modes: a Send held until a
+process is reaped, or stopped by a Verify, is not counted.
 
 Every violation raises :class:`Violation` (an AssertionError) at the effect that shows it.
 :meth:`Driver.check` verifies the invariants of the core's state between events, and

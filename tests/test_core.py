@@ -1694,3 +1694,22 @@ def test_strict_a_host_keeping_a_mapping_after_detach_is_checked_at_the_next_gra
     assert d.violations == 1 and h not in d.core.peers and sid not in d.core.regions
     d.check()
     d.finish()
+
+
+def test_a_resume_whose_idle_server_takes_a_queued_call_of_the_chain_stops_nothing_again(d):
+    """c -> s2 -> s1, stopped at c; s1's return and s2's second call to s1 were in
+    flight (s1 idles stopped, the call queues).  The resume continues s1 before s2 (slot
+    order): s1 takes s2's call then, and must not be stopped again on behalf of the
+    stop that is over (found by the strict model test; both modes)."""
+    h, c, [(s1, h1), (s2, h2)] = _world(d, 2)
+    call(d, c, h2, [0] * 6)
+    call(d, s2, h1, [0] * 6)
+    d.take(s1), d.take(s2)
+    ch = d.core.peers[c].enclave.handle
+    assert ok(hreq(d, h, "stop", handle=ch))["stopped"]
+    ereq(d, s1, "ret", a=[0] * 6)
+    call(d, s2, h1, [0] * 6)
+    assert len(d.core.peers[s1].enclave.queue) == 1
+    assert ok(hreq(d, h, "resume", handle=ch))["resumed"]
+    assert all(d.core.peers[p].enclave.stopped_by is None for p in (c, s1, s2))
+    assert d.core.peers[s1].enclave.state == C.SERVING and not d.stopped

@@ -157,6 +157,7 @@ class Driver:
         self.last_reply = None                # the reply to the last message()
         self.effects: list = []               # every effect, in order
         self.mark = 0                         # where the current event's effects start
+        self.held_before: set = set()         # (peer, op, a) of the Sends held before it
         self._pid = 1000
 
     # ------------------------------------------------------------------ events
@@ -175,7 +176,7 @@ class Driver:
 
     def message(self, peer, msg, nfds=0):
         """Deliver ``msg`` from ``peer``; check its reply accounting; return the effects."""
-        self.mark = len(self.effects)
+        self._begin()
         p = self.core.peers.get(peer)
         was_alive = p is not None and p.alive
         rid = msg.get("rid")
@@ -217,7 +218,7 @@ class Driver:
         return fx
 
     def disconnected(self, peer):
-        self.mark = len(self.effects)
+        self._begin()
         _assert(peer in self.open, f"the shell has no socket for {peer}")
         self.open.discard(peer)
         if peer in self.hosts:
@@ -225,7 +226,7 @@ class Driver:
         return self._apply(self.core.disconnected(peer))
 
     def exited(self, peer, how="killed by signal 9"):
-        self.mark = len(self.effects)
+        self._begin()
         _assert(peer in self.procs, f"no process for {peer}")
         self.procs.discard(peer)
         # the socket may still hold messages: the core learns of the death with the EOF
@@ -247,13 +248,20 @@ class Driver:
         return self.message(peer, {"op": "ready"})
 
     def tick(self, dt=0.0):
-        self.mark = len(self.effects)
+        self._begin()
         self.now += dt
         return self._apply(self.core.tick(self.now))
 
     def shutdown(self):
-        self.mark = len(self.effects)
+        self._begin()
         return self._apply(self.core.shutdown())
+
+    def _begin(self):
+        """An event starts: where its effects start, and the Sends the core holds (strict
+        mode) before it -- one released now was built in an earlier event."""
+        self.mark = len(self.effects)
+        self.held_before = {(send.peer, send.msg.get("op"), tuple(send.msg.get("a") or ()))
+                            for sends in self.core.held.values() for send, _why in sends}
 
     # ------------------------------------------------------------------ effects
     def _apply(self, fx, src=None):
@@ -426,8 +434,11 @@ class Driver:
         if peer in self.stopped and msg.get("op") in ("call", "start"):
             # only a call of the stopped chain it joins now (a call its root sent before
             # its stop reached it): stopped in this very event, never a run
-            _assert(msg["op"] == "call" and Signal(peer, "stop") in self.effects[self.mark:],
-                    f"work {msg!r:.100} sent to stopped {peer}")
+            # (strict: or a call held since such an event, for a holder to be reaped)
+            _assert(msg["op"] == "call" and (
+                Signal(peer, "stop") in self.effects[self.mark:]
+                or (peer, "call", tuple(msg["a"])) in self.held_before),
+                f"work {msg!r:.100} sent to stopped {peer}")
         mapped = self.mapped[peer]
         for seg in msg.get("d", ()):
             # (a former holder of a region that was split drops its old mapping)

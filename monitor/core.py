@@ -44,12 +44,16 @@ Effects:
 Strict mode (``Config.isolation == "strict"``, DESIGN.md §2 ``remap``): a relay grant
 always carries the fd (kind ``"remap"``: the receiver unmaps the region when it gives it
 up, so it keeps neither mapping nor fd), and every Send that grants a relay region is
-wrapped in a ``Verify`` naming each other live peer that ever had the segment.  A peer
-found still mapping it is a violator: an enclave is killed and the Send is held until
-its process is reaped (nothing is granted while it lives), then goes out with the grants
-still valid, a reply turned into an ``IsolationViolation`` error; a host is cut off and
-the regions it still maps are freed.  The default mode never builds a Verify: its paths
-are the methods of the class, strict mode's are bound per instance in ``__init__``.
+wrapped in a ``Verify`` naming each live peer that ever had the segment -- its receiver
+too, which gave it up when it last held it.  A peer found still mapping it is a
+violator: an enclave is killed and the Send is held until its process is reaped
+(nothing is granted while it lives), then goes out with the grants still valid, a reply
+turned into an ``IsolationViolation`` error; a host is cut off and the regions it still
+maps are freed.  A Send is recorded (the segments its fds give the receiver, the drops
+it carries) when it is emitted, by ``_send`` alone: one held is not emitted, one a
+Verify stopped is undone (``_unsend``).  The default mode never builds a Verify: its
+paths are the methods of the class, strict mode's are bound per instance in
+``__init__``.
 
 Every change of ownership goes through ``_lend``, ``_take``, ``_unlend``, ``_give``,
 ``_return_to_lender``, ``_skip_lender`` and ``_free``; every change of an enclave's
@@ -448,7 +452,7 @@ class Core:
             self._drop_account(a)
         for m in r.mappers:
             p = self.peers.get(m)
-            if p is not None and p.alive:
+            if p is not None and p.alive and r.seg in p.segs:
                 p.segs.discard(r.seg)
                 p.drops.append(r.seg)
         if not r.revoked:
@@ -464,7 +468,13 @@ class Core:
         return p
 
     def _send(self, fx, peer_id, msg, segs: Sequence[int] = ()):
-        """Queue a send, piggybacking pending unmaps for that peer."""
+        """Queue a send, piggybacking pending unmaps for that peer.
+
+        The one place where the core's record of what a process maps changes with a
+        grant: the segments whose fds go (``segs``) become the receiver's (``Peer.segs``,
+        ``Region.mappers``) as the Send is emitted, not when its grants are built
+        (strict mode may hold a Send, or have it refused by a Verify:
+        :meth:`_send_strict`, :meth:`_unsend`)."""
         p = self.peers.get(peer_id)
         if p is None or not p.alive:
             return
@@ -472,10 +482,19 @@ class Core:
             d = msg.get("d")
             msg["d"] = p.drops + d if d else p.drops
             p.drops = []
+        if segs:
+            ps = p.segs
+            sr = self.seg_region
+            for s in segs:
+                ps.add(s)
+                r = sr.get(s)
+                if r is not None:
+                    r.mappers.add(peer_id)
         fx.append(_tuple_new(Send, (peer_id, msg, segs)))
 
     def _grants(self, peer_id, regions):
-        """Grant list for ``regions`` to ``peer_id`` and the segments whose fds must go.
+        """Grant list for ``regions`` to ``peer_id`` and the segments whose fds must go
+        (recorded as the receiver's by :meth:`_send`, when the grant goes).
 
         A host gets no grant for a schrodinger region it does not map (it detached it, or
         never attached it): it owns it again, and attaches it when it wants.
@@ -491,8 +510,6 @@ class Core:
                 if host:
                     continue
                 segs.append(r.seg)
-                p.segs.add(r.seg)
-                r.mappers.add(peer_id)
             # has_fd: 1 + the region's offset in the file (a split half starts inside it)
             g.append([r.seg, r.vaddr, r.length, 1 + r.off if need else 0, r.kind])
         return g, segs
@@ -512,16 +529,12 @@ class Core:
                 if host and not known:
                     continue
                 segs.append(r.seg)
-                p.segs.add(r.seg)
-                r.mappers.add(peer_id)
                 g.append([r.seg, r.vaddr, r.length, 1 + r.off, "remap"])
                 continue
             if not known:
                 if host:
                     continue
                 segs.append(r.seg)
-                p.segs.add(r.seg)
-                r.mappers.add(peer_id)
             g.append([r.seg, r.vaddr, r.length, 0 if known else 1 + r.off, r.kind])
         return g, segs
 
@@ -533,43 +546,88 @@ class Core:
 
     def _send_strict(self, fx, peer_id, msg, segs: Sequence[int] = ()):
         """:meth:`_send` of strict mode: a Send granting relay regions becomes a
-        ``Verify`` of every other live peer that ever had one of those segments (its
-        ``mappers``: past holders, lenders included -- none may map it now)."""
-        n = len(fx)
-        Core._send(self, fx, peer_id, msg, segs)
-        g = msg.get("g")
-        if len(fx) == n or not g:
+        ``Verify`` of every live peer that ever had one of those segments (its
+        ``mappers``: past holders, lenders included, and the receiver if it had it
+        before -- none may map it now).
+
+        A Send that must wait for a holder's process to be reaped is held *unsent*:
+        nothing of it is recorded (the receiver does not map its segments yet) and the
+        drops it would have carried stay the receiver's, for its next message."""
+        p = self.peers.get(peer_id)
+        if p is None or not p.alive:
             return
+        g = msg.get("g")
         checks = []
-        for x in g:
-            if x[4] != "remap":
-                continue
-            r = self.seg_region.get(x[0])
-            if r is None:
-                continue
-            # every holder it knows of, and every enclave that had it and has ended
-            # (``_settle`` forgets it as a mapper) but whose process is not reaped yet
-            who = set(r.mappers)
-            who.update(q.id for q in self.peers.values()
-                       if q.kind == ENCLAVE and x[0] in q.segs and q.enclave.state == DONE)
-            for m in sorted(who):
-                if m == peer_id:
+        if g:
+            for x in g:
+                if x[4] != "remap":
                     continue
-                q = self.peers.get(m)
-                if q is None:
-                    continue        # gone: an enclave's process was reaped, its maps too
-                if q.kind == ENCLAVE and q.enclave.state == DONE:
-                    # finished or killed, its process not reaped yet: it may still map
-                    # the segment, so the Send waits for the reaping (then goes through
-                    # here again)
-                    send = fx.pop()
-                    self.held.setdefault(m, []).append((send, None))
-                    return
-                pid_ = q.pid if q.kind == HOST else q.enclave.pid
-                if pid_ is not None:
-                    checks.append((m, pid_, x[0]))
-        if checks:
-            fx[-1] = Verify(tuple(sorted(checks)), fx[-1])
+                r = self.seg_region.get(x[0])
+                if r is None:
+                    continue
+                # every holder it knows of, and every enclave that had it and has ended
+                # (``_settle`` forgets it as a mapper) but whose process is not reaped yet
+                who = set(r.mappers)
+                who.update(q.id for q in self.peers.values()
+                           if q.kind == ENCLAVE and x[0] in q.segs
+                           and q.enclave.state == DONE)
+                # the receiver too: in remap mode it unmapped the region when it last gave
+                # it up, and its runtime's fresh mapping would hide (replace) a rogue one
+                # made at the same address; a peer that never had the fd is not checked
+                for m in sorted(who):
+                    q = self.peers.get(m)
+                    if q is None:
+                        continue    # gone: an enclave's process was reaped, its maps too
+                    if q.kind == ENCLAVE and q.enclave.state == DONE:
+                        # finished or killed, its process not reaped yet: it may still
+                        # map the segment, so the Send waits for the reaping (then goes
+                        # through here again)
+                        self.held.setdefault(m, []).append(
+                            (self._unsent(p, Send(peer_id, msg, segs)), None))
+                        return
+                    pid_ = q.pid if q.kind == HOST else q.enclave.pid
+                    if pid_ is not None:
+                        checks.append((m, pid_, x[0]))
+        if not checks:
+            Core._send(self, fx, peer_id, msg, segs)
+            return
+        # what emitting it records, for :meth:`_unsend` if the Verify stops it
+        ps = p.segs
+        fresh = tuple(s for s in segs if s not in ps)
+        sr = self.seg_region
+        newm = tuple(s for s in segs
+                     if (r := sr.get(s)) is not None and peer_id not in r.mappers)
+        Core._send(self, fx, peer_id, msg, segs)
+        fx[-1] = Verify(tuple(sorted(checks)), fx[-1], (fresh, newm))
+
+    def _unsent(self, p: Peer, send: Send) -> Send:
+        """``send`` to ``p`` does not go now: the drops it carries go back to ``p``'s
+        pending ones (they ride on its next message; drops never wait).  Returns it
+        without them."""
+        d = send.msg.get("d")
+        if not d:
+            return send
+        msg = dict(send.msg)
+        del msg["d"]
+        p.drops = list(d) + p.drops
+        return Send(send.peer, msg, send.segs)
+
+    def _unsend(self, v: Verify) -> Send:
+        """The shell did not perform ``v.send`` (a check of ``v`` failed): undo what
+        emitting it recorded -- the mappings its fds were to make, the drops it
+        carried -- and return it as it was built, to be held or sent again."""
+        send = v.send
+        d = self.peers.get(send.peer)
+        if d is None:
+            return send
+        fresh, newm = v.undo
+        for s in fresh:
+            d.segs.discard(s)
+        for s in newm:
+            r = self.seg_region.get(s)
+            if r is not None:
+                r.mappers.discard(send.peer)
+        return self._unsent(d, send)
 
     def _waits_for(self, start: Enclave, target: Enclave) -> bool:
         """Does ``start`` wait (through its outgoing calls, transitively) for ``target``?"""
@@ -889,7 +947,7 @@ class Core:
         verified again); a host violator is cut off and the regions it still maps are
         freed (a host cannot be killed: its mapping stays, so those go to nobody)."""
         fx: list = []
-        send = verify.send
+        send = self._unsend(verify)
         r = self.seg_region.get(seg)
         where = f" (region at {r.vaddr:#x})" if r is not None else ""
         why = (f"segment {seg}{where} is still mapped by a process that gave it up: "
@@ -920,32 +978,33 @@ class Core:
         return fx
 
     def _resend(self, fx, send: Send, why: str | None = None) -> None:
-        """Send a held ``send`` again with only the grants still valid (a region that
-        exists and is the receiver's, or shared); with ``why``, a reply becomes an
-        IsolationViolation error carrying them.  It is verified again (strict ``_send``)."""
+        """Send a held (unsent: :meth:`_unsend`) ``send`` again with only the grants
+        still valid (a region that exists and is the receiver's, or shared); with
+        ``why``, a reply becomes an IsolationViolation error carrying them.  It is
+        verified again (strict ``_send``), and recorded when it goes."""
         dest = send.peer
         d = self.peers.get(dest)
         if d is None or not d.alive:
             return
         msg = dict(send.msg)
-        keep = []
+        g: list = []
+        segs: list = []
         for x in msg.get("g") or ():
             r = self.seg_region.get(x[0])
-            if r is not None and (r.kind == "shm" or r.owner == dest):
-                if x[3] and r.kind != "relay":
-                    d.segs.discard(r.seg)       # its fd never went: it goes now
-                keep.append(r)
+            if r is None or not (r.kind == "shm" or r.owner == dest):
+                continue
+            if x[4] == "remap":
+                g.append(x)             # a remap grant always carries the fd
+                segs.append(r.seg)
+            else:
+                g1, s1 = self._grants(dest, [r])      # the fd goes if it is not mapped
+                g += g1
+                segs += s1
         if why is not None and msg.get("op") == "r":
-            err = _err(E.IsolationViolation(why), msg.get("rid"))
-            if "d" in msg:
-                err["d"] = msg["d"]
-            msg = err
-        segs: Sequence[int] = ()
+            msg = _err(E.IsolationViolation(why), msg.get("rid"))
         if "g" in send.msg:
-            msg["g"], segs = self._grants(dest, keep)
-        if msg.get("op") == "grant" and not msg.get("g"):
-            if msg.get("d"):
-                d.drops = msg["d"] + d.drops    # they ride on its next message instead
+            msg["g"] = g
+        if msg.get("op") == "grant" and not g:
             return
         self._send(fx, dest, msg, segs)
 
@@ -1337,9 +1396,18 @@ class Core:
         root = e.stopped_by
         e.stopped_by = None
         if root is e:
-            for m in self._stopped_by(e):
-                self._cont_member(fx, m)
+            self._cont_members(fx, self._stopped_by(e))
             fx.append(Log(f"enclave {e.name!r} ended stopped: its chain resumes"))
+
+    def _cont_members(self, fx, members: list[Enclave]) -> None:
+        """Continue ``members`` (the whole of one stop), in order.  None is stopped any
+        more before the first goes on: an idle server continued first takes the queued
+        call of a member continued later, which would otherwise stop it again on behalf
+        of a stop that is over."""
+        for m in members:
+            m.stopped_by = None
+        for m in members:
+            self._cont_member(fx, m)
 
     def stop(self, fx, e: Enclave) -> list[int]:
         """Stop ``e`` and the servers running its chain; returns their handles."""
@@ -1352,8 +1420,7 @@ class Core:
         """Continue everything the stop of ``e`` stopped; returns their handles."""
         members = self._stopped_by(e)
         members.sort(key=lambda m: m is not e)      # the root first
-        for m in members:
-            self._cont_member(fx, m)
+        self._cont_members(fx, members)
         return [m.handle for m in members]
 
     def report(self, e: Enclave, nonce: int) -> dict:
@@ -1382,8 +1449,6 @@ def _h_attach(core, fx, p, msg, rid, nfds, now):
         raise E.RegionLoaned(f"schrodinger region {r.id:#x} is held by an enclave")
     if r.seg in p.segs:
         raise E.BadState(f"region {r.id:#x} is already attached")
-    p.segs.add(r.seg)
-    r.mappers.add(p.id)
     core._send(fx, p.id, {"op": "r", "rid": rid, "vaddr": r.vaddr, "size": r.length,
                           "g": [[r.seg, r.vaddr, r.length, 1, core._kind(r)]]}, [r.seg])
 
@@ -1394,7 +1459,10 @@ def _h_detach(core, fx, p, msg, rid, nfds, now):
     if r.seg not in p.segs:
         raise E.BadState(f"region {r.id:#x} is not attached")
     p.segs.discard(r.seg)
-    r.mappers.discard(p.id)
+    if kind == "shm" or core.config.isolation != "strict":
+        r.mappers.discard(p.id)
+    # (strict: a host that detached a schrodinger region stays one of its mappers, a
+    # past holder checked at the region's grants like any other: it may keep a mapping)
     core._send(fx, p.id, {"op": "r", "rid": rid, "d": [r.seg]})
 
 

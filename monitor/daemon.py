@@ -67,6 +67,45 @@ _SUN_PATH_MAX = 107
 
 _MAPS_BUF = bytearray(1 << 18)
 
+#: PROCMAP_QUERY (Linux 6.11): an ioctl on a ``/proc/PID/maps`` fd that answers "the
+#: file-backed mapping covering this address, or the next one" as numbers, without
+#: formatting any text.  ``struct procmap_query`` is 13 u64 slots here (104 bytes): in
+#: [0] size, [1] flags, [2] address; out [3] start, [4] end, [8] inode, [9] device
+#: (major | minor << 32)
+_PMQ_SIZE = 104
+_PROCMAP_QUERY = (3 << 30) | (_PMQ_SIZE << 16) | (ord("f") << 8) | 17
+_PMQ_COVERING_OR_NEXT_FILE = 0x10 | 0x20
+_PMQ_BUF = bytearray(_PMQ_SIZE)
+_PMQ = memoryview(_PMQ_BUF).cast("Q")
+_PMQ[0] = _PMQ_SIZE
+_PMQ[1] = _PMQ_COVERING_OR_NEXT_FILE
+_ADDR_END = 1 << 64
+
+
+def _pmq_find(fd: int, lo: int, hi: int, idents) -> tuple[int, int] | None:
+    """The first file mapping in ``[lo, hi)`` of the process whose maps ``fd`` is that
+    maps a file of ``idents`` ((inode, device) pairs): its pair, else None.  One
+    PROCMAP_QUERY per file-backed mapping from ``lo`` (the kernel skips the anonymous
+    ones); OSError from the ioctl (ENOTTY before Linux 6.11)."""
+    q = _PMQ
+    buf = _PMQ_BUF
+    ioctl = fcntl.ioctl
+    addr = lo
+    while addr < hi:
+        q[2] = addr
+        try:
+            ioctl(fd, _PROCMAP_QUERY, buf, True)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None         # no file mapping from here on
+            raise
+        if q[3] >= hi:
+            return None
+        if (q[8], q[9]) in idents:
+            return q[8], q[9]
+        addr = q[4]
+    return None
+
 
 def _read_maps(fd: int) -> int:
     """Read the whole text of a ``/proc/PID/maps`` through an open fd, from its start,
@@ -283,6 +322,7 @@ class Daemon:
         #: or None).  A create makes one of them its enclave by a message on its
         #: channel, without a round trip through the zygote (docs/design.md).
         self.warm: deque[tuple[int, socket.socket, int | None]] = deque()
+        self._pmq = True        # PROCMAP_QUERY works here (until ENOTTY says not)
         self.core: Core = None      # type: ignore[assignment]  # set by run()
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
@@ -723,43 +763,101 @@ class Daemon:
 
     def _verify(self, eff: Verify) -> None:
         """Strict mode: send ``eff.send`` unless a process of ``eff.checks`` still maps
-        the segment named; the first that does goes to the core instead."""
-        for peer, pid, seg in eff.checks:
-            shm = self.segs.get(seg)
-            if shm is not None and self._maps_segment(peer, pid, shm.name):
-                self._apply(self.core.isolation_violation(peer, seg, eff))
-                return
-        self._send(eff.send)
+        the segment named; the first that does goes to the core instead.
 
-    def _maps_segment(self, peer: int, pid: int, name: str) -> bool:
-        """Does process ``pid`` (of ``peer``) map the segment called ``name``, with any
-        protection?  A strict holder that gave a region up keeps no mapping at all:
-        even a PROT_NONE one could be mprotect'ed back.
-
-        Reads ``/proc/PID/maps`` through the fd the enclave passed at birth (a host's is
-        opened by path: hosts are dumpable), and looks for the segment's unique name
-        (``/memfd:tvmrt.<monitor pid>.<seg>.<random>``: the kernel prints the file's name in
-        every mapping of it, including ones made from a dup of its fd) with
-        ``bytes.find``: nothing else of the text is parsed.  A process that is gone
-        maps nothing; a maps file that cannot be read at all is a violation (a holder
-        that cannot be checked is not trusted)."""
-        fd = self.maps.get(peer)
-        try:
-            if fd is not None:
-                n = _read_maps(fd)
+        Each process is looked at once for all its segments.  The receiver of the Send
+        (a check naming ``send.peer``: it had the region before) is checked only over
+        the address ranges its grants name (one PROCMAP_QUERY each, where the kernel
+        has it): its runtime maps each region there (``MAP_FIXED``), which would
+        replace -- hide -- a rogue mapping made at that address, while one made anywhere
+        else stays and is found at the region's next grant, when this receiver is a
+        past holder."""
+        checks = eff.checks
+        send = eff.send
+        segs = self.segs
+        if len(checks) == 1:
+            peer, pid, seg = checks[0]
+            shm = segs.get(seg)
+            if shm is None:
+                bad = None
+            elif peer == send.peer:
+                bad = self._maps_segments(peer, pid, ((seg, shm),), send.msg["g"])
             else:
+                bad = self._maps_segments(peer, pid, ((seg, shm),))
+        else:
+            by_peer: dict[int, tuple[int, list]] = {}
+            for peer, pid, seg in checks:
+                shm = segs.get(seg)
+                if shm is not None:
+                    by_peer.setdefault(peer, (pid, []))[1].append((seg, shm))
+            bad = None
+            for peer, (pid, found) in by_peer.items():
+                if peer == send.peer:
+                    bad = self._maps_segments(peer, pid, found, send.msg["g"])
+                else:
+                    bad = self._maps_segments(peer, pid, found)
+                if bad is not None:
+                    break
+        if bad is not None:
+            self._apply(self.core.isolation_violation(bad[0], bad[1], eff))
+            return
+        self._send(send)
+
+    def _maps_segments(self, peer: int, pid: int, segs, grants=None
+                       ) -> tuple[int, int] | None:
+        """Does process ``pid`` (of ``peer``) map one of ``segs`` (``(seg, _SegFd)``),
+        with any protection?  ``(peer, seg)`` of the first it maps, else None.  A strict
+        holder that gave a region up keeps no mapping at all: even a PROT_NONE one could
+        be mprotect'ed back.  With ``grants`` (the receiver's check, :meth:`_verify`),
+        only over the address range each segment's grant names.
+
+        Goes through the fd of ``/proc/PID/maps`` the enclave passed at birth (a host's
+        is opened by path: hosts are dumpable).  With PROCMAP_QUERY (:func:`_pmq_find`)
+        each file-backed mapping is compared with the segment file's inode and device;
+        without it (before Linux 6.11) the whole maps text is read and each segment's
+        unique name (``/memfd:tvmrt.<monitor pid>.<seg>.<random>``: the kernel prints the
+        file's name in every mapping of it, including ones made from a dup of its fd)
+        looked for with ``bytes.find``.  A process that is gone maps nothing; a maps
+        file that cannot be read at all is a violation (a holder that cannot be checked
+        is not trusted)."""
+        fd = self.maps.get(peer)
+        opened = -1
+        try:
+            if fd is None:
                 # a host (dumpable), or an enclave whose maps fd has not come yet: by path
-                opened = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+                opened = fd = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+            if self._pmq:
                 try:
-                    n = _read_maps(opened)
-                finally:
-                    os.close(opened)
+                    if grants is None:
+                        idents = {shm.ident(): seg for seg, shm in segs}
+                        hit = _pmq_find(fd, 0, _ADDR_END, idents)
+                        return None if hit is None else (peer, idents[hit])
+                    for seg, shm in segs:
+                        ident = {shm.ident()}
+                        for x in grants:
+                            if x[0] == seg and _pmq_find(fd, x[1], x[1] + x[2], ident):
+                                return peer, seg
+                    return None
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self._pmq = False       # before Linux 6.11: the text from now on
+            n = _read_maps(fd)
         except (ProcessLookupError, FileNotFoundError):
-            return False
+            return None
         except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                return None                 # its memory is gone
             self._log(f"peer {peer}: cannot read its maps ({exc}): treated as a violation")
-            return True
-        return _MAPS_BUF.find(name.encode(), 0, n) >= 0
+            return peer, segs[0][0]
+        finally:
+            if opened >= 0:
+                os.close(opened)
+        find = _MAPS_BUF.find
+        for seg, shm in segs:
+            if find(shm.needle, 0, n) >= 0:
+                return peer, seg
+        return None
 
     def _resized(self, grants):
         """The first granted segment whose size is not its region's.
@@ -1004,11 +1102,22 @@ class Daemon:
 class _SegFd:
     """The monitor's fd of a segment (a sealed memfd, or a dup of one for a split
     region's half) and the name its mappings show in ``/proc/PID/maps``."""
-    __slots__ = ("fd", "name")
+    __slots__ = ("fd", "name", "needle", "_ident")
 
     def __init__(self, fd: int, name: str):
         self.fd = fd
         self.name = name        # the file's (a split half shares its first half's)
+        self.needle = name.encode()
+        self._ident: tuple[int, int] | None = None
+
+    def ident(self) -> tuple[int, int]:
+        """The file's (inode, device) as PROCMAP_QUERY reports a mapping of it (device
+        major | minor << 32; an fstat at the first strict check that needs it)."""
+        i = self._ident
+        if i is None:
+            st = os.fstat(self.fd)
+            i = self._ident = (st.st_ino, os.major(st.st_dev) | os.minor(st.st_dev) << 32)
+        return i
 
     def close_fd(self) -> None:
         if self.fd >= 0:

@@ -96,6 +96,9 @@ class Verify(NamedTuple):
     already gone passes (it maps nothing)."""
     checks: tuple[tuple[int, int, int], ...]
     send: Send
+    #: the core's own: what emitting ``send`` recorded (the receiver's new segments,
+    #: the segments it became a mapper of), undone if a check fails
+    undo: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
 
 ALL = (Send, Spawn, Kill, Signal, Close, NewSeg, FreeSeg, SplitSeg, Log, Stats, Verify)

@@ -25,7 +25,10 @@ segment) in :attr:`Driver.cheat` (a process that keeps a mapping of a segment it
 up) is reported with ``isolation_violation``, else the Send is performed.  The
 invariant checked at every Send: no relay segment is granted while a process that
 cheated on it still lives (nothing is granted until the violator has exited), and a
-Verify names every other live holder of the segment the core knows of.
+Verify names every live holder of the segment the core knows of (its receiver too).
+The core's record of what each process maps (``Peer.segs``, less its pending drops)
+is what that process has received, exactly, in both modes: a Send held until a
+process is reaped, or stopped by a Verify, is not counted.
 
 Every violation raises :class:`Violation` (an AssertionError) at the effect that shows it.
 :meth:`Driver.check` verifies the invariants of the core's state between events, and
@@ -154,6 +157,7 @@ class Driver:
         self.last_reply = None                # the reply to the last message()
         self.effects: list = []               # every effect, in order
         self.mark = 0                         # where the current event's effects start
+        self.held_before: set = set()         # (peer, op, a) of the Sends held before it
         self._pid = 1000
 
     # ------------------------------------------------------------------ events
@@ -172,7 +176,7 @@ class Driver:
 
     def message(self, peer, msg, nfds=0):
         """Deliver ``msg`` from ``peer``; check its reply accounting; return the effects."""
-        self.mark = len(self.effects)
+        self._begin()
         p = self.core.peers.get(peer)
         was_alive = p is not None and p.alive
         rid = msg.get("rid")
@@ -214,7 +218,7 @@ class Driver:
         return fx
 
     def disconnected(self, peer):
-        self.mark = len(self.effects)
+        self._begin()
         _assert(peer in self.open, f"the shell has no socket for {peer}")
         self.open.discard(peer)
         if peer in self.hosts:
@@ -222,7 +226,7 @@ class Driver:
         return self._apply(self.core.disconnected(peer))
 
     def exited(self, peer, how="killed by signal 9"):
-        self.mark = len(self.effects)
+        self._begin()
         _assert(peer in self.procs, f"no process for {peer}")
         self.procs.discard(peer)
         # the socket may still hold messages: the core learns of the death with the EOF
@@ -244,13 +248,20 @@ class Driver:
         return self.message(peer, {"op": "ready"})
 
     def tick(self, dt=0.0):
-        self.mark = len(self.effects)
+        self._begin()
         self.now += dt
         return self._apply(self.core.tick(self.now))
 
     def shutdown(self):
-        self.mark = len(self.effects)
+        self._begin()
         return self._apply(self.core.shutdown())
+
+    def _begin(self):
+        """An event starts: where its effects start, and the Sends the core holds (strict
+        mode) before it -- one released now was built in an earlier event."""
+        self.mark = len(self.effects)
+        self.held_before = {(send.peer, send.msg.get("op"), tuple(send.msg.get("a") or ()))
+                            for sends in self.core.held.values() for send, _why in sends}
 
     # ------------------------------------------------------------------ effects
     def _apply(self, fx, src=None):
@@ -376,23 +387,19 @@ class Driver:
                         self.core.message(peer, {"op": "ready"}, 0, self.now), src)
         return done
 
-    def withdrawn(self, peer):
-        """Strict: segments granted to ``peer`` in a Send that was held and then went
-        without them (the core still counts it as a mapper)."""
-        got = {g[0] for e in self.effects if type(e) is Verify and e.send.peer == peer
-               for g in e.send.msg.get("g", ())}
-        return got - set(self.mapped[peer])
-
     def _verify(self, eff, src):
         """Perform a Verify as the shell does (the cheat set plays /proc/PID/maps)."""
         _assert(self.strict, "a Verify in the default mode")
-        checks, send = eff
+        checks, send = eff.checks, eff.send
         _assert(type(send) is Send and checks, f"bad verify {eff!r:.200}")
         remap = {g[0] for g in send.msg.get("g", ()) if g[4] == "remap"}
         for peer, _pid, seg in checks:
             _assert(seg in remap, f"verify of segment {seg} the send does not grant")
-            _assert(peer != send.peer, "verify of the receiver itself")
-            _assert(peer in self.core.peers, f"verify of unknown peer {peer}")
+            # (one the core reaped later in the same event: its process is gone, it
+            # maps nothing; a destroyed pool's instance that had a loan of another's)
+            _assert(peer in self.core.peers or peer in self.hosts
+                    or peer in self.enclaves and peer not in self.procs,
+                    f"verify of unknown peer {peer}, or of a live process it forgot")
         for peer, _pid, seg in checks:
             if (peer, seg) in self.cheat:
                 self.violations += 1
@@ -409,7 +416,7 @@ class Driver:
             r = self.core.seg_region.get(seg)
             for m in (r.mappers if r is not None else ()):
                 q = self.core.peers.get(m)
-                if m != send.peer and q is not None and (m, seg) in self.cheat:
+                if q is not None and (m, seg) in self.cheat:
                     _assert((m, seg) in named, f"cheater {m} on {seg} was not checked")
         return self._apply([send], src)
 
@@ -427,14 +434,17 @@ class Driver:
         if peer in self.stopped and msg.get("op") in ("call", "start"):
             # only a call of the stopped chain it joins now (a call its root sent before
             # its stop reached it): stopped in this very event, never a run
-            _assert(msg["op"] == "call" and Signal(peer, "stop") in self.effects[self.mark:],
-                    f"work {msg!r:.100} sent to stopped {peer}")
+            # (strict: or a call held since such an event, for a holder to be reaped)
+            _assert(msg["op"] == "call" and (
+                Signal(peer, "stop") in self.effects[self.mark:]
+                or (peer, "call", tuple(msg["a"])) in self.held_before),
+                f"work {msg!r:.100} sent to stopped {peer}")
         mapped = self.mapped[peer]
         for seg in msg.get("d", ()):
             # (a former holder of a region that was split drops its old mapping)
             _assert(seg in self.freed or seg in self.failed or peer in self.hosts
                     or seg in self.core.fsize, f"drop of segment {seg} that is still live")
-            _assert(seg in mapped or self.strict and seg in self.withdrawn(peer),
+            _assert(seg in mapped,
                     f"drop of segment {seg} that {peer} does not map (or a duplicate drop)")
             mapped.pop(seg, None)
         fd_segs = []
@@ -451,8 +461,7 @@ class Driver:
                 # the region up), and never while a cheater on it still lives
                 _assert(has_fd == 1, f"strict grant without the fd: {g}")
                 for q, s2 in self.caught | self.cheat:
-                    _assert(s2 != seg or q == peer
-                            or (q in self.enclaves and q not in self.procs),
+                    _assert(s2 != seg or (q in self.enclaves and q not in self.procs),
                             f"segment {seg} granted to {peer} while {q}, which kept a "
                             f"mapping of it, still lives")
                 fd_segs.append(seg)
@@ -668,18 +677,14 @@ class Driver:
                 _assert(s in segs_of and pid_ in segs_of[s].mappers,
                         f"peer {pid_} maps segment {s} that has no region / mapper entry")
             for r in regs:
-                if pid_ in r.mappers:
+                # (strict: a host that detached a schrodinger region stays its mapper)
+                if pid_ in r.mappers and not (self.strict and q.kind == C.HOST
+                                              and r.kind == "relay"):
                     _assert(r.seg in q.segs, f"mapper {pid_} of {r.id:#x} lacks its segment")
+            # (strict: a Send held until a process is reaped is not counted: the core
+            # records a grant when it goes)
             seen = set(self.mapped[pid_]) - set(q.drops)
-            # (strict: a grant held until a violator dies is counted by the core already)
-            extra = q.segs - seen - held
-            if self.strict:
-                # a grant withdrawn after a violation (the region went elsewhere while the
-                # Send was held) leaves its receiver counted: it gets a drop it ignores
-                extra = {s for s in extra if (r := segs_of.get(s)) is not None
-                         and r.kind == "relay" and r.owner != pid_}
-            _assert(seen == q.segs or seen | (held & q.segs) | extra == q.segs,
-                    f"peer {pid_} maps {sorted(seen)} but the core thinks "
+            _assert(seen == q.segs, f"peer {pid_} maps {sorted(seen)} but the core thinks "
                     f"{sorted(q.segs)}")
         # quotas
         for r in regs:

@@ -1648,3 +1648,68 @@ def test_split_is_refused_in_strict_mode():
     v = mmap(d, c, 2 * PAGE)
     rep = ereq(d, c, "split", vaddr=v, size=2 * PAGE, at=v + PAGE)
     assert rep["c"] == E.NotPermitted.code and "strict" in rep["why"]
+
+
+def _strict_host_with_a_schrodinger_region():
+    d = Driver(Core(Config(key=b"k" * 32, isolation="strict")))
+    h = d.connect()
+    sid = hreq(d, h, "sget", size=PAGE)["id"]
+    return d, h, sid
+
+
+def test_strict_a_held_grant_is_not_recorded_until_it_goes():
+    """Strict mode: an attach whose reply waits for an ended enclave's process (it had
+    the region) to be reaped is not counted as mapped meanwhile: a detach is refused
+    (the host maps nothing yet), and the reply goes, with its grant, once the process
+    is reaped (the driver checks the core's record against the host's at every step)."""
+    d, h, sid = _strict_host_with_a_schrodinger_region()
+    hd = hreq(d, h, "create", name="n", type=NORMAL, code=b"n")["handle"]
+    assert d.message(h, {"op": "run", "rid": 90, "handle": hd, "mem": [sid, 0, PAGE]})
+    e = next(iter(d.procs))
+    d.message(h, {"op": "destroy", "rid": 91, "handle": hd})    # the region comes back
+    d.check()
+    d.message(h, {"op": "sat", "rid": 92, "id": sid})
+    assert d.last_reply is None and d.core.held                  # the killed one lives
+    assert d.core.regions[sid].seg not in d.core.peers[h].segs
+    assert hreq(d, h, "sdt", id=sid)["c"] == E.BadState.code
+    d.check()
+    d.die(e)
+    rep = d.inbox[h][-1]
+    assert rep["rid"] == 92 and rep["op"] == "r" and rep["g"][0][4] == "remap"
+    d.check()
+    d.finish()
+
+
+def test_strict_a_host_keeping_a_mapping_after_detach_is_checked_at_the_next_grant():
+    """Strict mode: a host that detached a schrodinger region stays one of its mappers
+    (a past holder): lending it to a run checks the host's maps, and a host that kept
+    a mapping is cut off before the enclave gets the region."""
+    d, h, sid = _strict_host_with_a_schrodinger_region()
+    hreq(d, h, "sat", id=sid)
+    seg = d.core.regions[sid].seg
+    hreq(d, h, "sdt", id=sid)
+    d.cheat.add((h, seg))
+    hd = hreq(d, h, "create", name="n", type=NORMAL, code=b"n")["handle"]
+    d.message(h, {"op": "run", "rid": 90, "handle": hd, "mem": [sid, 0, PAGE]})
+    assert d.violations == 1 and h not in d.core.peers and sid not in d.core.regions
+    d.check()
+    d.finish()
+
+
+def test_a_resume_whose_idle_server_takes_a_queued_call_of_the_chain_stops_nothing_again(d):
+    """c -> s2 -> s1, stopped at c; s1's return and s2's second call to s1 were in
+    flight (s1 idles stopped, the call queues).  The resume continues s1 before s2 (slot
+    order): s1 takes s2's call then, and must not be stopped again on behalf of the
+    stop that is over (found by the strict model test; both modes)."""
+    h, c, [(s1, h1), (s2, h2)] = _world(d, 2)
+    call(d, c, h2, [0] * 6)
+    call(d, s2, h1, [0] * 6)
+    d.take(s1), d.take(s2)
+    ch = d.core.peers[c].enclave.handle
+    assert ok(hreq(d, h, "stop", handle=ch))["stopped"]
+    ereq(d, s1, "ret", a=[0] * 6)
+    call(d, s2, h1, [0] * 6)
+    assert len(d.core.peers[s1].enclave.queue) == 1
+    assert ok(hreq(d, h, "resume", handle=ch))["resumed"]
+    assert all(d.core.peers[p].enclave.stopped_by is None for p in (c, s1, s2))
+    assert d.core.peers[s1].enclave.state == C.SERVING and not d.stopped

@@ -661,8 +661,11 @@ def test_strict_a_server_mapping_a_kept_fd_after_its_return_is_killed_at_the_reg
     """The gap docs/security.md names: a dup of the segment fd kept *unmapped* when the
     region went back (so the check at that grant passes) and mapped later writes into
     the caller's region while the caller holds it (0x888 below).  At the region's next
-    grant the monitor finds the mapping in the cheat's /proc/PID/maps: the cheat is
-    killed and the caller gets IsolationViolation with its region back."""
+    grant the monitor finds the mapping in the cheat's /proc/PID/maps: here the grant
+    goes back to the cheat itself, whose check as a receiver covers only the region's
+    own address range (where its runtime's fresh mapping would hide a rogue one), so
+    the cheat serves the call and is found at the return, the next grant; it is killed
+    and the caller gets IsolationViolation with its region back."""
     world = strict_world
     pair = pair_of(world)
     since = pair.mark()
@@ -693,19 +696,23 @@ def test_strict_a_server_remapping_a_kept_fd_at_the_old_address_is_killed_when_i
     world.alive()
 
 
-def test_strict_a_remap_at_the_old_address_goes_unnoticed_when_the_region_comes_back_to_the_cheat(
+def test_strict_a_remap_at_the_old_address_is_caught_when_the_region_comes_back_to_the_cheat(
         strict_world, pair_of):
-    """Known gap (docs/security.md, "Not defended"): the receiver of a grant is not
-    checked (it is about to map the region anyway), and its runtime's fresh mapping of
-    the segment at that address replaces the rogue one, which the give-up after the
-    call then removes.  So a cheat that re-maps at the old address, and gets the region
-    back before anyone else does, is never found; its write (0x999) stays in the
-    caller's data.  This test pins that behaviour: it fails when the gap is closed."""
+    """A cheat re-maps its kept fd at the region's old address after giving it up, and
+    the region's next grant goes back to the cheat itself.  The receiver of a grant is
+    checked too (in remap mode it maps nothing of a region before its grant; its
+    runtime's fresh mapping would replace the rogue one and hide it): the cheat is
+    killed before it gets the region, and the caller gets IsolationViolation with its
+    region back -- the cheat's write (0x999) is there, made in the window before the
+    check (docs/security.md), the second call's +1 is not."""
     world = strict_world
     pair = pair_of(world)
     since = pair.mark()
     v, cheat = _kept_fd(world, 15)
-    assert list(v[8:14]) == [0, 11, 0x999, 0, 12, 0x999]
-    cheat.attest(1)                                   # alive
+    assert list(v[8:11]) == [0, 11, 0x999]            # the window: the write landed
+    assert v[11] == IsolationViolation.code           # caught at the call's grant
+    assert list(v[12:14]) == [11, 0x999]              # the region back, never served
+    with pytest.raises(IsolationViolation):
+        cheat.attest(1)
     pair.finish(since)
     world.alive()

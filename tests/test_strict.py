@@ -136,3 +136,70 @@ def test_proc_self_mem_is_refused(mode, request, host_of):
     rc, err, i0, _ = _call(h, 13)
     assert rc == 0 and err in (errno.EACCES, errno.EPERM), os.strerror(err)
     assert i0 == 11
+
+
+# ---------------------------------------------------------------------- the maps check
+_HOLDER = r"""
+import ctypes, mmap, os, sys
+from tvmrt import _memory
+fd = int(sys.argv[1])
+area = mmap.mmap(-1, 1 << 16)             # where a region would be: its address is told
+here = ctypes.addressof(ctypes.c_char.from_buffer(area))
+print(os.getpid(), here, flush=True)
+keep = []
+for line in sys.stdin:
+    if line.strip() == "fixed":           # MAP_SHARED | MAP_FIXED at here + 8 KiB
+        _memory.map_fixed(here + 8192, 4096, fd)
+    else:                                 # MAP_PRIVATE, read-only, wherever
+        keep.append(mmap.mmap(fd, 4096, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ))
+    print("ok", flush=True)
+"""
+
+
+@pytest.mark.parametrize("pmq", [True, False], ids=["procmap_query", "maps_text"])
+def test_the_maps_check_finds_any_mapping_and_the_receivers_only_in_its_range(pmq):
+    """Daemon._maps_segments on a live process, both ways (PROCMAP_QUERY and, as before
+    Linux 6.11, the maps text): a past holder's check finds a mapping of the segment
+    anywhere, private and read-only too; the receiver's (``grants``) only one in the
+    range its grant names, where its runtime's fresh mapping would replace it (from
+    the text, which has no addresses to go by, anywhere)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from tvmrt.monitor import daemon as D
+
+    name = f"tvmrt.{os.getpid()}.7.test{pmq}"
+    mfd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(mfd, 4096)
+    seg = D._SegFd(mfd, f"/memfd:{name}")
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(mfd)], pass_fds=(mfd,),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pid, here = map(int, p.stdout.readline().split())
+        shell = SimpleNamespace(maps={}, _pmq=pmq, _log=lambda text: None)
+        check = D.Daemon._maps_segments.__get__(shell)
+        segs = [(7, seg)]
+        grant = [[7, here + 8192, 4096, 1, "remap"]]
+        other = [[7, here + 16384, 4096, 1, "remap"]]
+
+        def do(how):
+            p.stdin.write(how + "\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == "ok\n"
+
+        assert check(1, pid, segs) is None and check(1, pid, segs, grant) is None
+        do("private")
+        assert check(1, pid, segs) == (1, 7)              # a read-only snoop: found
+        # elsewhere: found at the next grant (the text has no addresses to go by: a
+        # receiver's check reads it all, and finds it now)
+        elsewhere = None if pmq else (1, 7)
+        assert check(1, pid, segs, grant) == elsewhere
+        do("fixed")
+        assert check(1, pid, segs, grant) == (1, 7)       # at the region's address: now
+        assert check(1, pid, segs, other) == elsewhere
+        assert shell._pmq == pmq                          # (no fallback on this kernel)
+    finally:
+        p.kill()
+        p.wait()
+        seg.close_fd()

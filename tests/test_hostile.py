@@ -136,41 +136,54 @@ class World:
                               and i["monitor"]["segments"] == 0, 20), h.ps()
 
 
+def _world_on(mon, mode=None):
+    """A World on ``mon``, closed after the test."""
+    w = World(mon)
+    if mode is not None:
+        w.mode = mode
+    yield w
+    w.close()
+
+
+def _run_behind(enc, timeout):
+    """Run ``enc`` on a thread: (the thread, a dict that gets ``out``: its return value
+    or the exception its run raised)."""
+    ran: dict = {}
+
+    def run():
+        try:
+            ran["out"] = enc.run(timeout=timeout)
+        except Exception as exc:
+            ran["out"] = exc
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, ran
+
+
 @pytest.fixture(params=["mprotect", "strict"])
 def world(request):
     """A World on the module's monitor of the parametrized transfer mode."""
-    w = World(request.getfixturevalue(f"{request.param}_mon"))
-    w.mode = request.param
-    yield w
-    w.close()
+    yield from _world_on(request.getfixturevalue(f"{request.param}_mon"), request.param)
 
 
 @pytest.fixture
 def mprotect_world(mprotect_mon):
-    w = World(mprotect_mon)
-    yield w
-    w.close()
+    yield from _world_on(mprotect_mon)
 
 
 @pytest.fixture
 def strict_world(strict_mon):
-    w = World(strict_mon)
-    yield w
-    w.close()
+    yield from _world_on(strict_mon)
 
 
 @pytest.fixture
 def strict_nosandbox_world(strict_nosandbox_mon):
-    w = World(strict_nosandbox_mon)
-    yield w
-    w.close()
+    yield from _world_on(strict_nosandbox_mon)
 
 
 @pytest.fixture
 def mprotect_nosandbox_world(mprotect_nosandbox_mon):
-    w = World(mprotect_nosandbox_mon)
-    yield w
-    w.close()
+    yield from _world_on(mprotect_nosandbox_mon)
 
 
 # ---------------------------------------------------------------------- the innocent pair
@@ -300,14 +313,7 @@ def test_a_server_that_holds_a_call_forever_times_out_its_callers_and_is_destroy
         v[0], v[1], v[3] = ms, nb, marker
         enc = h.create(eapp("patient_caller"), name=name, shm=shm)
         views[name] = v
-
-        def run(enc=enc, name=name):
-            try:
-                runs[name] = enc.run(timeout=100)
-            except Exception as exc:
-                runs[name] = exc
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
+        t, runs[name] = _run_behind(enc, 100)
         threads.append(t)
         if name == "held":
             assert wait_until(lambda: hv[0] == 1, 30), "the holder never got the call"
@@ -335,7 +341,7 @@ def test_a_server_that_holds_a_call_forever_times_out_its_callers_and_is_destroy
     assert v[10] == 7                             # back, with the holder's write
     for t in threads:
         t.join(60)
-    assert runs == {name: 0 for name in plan}, runs
+    assert {k: r.get("out") for k, r in runs.items()} == {name: 0 for name in plan}, runs
     pair.finish(since)
     world.alive()
 
@@ -353,15 +359,7 @@ def _lender(world, mode, lender="loan_keeper"):
     shm, v = _shm(h)
     v[0] = mode
     enc = h.create(eapp(lender), name="lender", shm=shm)
-    ran: dict = {}
-
-    def run():
-        try:
-            ran["out"] = enc.run(timeout=60)
-        except EnclaveFault as exc:
-            ran["out"] = exc
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, ran = _run_behind(enc, 60)
     try:
         assert wait_until(lambda: kv[0] == 1, 30), "the keeper never got the region"
         v[14] = 1                                   # attack now
@@ -577,15 +575,7 @@ def test_an_enclave_flooding_eapp_mmap_hits_its_own_quota_and_its_memory_is_free
     before = h.ps()["monitor"]["segments"]
     since = pair.mark()
     flooder = h.create(eapp("flooder"), name="flooder", shm=shm)
-    ran: dict = {}
-
-    def run():
-        try:
-            ran["rv"] = flooder.run(timeout=100)
-        except Exception as exc:
-            ran["exc"] = exc
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, ran = _run_behind(flooder, 100)
     assert wait_until(lambda: v[10] == 1, 90), f"the flood did not end: {v[8]} regions"
     assert v[9] == QuotaExceeded.code
     assert v[8] == (2 if big else 1024) and v[11] == 1
@@ -596,7 +586,7 @@ def test_an_enclave_flooding_eapp_mmap_hits_its_own_quota_and_its_memory_is_free
     world.alive()
     flooder.destroy()
     t.join(30)
-    assert isinstance(ran.get("exc"), EnclaveFault), ran     # destroyed by its host
+    assert isinstance(ran.get("out"), EnclaveFault), ran     # destroyed by its host
     assert wait_until(lambda: h.ps()["monitor"]["segments"] == before, 30), \
         "the flood's segments outlived the flooder"
     pair.finish(since)

@@ -24,7 +24,6 @@ import select
 import socket
 import statistics
 import sys
-import time
 
 import msgpack
 
@@ -94,21 +93,7 @@ class EpollFloor:
             s.close()
 
     def block(self, n: int) -> list[int]:
-        send, recv = self.sock.send, self.sock.recv
-        packb, unpackb = msgpack.packb, msgpack.unpackb
-        perf = time.perf_counter_ns
-        out = [0] * n
-        msg = {"req_arg": 0, "resp_val": 0, "req_vaddr": 0x7F3A_5C00_0000,
-               "req_size": 0x1000, "resp_vaddr": 0x7F3A_5C40_0000, "resp_size": 0x1000}
-        for i in range(n):
-            msg["req_arg"] = i
-            t0 = perf()
-            send(packb(msg))
-            r = unpackb(recv(65536))
-            out[i] = perf() - t0
-            if r["resp_val"] != i + 1:
-                raise bench.BenchError(f"epoll floor: bad reply {r!r}")
-        return out
+        return bench.relay_client(self.sock, n, "epoll floor")
 
     def stop(self) -> None:
         self.sock.close()
@@ -138,21 +123,18 @@ def main(argv=None) -> int:
                   "server": f"/proc/{efloor.pids[0]}"}
         rows: dict[str, list] = {}
         walls: dict[str, list] = {"floor": [], "epoll": [], **{c: [] for c in configs}}
+        def floor(side, paths, block):
+            block(warm)
+            a = _sample(paths)
+            samples = block(n)
+            b = _sample(paths)
+            walls[side] += samples
+            for k, v in _delta(a, b, n).items():
+                rows.setdefault((side, k), []).append(v)
+
         for _ in range(ns.rounds):
-            efloor.block(warm)
-            a = _sample(epaths)
-            samples = efloor.block(n)
-            b = _sample(epaths)
-            walls["epoll"] += samples
-            for k, v in _delta(a, b, n).items():
-                rows.setdefault(("epoll", k), []).append(v)
-            floors.relay_block(warm)
-            a = _sample(fpaths)
-            samples = floors.relay_block(n)
-            b = _sample(fpaths)
-            walls["floor"] += samples
-            for k, v in _delta(a, b, n).items():
-                rows.setdefault(("floor", k), []).append(v)
+            floor("epoll", epaths, efloor.block)
+            floor("floor", fpaths, floors.relay_block)
             for cfg in configs:
                 a = _sample(tpaths)
                 samples, _ = tvm.block(cfg, n + warm, warm)

@@ -272,6 +272,27 @@ def _reap(pids, timeout: float) -> None:
             time.sleep(0.002)
 
 
+def relay_client(sock: socket.socket, n: int, what: str = "relay floor") -> list[int]:
+    """The relay floor's client: ``n`` round trips of a 6-field msgpack map through
+    ``sock``; ns each.  Raises :class:`BenchError` on a wrong answer."""
+    send, recv = sock.send, sock.recv
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    perf = time.perf_counter_ns
+    out = [0] * n
+    msg = {"req_arg": 0, "resp_val": 0, "req_vaddr": 0x7F3A_5C00_0000,
+           "req_size": 0x1000, "resp_vaddr": 0x7F3A_5C40_0000, "resp_size": 0x1000}
+    for i in range(n):
+        msg["req_arg"] = i
+        t0 = perf()
+        send(packb(msg))
+        r = unpackb(recv(65536))
+        t1 = perf()
+        out[i] = t1 - t0
+        if r["resp_val"] != i + 1:
+            raise BenchError(f"{what}: bad reply {r!r}")
+    return out
+
+
 class Floors:
     """The floor processes and their clients.  The relay and the 4 KiB / 64 MiB copy
     servers start in :meth:`start` (before any tvmrt process); a copy server of another
@@ -336,23 +357,7 @@ class Floors:
         self.pids.remove(pid)
 
     def relay_block(self, n: int) -> list[int]:
-        sock = self.relay
-        send, recv = sock.send, sock.recv
-        packb, unpackb = msgpack.packb, msgpack.unpackb
-        perf = time.perf_counter_ns
-        out = [0] * n
-        msg = {"req_arg": 0, "resp_val": 0, "req_vaddr": 0x7F3A_5C00_0000,
-               "req_size": 0x1000, "resp_vaddr": 0x7F3A_5C40_0000, "resp_size": 0x1000}
-        for i in range(n):
-            msg["req_arg"] = i
-            t0 = perf()
-            send(packb(msg))
-            r = unpackb(recv(65536))
-            t1 = perf()
-            out[i] = t1 - t0
-            if r["resp_val"] != i + 1:
-                raise BenchError(f"relay floor: bad reply {r!r}")
-        return out
+        return relay_client(self.relay, n)
 
     def copy_block(self, size: int, n: int, warm: int) -> tuple[list[int], int]:
         if size not in self.copy:

@@ -341,6 +341,12 @@ class Daemon:
         self._reserve: int | None = None
         self._accept_paused = 0.0           # monotonic time until which accept waits
         self._sent_to: int | None = None    # the last peer a message went to
+        #: peers whose stop the zygote has not delivered yet -> [stops not acknowledged
+        #: yet, the Sends held for them]:
+        #: a message must not reach a process that is to be stopped before the stop does
+        #: (it would act on it: a stopped caller whose server was destroyed would
+        #: return and exit)
+        self._stopping: dict[int, tuple[list[int], list]] = {}
         self._hits = _FOLLOW_MAX            # score of recent follow-on reads that found one
         self._probe = 0
 
@@ -689,6 +695,13 @@ class Daemon:
             self._apply(self.core.spawn_failed(peer, msg.get("why", "?")))
         elif op == "exited":
             self._apply(self.core.exited(peer, msg.get("how", "?"), time.monotonic()))
+        elif op == "signalled" and peer in self._stopping:
+            pending, held = self._stopping[peer]
+            pending[0] -= 1
+            if not pending[0]:                  # every stop asked for is delivered
+                del self._stopping[peer]
+                for eff in held:
+                    self._send(eff)             # in order, now that it is stopped
 
     # ------------------------------------------------------------------ effects
     def _apply(self, fx):
@@ -717,8 +730,13 @@ class Daemon:
             elif t is Kill:
                 self._zsend({"op": "kill", "k": eff.peer})
             elif t is Signal:
-                # the zygote signals: the process is its child, so the pid is not reused
-                self._zsend({"op": "signal", "k": eff.peer, "sig": eff.sig})
+                # the zygote signals: the process is its child, so the pid is not reused.
+                # A stop is acknowledged, and sends to the peer wait for it (_stopping).
+                if eff.sig == "stop" and eff.peer in self.socks:
+                    self._stopping.setdefault(eff.peer, ([0], []))[0][0] += 1
+                    self._zsend({"op": "signal", "k": eff.peer, "sig": eff.sig, "ack": 1})
+                else:
+                    self._zsend({"op": "signal", "k": eff.peer, "sig": eff.sig})
             elif t is Close:
                 self._drop_sock(eff.peer)
             elif t is Log:
@@ -743,6 +761,10 @@ class Daemon:
         peer, msg, segs = eff
         sock = self.socks.get(peer)
         if sock is None:
+            return
+        stopping = self._stopping.get(peer)
+        if stopping is not None:
+            stopping[1].append(eff)
             return
         g = msg.get("g")
         if g:
@@ -1030,6 +1052,7 @@ class Daemon:
             self.running = False
 
     def _drop_sock(self, peer):
+        self._stopping.pop(peer, None)
         fd = self.maps.pop(peer, None)
         if fd is not None:
             os.close(fd)

@@ -26,8 +26,9 @@ Protocol on the zygote channel (SOCK_SEQPACKET, msgpack):
                        {"op": "drop", "pid": pid}        the monitor could not use it
                        {"op": "spawn", "k": peer, "spec": {...}}  fds: sock, stdout, stderr[, shm]
                        {"op": "kill", "k": peer}
-                       {"op": "signal", "k": peer, "sig": "stop" | "cont"}
+                       {"op": "signal", "k": peer, "sig": "stop" | "cont"[, "ack": 1]}
                        {"op": "exit"}                    kill every enclave, reap, exit
+    zygote -> monitor  {"op": "signalled", "k": peer}  a signal asked with "ack" was sent
     zygote -> monitor  {"op": "warm", "pid": pid}  fds: the warm process's channel[, its
                                                    /proc/self/maps in strict mode]
                        {"op": "spawned", "k": peer, "pid": pid}
@@ -503,6 +504,9 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             sig = _SIGNALS.get(msg.get("sig"))
             if kpid is not None and sig is not None:
                 signal_tree(kpid, sig)
+            if msg.get("ack"):
+                # the monitor holds what it sends the peer until its stop is delivered
+                wire.send(sock, {"op": "signalled", "k": msg.get("k")})
         elif op == "exit":
             finish()
         else:

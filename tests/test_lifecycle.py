@@ -323,3 +323,35 @@ def test_launch_test_stop_demo(clean):
     assert lines[0] == "host0: stop enclave"
     assert "while stopped: frozen" in lines[1] and "after resume: moving" in lines[3]
     assert lines[-2:] == ["host: PLenclave run is finish ", "host: after exit the thread"]
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_caller_does_not_act_on_what_is_sent_after_its_stop(host):
+    """``stop`` returns once the monitor has decided it; the zygote delivers the signal.
+    What the monitor sends the stopped enclave after that (here: its server destroyed,
+    the call's PeerDied and the loan back) must not reach it before the stop does, or
+    it would return and exit while the host thinks it stopped.  The zygote is kept busy
+    forking (creates in a thread) to widen the window."""
+    busy = threading.Event()
+
+    def churn():
+        i = 0
+        while not busy.is_set():
+            host.create(eapp("loop_server"), name=f"churn-{i % 4}", type=SERVER).destroy()
+            i += 1
+    t = threading.Thread(target=churn, daemon=True)
+    t.start()
+    try:
+        for _ in range(8):
+            srv, caller, run, sshm, cshm = _chain(host)
+            caller.stop()
+            srv.destroy()
+            assert caller.state == "stopped", "the caller ran on after its stop"
+            caller.resume()
+            assert run.join() == 0
+            assert cshm.view.cast("i")[2] == PeerDied.code
+            for s in (sshm, cshm):
+                s.remove()
+    finally:
+        busy.set()
+        t.join(30)

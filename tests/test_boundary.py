@@ -161,7 +161,10 @@ def test_out_of_fds_refuses_one_client_and_serves_the_rest(tmp_path):
         refused = None
         for _ in range(60):
             s = _raw(sock)
-            s.send(msgpack.packb({"op": "ps", "rid": 1}))
+            try:
+                s.send(msgpack.packb({"op": "ps", "rid": 1}))
+            except (BrokenPipeError, ConnectionResetError):
+                pass            # refused before it could send: its bye is waiting
             try:
                 # a refused client's request is unread: the close reads as ECONNRESET
                 # first, then the bye (the wire reads past the reset)
@@ -195,11 +198,12 @@ def test_out_of_fds_refuses_one_client_and_serves_the_rest(tmp_path):
         assert rep["op"] == "e" and rep["c"] in (E.ResourceExhausted.code,), rep
         # everyone else is still served
         assert _request(conns[1], {"op": "ps", "rid": 2})["op"] == "r"
-        n = fds()
         for s in conns[2:20]:
             s.close()
         del conns[2:20]
-        assert wait_until(lambda: fds() <= n - 18, 10)
+        # 18 of its 48 fds are free again (the pool of warm processes may take 2 back,
+        # and just before, the monitor may have been at its limit: fds() == -1)
+        assert wait_until(lambda: 0 <= fds() <= 48 - 16, 10), fds()
         rep = _create(conns[0], 8, eapp("exiter"), "fed", stdio=False)
         assert rep["op"] == "r", rep
         with Host.connect(sock, embedded=False) as h:

@@ -17,6 +17,8 @@ Events (methods):
     exited(peer, how, now) -> effects               zygote reaped an enclave process
     segment_created(seg) / segment_failed(seg, why) the result of a NewSeg effect
     segment_tampered(seg, send) -> effects          a Send's granted segment was resized
+                                                    (for a shell that cannot seal
+                                                    segments; the daemon seals them)
     isolation_violation(peer, seg, verify)          strict mode: a Verify found ``peer``
                                                     still mapping segment ``seg``
     tick(now) -> effects                            a deadline (next_deadline()) passed

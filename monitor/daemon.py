@@ -52,7 +52,6 @@ from .effects import (
 )
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
-_lseek, _SEEK_END = os.lseek, os.SEEK_END
 _MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x0008)
 #: follow-on reads chained after one epoll event (bounds what one pair can take)
 _FOLLOW_CHAIN = 8
@@ -327,8 +326,6 @@ class Daemon:
         self.socks: dict[int, socket.socket] = {}     # peer -> socket
         self.hosts: set[int] = set()                   # peers that are hosts
         self.segs: dict[int, _SegFd] = {}
-        #: split families: seg -> size of the file its regions share
-        self.fsize: dict[int, int] = {}
         self.running = False
         self.zpid: int | None = None
         self.zsock: socket.socket = None      # type: ignore[assignment]  # set by run()
@@ -346,7 +343,7 @@ class Daemon:
         #: a message must not reach a process that is to be stopped before the stop does
         #: (it would act on it: a stopped caller whose server was destroyed would
         #: return and exit)
-        self._stopping: dict[int, tuple[list[int], list]] = {}
+        self._stopping: dict[int, list] = {}
         self._hits = _FOLLOW_MAX            # score of recent follow-on reads that found one
         self._probe = 0
 
@@ -696,11 +693,11 @@ class Daemon:
         elif op == "exited":
             self._apply(self.core.exited(peer, msg.get("how", "?"), time.monotonic()))
         elif op == "signalled" and peer in self._stopping:
-            pending, held = self._stopping[peer]
-            pending[0] -= 1
-            if not pending[0]:                  # every stop asked for is delivered
+            stopping = self._stopping[peer]
+            stopping[0] -= 1
+            if not stopping[0]:                 # every stop asked for is delivered
                 del self._stopping[peer]
-                for eff in held:
+                for eff in stopping[1]:
                     self._send(eff)             # in order, now that it is stopped
 
     # ------------------------------------------------------------------ effects
@@ -719,8 +716,6 @@ class Daemon:
                 shm = self.segs.pop(eff.seg, None)
                 if shm is not None:
                     shm.close_fd()
-                if self.fsize:
-                    self.fsize.pop(eff.seg, None)
             elif t is SplitSeg:
                 why = self._split_seg(eff)
                 self._apply(core.segment_created(eff.seg) if why is None
@@ -733,7 +728,7 @@ class Daemon:
                 # the zygote signals: the process is its child, so the pid is not reused.
                 # A stop is acknowledged, and sends to the peer wait for it (_stopping).
                 if eff.sig == "stop" and eff.peer in self.socks:
-                    self._stopping.setdefault(eff.peer, ([0], []))[0][0] += 1
+                    self._stopping.setdefault(eff.peer, [0, []])[0] += 1
                     self._zsend({"op": "signal", "k": eff.peer, "sig": eff.sig, "ack": 1})
                 else:
                     self._zsend({"op": "signal", "k": eff.peer, "sig": eff.sig})
@@ -766,13 +761,6 @@ class Daemon:
         if stopping is not None:
             stopping[1].append(eff)
             return
-        g = msg.get("g")
-        if g:
-            bad = self._resized(g)
-            if bad is not None:
-                # a holder truncated or grew it (a SIGBUS weapon): the core decides
-                self._apply(self.core.segment_tampered(bad, eff))
-                return
         fds = [self.segs[s].fd for s in segs if s in self.segs] if segs else ()
         try:
             wire.send(sock, msg, fds)
@@ -881,31 +869,6 @@ class Daemon:
                 return peer, seg
         return None
 
-    def _resized(self, grants):
-        """The first granted segment whose size is not its region's.
-
-        One ``lseek(SEEK_END)`` per grant: it returns the size as a plain int, where an
-        ``fstat`` builds a whole stat structure -- on the loan path this check runs twice
-        per call, and fstat made a 4 KiB loan 5 % slower (docs/design.md).  The offset
-        it moves is never used: segments are only ever mapped.
-        """
-        segs = self.segs
-        for grant in grants:
-            shm = segs.get(grant[0])
-            if shm is None:
-                continue
-            try:
-                n = _lseek(shm.fd, 0, _SEEK_END)
-            except OSError:
-                return grant[0]
-            if n != grant[2]:
-                # a split region's file is its family's: larger than the region
-                if n != self.fsize.get(grant[0]):
-                    return grant[0]
-            elif self.fsize and grant[0] in self.fsize:
-                return grant[0]             # a split family's file shrunk to one half
-        return None
-
     def _split_seg(self, eff) -> str | None:
         """A second handle (a dup of its fd) on the file of segment ``eff.parent`` for
         the split region ``eff.seg``; None, or why it could not be made."""
@@ -918,7 +881,6 @@ class Daemon:
             self._log(f"cannot split a segment: {exc}")
             return f"{exc.__class__.__name__}: {exc}"
         self.segs[eff.seg] = _SegFd(fd, shm.name)
-        self.fsize[eff.seg] = self.fsize[eff.parent] = eff.size
         return None
 
     def _new_seg(self, seg, size) -> str | None:

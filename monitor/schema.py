@@ -40,13 +40,6 @@ class Invalid(Exception):
     """A field of a peer's message is missing or has the wrong type or range."""
 
 
-def check_u64(v, what):
-    """``v`` if it is an int in 0 .. 2**64-1 (not a bool), else :class:`Invalid`."""
-    if type(v) is not int or v < 0 or v > U64:
-        raise Invalid(f"{what} must be an unsigned 64-bit integer, not {v!r:.40}")
-    return v
-
-
 # ---------------------------------------------------------------------- field types
 # A field type is a callable ``(value, field_name, config) -> None`` raising Invalid.
 # One may also carry ``fast``: a Python expression in ``{v}``, true exactly when the

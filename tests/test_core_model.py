@@ -694,11 +694,12 @@ class StrictMachine(CoreMachine):
         """Not a rule here.  Segments are memfds sealed against resizing
         (``F_SEAL_SHRINK | F_SEAL_GROW``, monitor/daemon.py ``_new_seg``), so the
         daemon no longer checks sizes at grants and never reports ``segment_tampered``
-        (the core keeps the event for a shell that cannot seal).  ``segment_tampered`` undoes a grant as a first one (``seg in
-        send.segs``), which is the default mode's meaning of an fd; in strict mode every
-        relay grant carries the fd, so its undo would need the Send's record (as
-        :meth:`Core._unsend` has it from the Verify), which a plain Send does not
-        carry.  The default-mode machine keeps the rule."""
+        (the core keeps the event for a shell that cannot seal).  ``segment_tampered``
+        undoes a grant as a first one (``seg in send.segs``), which is the default
+        mode's meaning of an fd; in strict mode every relay grant carries the fd, so
+        its undo would need the Send's record (as :meth:`Core._unsend` has it from the
+        Verify), which a plain Send does not carry.  The default-mode machine keeps
+        the rule."""
 
 
 _settings = settings(max_examples=150, stateful_step_count=40, deadline=None,

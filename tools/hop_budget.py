@@ -1,7 +1,7 @@
 """Per-hop budget of a null call_enclave against the relay floor's: the CPU time each
 process spends per call, and its context switches, from the kernel's own counters.
 
-    python tools/hop_budget.py [--calls N] [--rounds R] [--config null|loan_4k ...]
+    python tools/hop_budget.py [--calls N] [--rounds R] [--config null|loan_4k ...] [--forward]
 
 Runs the relay floor (client here, relay, server: ``tvmrt.bench.Floors``), the same
 floor with a relay that waits in ``epoll`` as a broker of many peers must ("epoll"),
@@ -14,16 +14,29 @@ by ``eapps/bench_caller.py``).  CPU time is what each process does, whatever the
 machine's load: a budget, not a latency (``tvmrt bench`` gives those).  The "wall"
 line is the median latency of the same blocks.
 
+``--forward`` adds a fourth run: tvmrt's null call through a second monitor whose core
+handles ``call`` and ``ret`` by forwarding them, nothing else (no schema check, no
+ownership, no queue, no state: :data:`_FORWARD_CORE`).  It is the same daemon, wire and
+runtimes with the monitor's rules taken out, which is how far a faster state machine
+could go: what it leaves above the floor is the shell and the two ends.  A measuring
+device only -- never a mode of tvmrt.
+
 Reading another process's /proc files needs the same uid (sandboxed enclaves are
 non-dumpable: their /proc files are root's, so run as root to see the server's line).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import select
+import shutil
+import signal
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 
 import msgpack
 
@@ -100,18 +113,96 @@ class EpollFloor:
         bench._reap(self.pids, 5.0)
 
 
+#: Run in the measuring monitor before ``tvmrt monitor``: while forwarding is on (SIGUSR1;
+#: SIGUSR2 turns it off) Core.message answers ``call`` (no region) and ``ret`` by
+#: forwarding, as the real core's _dispatch and _finish_call word them, and passes every
+#: other message to the real core.
+_FORWARD_CORE = """
+import signal
+import tvmrt.monitor.core as mc
+from tvmrt.monitor.effects import Send
+real = mc.Core.message
+waiting = {}
+on = [False]
+def message(self, peer_id, msg, nfds=0, now=0.0):
+    if on[0]:
+        op = msg.get("op")
+        if op == "call" and not msg["a"][2]:
+            p = self.peers[peer_id]
+            s = self.pools[msg["handle"]].members[0]
+            a = msg["a"]
+            waiting[s.peer] = (peer_id, msg["rid"], a)
+            return [Send(s.peer, {"op": "call", "a": [a[0], a[2], a[3]],
+                                  "c": p.enclave.eid, "g": []}, ())]
+        if op == "ret" and peer_id in waiting:
+            caller, rid, a = waiting.pop(peer_id)
+            a = a.copy()
+            a[1] = msg["a"][1]
+            a[4] = a[5] = 0
+            return [Send(caller, {"op": "r", "rid": rid, "a": a, "g": []}, ())]
+    return real(self, peer_id, msg, nfds, now)
+def toggle(sig, _frame):
+    on[0] = sig == signal.SIGUSR1
+signal.signal(signal.SIGUSR1, toggle)
+signal.signal(signal.SIGUSR2, toggle)
+mc.Core.message = message
+"""
+
+
+class ForwardTvm(bench.Tvm):
+    """:class:`tvmrt.bench.Tvm` on a monitor started here with :data:`_FORWARD_CORE`;
+    :meth:`forward` turns forwarding on or off between blocks."""
+
+    def start(self) -> ForwardTvm:
+        from tvmrt.host import SERVER, Host
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.dir = tempfile.mkdtemp(prefix="tvmrt-fwd-")
+        path = os.path.join(self.dir, "sock")
+        boot = (f"import sys; sys.path.insert(0, {root!r}); {_FORWARD_CORE}\n"
+                f"from tvmrt.cli import main; sys.exit(main())")
+        self.proc = subprocess.Popen([sys.executable, "-c", boot, "monitor", "--socket",
+                                      path, "--quiet"], stdin=subprocess.DEVNULL)
+        for _ in range(200):
+            if os.path.exists(path) or self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        try:
+            self.host = Host.connect(path, embedded=False)
+            self.shm = self.host.shmget(bench.page_round(bench.HDR.size + 8 * self.max_n))
+            self.host.create("bench_server", name=bench.SERVER_NAME, type=SERVER)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def forward(self, on: bool) -> None:
+        self.proc.send_signal(signal.SIGUSR1 if on else signal.SIGUSR2)
+        time.sleep(0.05)            # handled at the monitor's next bytecode
+
+    def stop(self) -> None:
+        try:
+            if self.host is not None:
+                super().stop()
+        finally:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--config", choices=("null", "loan_4k"), action="append",
                     help="tvmrt call shape(s) (default: null and loan_4k, same run)")
+    ap.add_argument("--forward", action="store_true",
+                    help="also the null call through a monitor whose core only forwards")
     ns = ap.parse_args(argv)
     n, warm = ns.calls, bench.WARMUP_SMALL
     configs = ns.config or ["null", "loan_4k"]
     floors = bench.Floors().start()
     efloor = EpollFloor()
-    tvm = bench.Tvm(n + warm).start()
+    tvm = (ForwardTvm if ns.forward else bench.Tvm)(n + warm).start()
     try:
         ps = tvm.host.ps()
         mon = ps["monitor"]["pid"]
@@ -121,8 +212,9 @@ def main(argv=None) -> int:
         tpaths = {"monitor": f"/proc/{mon}", "server": f"/proc/{srv}"}
         epaths = {"client": "/proc/thread-self", "relay": f"/proc/{efloor.pids[1]}",
                   "server": f"/proc/{efloor.pids[0]}"}
-        rows: dict[str, list] = {}
-        walls: dict[str, list] = {"floor": [], "epoll": [], **{c: [] for c in configs}}
+        runs = [(cfg, cfg) for cfg in configs] + ([("null", "forward")] if ns.forward else [])
+        rows: dict[tuple[str, str], list] = {}
+        walls: dict[str, list] = {"floor": [], "epoll": [], **{r[1]: [] for r in runs}}
         def floor(side, paths, block):
             block(warm)
             a = _sample(paths)
@@ -135,14 +227,16 @@ def main(argv=None) -> int:
         for _ in range(ns.rounds):
             floor("epoll", epaths, efloor.block)
             floor("floor", fpaths, floors.relay_block)
-            for cfg in configs:
+            for cfg, side in runs:
+                if isinstance(tvm, ForwardTvm):
+                    tvm.forward(side == "forward")
                 a = _sample(tpaths)
                 samples, _ = tvm.block(cfg, n + warm, warm)
                 b = _sample(tpaths)
-                walls[cfg] += samples[warm:]
+                walls[side] += samples[warm:]
                 for k, v in _delta(a, b, n + warm).items():
-                    rows.setdefault((cfg, k), []).append(v)
-                rows.setdefault((cfg, "caller"), []).append(
+                    rows.setdefault((side, k), []).append(v)
+                rows.setdefault((side, "caller"), []).append(
                     (tvm.caller_cpu_ns / (n + warm) / 1000, float("nan")))
     finally:
         tvm.stop()

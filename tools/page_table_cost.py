@@ -1,6 +1,6 @@
 """What a loan of a touched region costs in page-table work alone, in one process.
 
-    python tools/page_table_cost.py [--mib 64] [--rounds 20]
+    python tools/page_table_cost.py [--mib 64] [--rounds 20] [--live N]
 
 A tvmrt loan of a region both sides touch does, per round trip, four ``mprotect`` calls
 over the whole region (revoke in the caller, grant in the server, revoke in the server,
@@ -11,6 +11,17 @@ populated memfd mapping of ``--mib`` MiB: one ``mprotect(PROT_NONE)`` +
 entries are kept, only their protection changes), one byte written per page after the
 pair, and the same write with no ``mprotect`` (what iceoryx2's loan costs: its segments
 stay mapped in both processes).  Medians over ``--rounds``.
+
+Where the CPU has memory protection keys (``pku`` in ``/proc/cpuinfo``), it also
+measures the same revoke and grant done with a key instead of ``mprotect``: the region
+tagged once with ``pkey_mprotect``, then a ``pkey_set`` deny + allow pair (a write of
+the thread's PKRU register: no system call, no page-table entry rewritten).  tvmrt does
+not use keys: see docs/performance.md for why.
+
+``--live N`` then runs ``N`` real tvmrt 64 MiB loans that both sides touch (``tvmrt
+bench``'s row, its own embedded monitor) and ``N`` null calls, and counts the TLB
+shootdowns (``TLB`` in ``/proc/interrupts``, all CPUs) each block caused: run it pinned
+(``taskset -c 0``) and not.
 """
 from __future__ import annotations
 
@@ -25,10 +36,41 @@ import time
 PAGE = mmap.PAGESIZE
 
 
+def _shootdowns() -> int:
+    """TLB shootdown interrupts so far, summed over the CPUs (-1 if not shown)."""
+    with open("/proc/interrupts") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name.strip() == "TLB":
+                return sum(int(x) for x in rest.split() if x.isdigit())
+    return -1
+
+
+def live(n: int) -> None:
+    """Shootdowns per call of a real 64 MiB loan and of a null call (:func:`main`)."""
+    from tvmrt import bench
+    tvm = bench.Tvm(max(n, 100) + 2).start()
+    try:
+        for cfg in ("loan_64m", "null"):
+            warm = 2
+            tvm.block(cfg, warm, warm)
+            before = _shootdowns()
+            samples, _ = tvm.block(cfg, n, 0)
+            after = _shootdowns()
+            print(f"  live {cfg:9} {statistics.median(samples) / 1e3:9.1f} µs median, "
+                  f"{(after - before) / n:.1f} TLB shootdowns per call "
+                  f"({bench.placement()})")
+    finally:
+        tvm.stop()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--live", type=int, default=0, metavar="N",
+                    help="also N real tvmrt 64 MiB loans and N null calls, with the TLB "
+                         "shootdowns each caused")
     ns = ap.parse_args(argv)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -70,8 +112,29 @@ def main(argv=None) -> int:
     print(f"  touch, no mprotect        {med(plain) / 1e3:9.1f} µs")
     print(f"  a loan's round trip does two pairs: {2 * med(pair) / 1e6:.2f} ms of "
           f"page-table work before any touch")
+    if hasattr(libc, "pkey_alloc"):
+        key = libc.pkey_alloc(0, 0)
+        if key > 0:
+            libc.pkey_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                           ctypes.c_int]
+            t0 = time.perf_counter_ns()
+            tagged = libc.pkey_mprotect(addr, size, mmap.PROT_READ | mmap.PROT_WRITE, key)
+            tag = time.perf_counter_ns() - t0
+            keyed = []
+            for _ in range(ns.rounds):
+                t0 = time.perf_counter_ns()
+                libc.pkey_set(key, 3)           # PKEY_DISABLE_ACCESS | PKEY_DISABLE_WRITE
+                libc.pkey_set(key, 0)
+                keyed.append(time.perf_counter_ns() - t0)
+            if tagged == 0:
+                print(f"  tag with a key, once      {tag / 1e3:9.1f} µs")
+                print(f"  pkey_set deny + allow     {med(keyed) / 1e3:9.1f} µs  (this "
+                      f"thread only)")
+            libc.pkey_free(key)
     del pages, buf
     m.close()
+    if ns.live:
+        live(ns.live)
     return 0
 
 

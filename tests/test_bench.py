@@ -97,7 +97,6 @@ def test_bench_quick_json_rows_goals_and_table():
     assert _leftovers() <= before, "the bench left files in /dev/shm or /tmp"
 
 
-@pytest.mark.timeout(60)
 @pytest.mark.timeout(120)
 def test_sandbox_cost_rows_in_the_same_run():
     """``--sandbox-cost``: the default mode's rows again with the enclaves unsandboxed,
@@ -112,15 +111,18 @@ def test_sandbox_cost_rows_in_the_same_run():
         assert rows[f"nosandbox_{k}"]["vs_mprotect"] > 0
 
 
+@pytest.mark.timeout(150)
 def test_peers_rows_and_nothing_left_behind():
     """``--peers``: relay floor, tvmrt, multiprocessing.Pipe, and pyzmq's and iceoryx2's
     rows when they are installed; iceoryx2's processes and files are gone afterwards."""
     before = _leftovers()
     p = _tvmrt("--peers", "--quick", "--calls", "100", "--rounds", "1", "--big-calls", "1",
-               "--json")
+               "--isolation", "mprotect", "--json")
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
-    rows = res["rows"]
+    # --peers adds its table to the main one's, same run
+    assert {"null", "loan_4k", "relay_floor"} <= {r["config"] for r in res["rows"]}
+    rows = res["peers"]["rows"]
     assert rows["relay floor"]["ratio"] == 1.0
     for row in ("tvmrt null call_enclave", "multiprocessing.Pipe",
                 "tvmrt 64 MiB loan, both touch"):
@@ -135,19 +137,19 @@ def test_peers_rows_and_nothing_left_behind():
             assert "not installed" in rows[row]["missing"]
         else:
             assert rows[row]["median"] > 0 and rows[row]["ratio"] > 0, rows[row]
-    goals = {g["what"]: g for g in res["goals"]}
+    goals = {g["what"]: g for g in res["peers"]["goals"]}
     assert "tvmrt null call faster than iceoryx2 request-response" in goals
     if "median" in rows["iceoryx2 64 MiB loan both ways"]:
         assert rows["tvmrt 64 MiB loan, both touch"]["vs_iceoryx2"] > 0
     assert _leftovers() <= before, "the peers left files in /dev/shm or /tmp"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_peers_not_installed_rows_say_so():
     """With iceoryx2 and pyzmq unimportable the run still succeeds; their rows say how
     to install them and the goals that need them are "not measured"."""
     p = _tvmrt("--peers", "--quick", "--calls", "50", "--rounds", "1", "--big-calls", "1",
-               block=("iceoryx2", "zmq"))
+               "--isolation", "mprotect", block=("iceoryx2", "zmq"))
     assert p.returncode == 0, p.stderr
     for row in ("iceoryx2 request-response", "iceoryx2 64 MiB loan both ways",
                 "pyzmq REQ/REP", "pyzmq REQ/REP via zmq.proxy"):
@@ -155,17 +157,19 @@ def test_peers_not_installed_rows_say_so():
                          r"'tvmrt\[peers\]'$", p.stdout, re.M), p.stdout
     assert "faster than iceoryx2 request-response: not measured" in p.stdout
     assert re.search(r"^multiprocessing\.Pipe +[\d.]+µs", p.stdout, re.M)
+    assert re.search(r"^null call .* ≤1\.3× relay", p.stdout, re.M), "the main table too"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     before = _leftovers()
     out = tmp_path / "sizes.png"
-    p = _tvmrt("--plot", str(out), "--quick")
+    p = _tvmrt("--plot", str(out), "--quick", "--isolation", "mprotect")
     assert p.returncode == 0, p.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {out}" in p.stdout and "64 MiB" in p.stdout
+    assert re.search(r"^null call .* ≤1\.3× relay", p.stdout, re.M), "the main table too"
     assert _leftovers() <= before
 
 

@@ -785,7 +785,8 @@ def _sigint(signum, frame):
 
 
 def main(ns) -> int:
-    """``tvmrt bench`` (also ``--peers`` and ``--plot``): run, print the table (or JSON);
+    """``tvmrt bench``: run, print the table (or JSON); ``--peers`` and ``--plot`` add
+    their tables (JSON: ``peers``, ``plot``) to the main one's, in the same run;
     0 whether the goals are met or not, 1 if it could not measure, 130 on ^C.  Every
     process and file it made is gone when it returns, also on ^C/SIGTERM."""
     old = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, _sigterm),
@@ -797,6 +798,13 @@ def main(ns) -> int:
             signal.signal(s, h)
 
 
+def _next_phase(progress) -> None:
+    """The next part of a run counts its own calls from zero on the progress line."""
+    progress.done = 0
+    progress.total = 0
+    progress.poll = None
+
+
 def _main(ns) -> int:
     from ._progress import Progress
     as_json = getattr(ns, "json", False)
@@ -804,26 +812,32 @@ def _main(ns) -> int:
         c = counts(ns)
         sandbox = not getattr(ns, "no_sandbox", False)
         with Progress(enabled=not as_json) as progress:
-            if getattr(ns, "plot", None):
+            plot = getattr(ns, "plot", None)
+            if plot:
                 from . import _plot
-                _plot.require(ns.plot)
-                res = _plot.sweep(quick=getattr(ns, "quick", False), sandbox=sandbox,
-                                  progress=progress)
-                _plot.draw(res, ns.plot)
-                table = _plot.format_table(res) + f"\nwrote {ns.plot}"
-            elif getattr(ns, "peers", False):
+                _plot.require(plot)             # before the run, not after it
+            # the main table always; --peers and --plot add theirs, in the same run
+            iso = getattr(ns, "isolation", "both") or "both"
+            isolations = ("mprotect", "strict") if iso == "both" else (iso,)
+            if getattr(ns, "sandbox_cost", False) and sandbox:
+                isolations += (NOSANDBOX,)
+            res = measure(c, progress, sandbox=sandbox, isolations=isolations)
+            tables = [format_table(res)]
+            if getattr(ns, "peers", False):
                 from . import _peers
+                _next_phase(progress)
                 calls = c["calls"] if c["calls"] != 20000 else 5000
-                res = _peers.measure(n=calls, rounds=c["rounds"], sandbox=sandbox,
-                                     big_calls=c["big_calls"], progress=progress)
-                table = _peers.format_table(res)
-            else:
-                iso = getattr(ns, "isolation", "both") or "both"
-                isolations = ("mprotect", "strict") if iso == "both" else (iso,)
-                if getattr(ns, "sandbox_cost", False) and sandbox:
-                    isolations += (NOSANDBOX,)
-                res = measure(c, progress, sandbox=sandbox, isolations=isolations)
-                table = format_table(res)
+                res["peers"] = _peers.measure(n=calls, rounds=c["rounds"], sandbox=sandbox,
+                                              big_calls=c["big_calls"], progress=progress)
+                tables.append(_peers.format_table(res["peers"]))
+            if plot:
+                _next_phase(progress)
+                res["plot"] = _plot.sweep(quick=getattr(ns, "quick", False),
+                                          sandbox=sandbox, progress=progress)
+                _plot.draw(res["plot"], plot)
+                res["plot"]["file"] = plot
+                tables.append(_plot.format_table(res["plot"]) + f"\nwrote {plot}")
+            table = "\n\n".join(tables)
     except KeyboardInterrupt:
         print("tvmrt bench: interrupted", file=sys.stderr)
         return 130

@@ -553,11 +553,13 @@ def main(argv=None) -> int:
                    "for the burst figure (default 200, --quick 20; at most 1000)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
-    b.add_argument("--peers", action="store_true", help="tvmrt's null call and 64 MiB loan "
-                   "next to multiprocessing.Pipe, pyzmq REQ/REP (direct and brokered) and "
-                   "iceoryx2 request-response, same run (pip install 'tvmrt[peers]')")
-    b.add_argument("--plot", metavar="FILE.png", help="latency against region size, "
-                   "loaning vs copying, drawn to FILE.png (pip install 'tvmrt[plot]')")
+    b.add_argument("--peers", action="store_true", help="adds a table to the run: tvmrt's "
+                   "null call and 64 MiB loan next to multiprocessing.Pipe, pyzmq REQ/REP "
+                   "(direct and brokered) and iceoryx2 request-response "
+                   "(pip install 'tvmrt[peers]')")
+    b.add_argument("--plot", metavar="FILE.png", help="adds to the run: latency against "
+                   "region size, loaning vs copying, drawn to FILE.png "
+                   "(pip install 'tvmrt[plot]')")
     b.add_argument("--throughput", action="store_true", help="aggregate calls/s with 1, 2, "
                    "4, 16, 64 caller/server pairs and one server of 1, 2, 4 instances")
     b.add_argument("--scale", type=int, metavar="N", help="a pair's call rate with 10 and "

@@ -226,3 +226,21 @@ def test_throughput_and_scale_tables_run(host):
     assert r["monitor_rss"] > 0 and r["create_per_s"] > 0
     assert seen and all(0 < d <= t for d, t in seen)
     assert not [e for e in host.ps()["enclaves"] if e["state"] != "done"]
+
+
+@pytest.mark.timeout(240)
+def test_throughput_and_scale_add_to_the_main_run():
+    """``--throughput --scale N --json``: one JSON document with the main rows and the
+    pairs, instances and scale figures, in the same invocation; nothing left behind."""
+    before = _leftovers()
+    p = _tvmrt("--quick", "--isolation", "mprotect", "--throughput", "--scale", "20",
+               "--calls", "100", "--json", timeout=200)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert {"null", "loan_4k"} <= {r["config"] for r in res["rows"]}
+    assert {int(k) for k in res["pairs"]} == {1, 2, 4, 16, 64}
+    assert all(v > 0 for v in res["pairs"].values())
+    assert len(res["instances"]) == 6 and all(v > 0 for v in res["instances"].values())
+    s = res["scale"]
+    assert s["live"] >= 20 and s["rate_10"] > 0 and s["rate_n"] > 0 and s["monitor_rss"] > 0
+    assert _leftovers() <= before

@@ -837,7 +837,12 @@ def _main(ns) -> int:
                 _plot.draw(res["plot"], plot)
                 res["plot"]["file"] = plot
                 tables.append(_plot.format_table(res["plot"]) + f"\nwrote {plot}")
-            table = "\n\n".join(tables)
+            if not as_json:
+                progress.clear()
+                print("\n\n".join(tables), flush=True)
+            if getattr(ns, "throughput", False) or getattr(ns, "scale", None):
+                _next_phase(progress)
+                res.update(_scale_sections(ns, progress, as_json, sandbox))
     except KeyboardInterrupt:
         print("tvmrt bench: interrupted", file=sys.stderr)
         return 130
@@ -853,5 +858,61 @@ def _main(ns) -> int:
             print(f"tvmrt bench: {type(exc).__name__}: {exc.reason}", file=sys.stderr)
             return 1
         raise
-    print(json.dumps(res) if as_json else table)
+    if as_json:
+        print(json.dumps(res, default=str))
     return 0
+
+
+def _scale_sections(ns, live, as_json: bool, sandbox: bool) -> dict:
+    """``--throughput`` / ``--scale N`` (see :mod:`tvmrt._scale`), on a private monitor
+    of their own: their lines printed as they come (unless ``as_json``); returns their
+    figures (``pairs``, ``instances``, ``scale``) for the JSON."""
+    from . import _scale
+    from .cli import _size
+    from .host import Host
+    out: dict = {}
+    with Host.connect(embedded=True, sandbox=sandbox) as host:
+        def say(*a):
+            if not as_json:
+                live.clear()
+                print(*a, flush=True)
+
+        shown = ["scale"]
+
+        def step(text):                 # a line of the table, then the live line again
+            say(text)
+            live.show(shown[0])
+
+        def now(what):
+            shown[0] = what
+            live.show(what)
+
+        if getattr(ns, "throughput", False):
+            say("\nthroughput (aggregate calls/s, callers start together):")
+            calls = getattr(ns, "calls", 20000)
+            t = _scale.throughput(host, calls=calls if calls != 20000 else 4000,
+                                  progress=step, live=now)
+            out["pairs"] = t["pairs"]
+            out["instances"] = {f"{k} instances, {w} us work": v
+                                for (k, w), v in t["instances"].items()}
+        n = getattr(ns, "scale", None)
+        if n:
+            say(f"\nscale ({n} live enclaves):")
+            now("scale: the rate with 10 live enclaves")
+            then = [f"scale: creating {n - 10} enclaves",
+                    f"scale: the rate with {n} live enclaves", "scale: memory"]
+
+            def scale_step(text):       # scale() says three lines: what comes after each
+                shown[0] = then.pop(0) if then else shown[0]
+                step(text)
+
+            r = out["scale"] = _scale.scale(
+                host, n, progress=scale_step,
+                live=lambda done, total: live.show("scale: creating enclaves", "", done,
+                                                   total, "enclaves"))
+            mib = 2 ** 20
+            say(f"  one pair at {n} live: {r['rate_n'] / r['rate_10']:.0%} of its "
+                f"rate at 10; monitor RSS {r['monitor_rss'] / mib:.1f} MiB; per enclave "
+                f"RSS {_size(r['enclave_rss'])}, USS {_size(r['enclave_uss'])}")
+    return out
+

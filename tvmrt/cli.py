@@ -407,66 +407,8 @@ def _pubkey(ns) -> int:
 
 
 def _bench(ns) -> int:
-    if ns.throughput or ns.scale:
-        return _bench_scale(ns)
-    from tvmrt import bench  # the main bench, --peers and --plot
+    from tvmrt import bench  # the main table; --peers, --plot, --throughput, --scale add theirs
     return bench.main(ns)
-
-
-def _bench_scale(ns) -> int:
-    """``tvmrt bench --throughput`` / ``--scale N`` (see :mod:`tvmrt._scale`), on a
-    private monitor."""
-    import json
-
-    from tvmrt import _scale
-    from tvmrt._progress import Progress
-    from tvmrt.host import Host
-    out: dict = {}
-    with Progress(enabled=not ns.json) as live, \
-            Host.connect(embedded=True, sandbox=not ns.no_sandbox) as host:
-        def say(*a):
-            if not ns.json:
-                live.clear()
-                print(*a)
-
-        shown = ["scale"]
-
-        def step(text):                 # a line of the table, then the live line again
-            say(text)
-            live.show(shown[0])
-
-        def now(what):
-            shown[0] = what
-            live.show(what)
-
-        if ns.throughput:
-            say("throughput (aggregate calls/s, callers start together):")
-            t = _scale.throughput(host, calls=ns.calls if ns.calls != 20000 else 4000,
-                                  progress=step, live=now)
-            out["pairs"] = t["pairs"]
-            out["instances"] = {f"{k} instances, {w} us work": v
-                                for (k, w), v in t["instances"].items()}
-        if ns.scale:
-            say(f"scale ({ns.scale} live enclaves):")
-            now("scale: the rate with 10 live enclaves")
-            then = [f"scale: creating {ns.scale - 10} enclaves",
-                    f"scale: the rate with {ns.scale} live enclaves", "scale: memory"]
-
-            def scale_step(text):       # scale() says three lines: what comes after each
-                shown[0] = then.pop(0) if then else shown[0]
-                step(text)
-
-            r = out["scale"] = _scale.scale(
-                host, ns.scale, progress=scale_step,
-                live=lambda done, total: live.show("scale: creating enclaves", "", done,
-                                                   total, "enclaves"))
-            mib = 2 ** 20
-            say(f"  one pair at {ns.scale} live: {r['rate_n'] / r['rate_10']:.0%} of its "
-                f"rate at 10; monitor RSS {r['monitor_rss'] / mib:.1f} MiB; per enclave "
-                f"RSS {_size(r['enclave_rss'])}, USS {_size(r['enclave_uss'])}")
-    if ns.json:
-        print(json.dumps(out, default=str))
-    return 0
 
 
 def _stress(ns) -> int:
@@ -560,10 +502,11 @@ def main(argv=None) -> int:
     b.add_argument("--plot", metavar="FILE.png", help="adds to the run: latency against "
                    "region size, loaning vs copying, drawn to FILE.png "
                    "(pip install 'tvmrt[plot]')")
-    b.add_argument("--throughput", action="store_true", help="aggregate calls/s with 1, 2, "
-                   "4, 16, 64 caller/server pairs and one server of 1, 2, 4 instances")
-    b.add_argument("--scale", type=int, metavar="N", help="a pair's call rate with 10 and "
-                   "with N live enclaves, monitor and enclave memory")
+    b.add_argument("--throughput", action="store_true", help="adds to the run: aggregate "
+                   "calls/s with 1, 2, 4, 16, 64 caller/server pairs and one server of 1, 2, "
+                   "4 instances")
+    b.add_argument("--scale", type=int, metavar="N", help="adds to the run: a pair's call "
+                   "rate with 10 and with N live enclaves, monitor and enclave memory")
     b.add_argument("--no-sandbox", action="store_true",
                    help="the embedded monitor runs the enclaves without the sandbox")
     b.add_argument("--sandbox-cost", action="store_true",

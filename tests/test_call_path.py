@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 
 import pytest
@@ -22,6 +23,7 @@ from tvmrt import bench
 from tvmrt._layout import PAGE
 from tvmrt.monitor.config import Config
 from tvmrt.monitor.core import NORMAL, SERVER, Core
+from tvmrt.monitor.zygote import POOL_SIZE
 
 _rids = itertools.count(1)
 
@@ -205,7 +207,17 @@ def test_the_default_mode_call_path_reads_no_proc_and_makes_no_fd_or_segment(con
             before = len(tvm.proc_opens())
             tvm.block(config, n, 0)
             opens.append(len(tvm.proc_opens()) - before)
-            mon = tvm.host.ps()["monitor"]
+            # Settled counts: the warm pool refills after each create (a channel fd per
+            # warm process), and the caller's socket closes when the monitor has read its
+            # EOF, after the run's answer.  A leak per call (2,000 fds) never settles.
+            deadline = time.monotonic() + 10
+            while True:
+                mon = tvm.host.ps()["monitor"]
+                # sockets: this host's and the server's, the caller's gone
+                settled = mon["warm"] >= POOL_SIZE and mon["sockets"] == 2
+                if settled or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             fds.append(mon["fds"])
             segs.append(mon["segments"])
         assert opens[1] == opens[0] and opens[3] == opens[2], (opens, tvm.proc_opens())

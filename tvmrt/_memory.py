@@ -16,7 +16,7 @@ import ctypes.util
 import mmap as _mmap
 import os
 
-from ._layout import ARENAS, PAGE, page_round  # noqa: F401  (re-exported)
+from ._layout import ARENAS, PAGE, PARK_ARENA, PARK_OFFSET, page_round  # noqa: F401
 
 PROT_NONE = 0
 PROT_RW = _mmap.PROT_READ | _mmap.PROT_WRITE
@@ -35,8 +35,15 @@ _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_int, ctypes.c_long)
 _libc.mprotect.restype = ctypes.c_int
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                         ctypes.c_void_p)
+_MREMAP_MAYMOVE = 1
+_MREMAP_FIXED = 2
 _libc.prctl.restype = ctypes.c_int
 _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong)
@@ -115,6 +122,62 @@ def unmap(addr: int, length: int) -> None:
                      _MAP_PRIVATE | _MAP_ANON | _MAP_NORESERVE | _MAP_FIXED, -1, 0)
     if got == _MAP_FAILED:
         _fail(f"unmap at {addr:#x}")
+
+
+# ---------------------------------------------------------------------------- parking
+# Giving up a big region by mprotect rewrites one page-table entry per populated page
+# (a 64 MiB region both sides touch: 16,384 entries, 1-2 ms per mprotect).  Moving the
+# mapping away with mremap moves whole page-table pages instead (one entry per 2 MiB
+# where source and destination line up: parking keeps the offset within 2 MiB), and
+# moving it back restores it with its entries intact: no fault on the next touch.  The
+# region's own address gets the PROT_NONE reservation back at once, so a write there
+# faults exactly as after mprotect(PROT_NONE), and nothing else can be mapped there.
+_park = {"reserved": False}       # fork copies it with the reservation itself
+
+
+def _reserve_park() -> bool:
+    base, size = PARK_ARENA
+    got = _libc.mmap(base, size, PROT_NONE,
+                     _MAP_PRIVATE | _MAP_ANON | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE, -1, 0)
+    if got != base:
+        if got != _MAP_FAILED:
+            _libc.munmap(got, size)
+        return False
+    _park["reserved"] = True
+    return True
+
+
+def park(addr: int, length: int) -> bool:
+    """Move the mapping at ``addr`` (in an arena) to ``addr + PARK_OFFSET`` and reserve
+    ``addr`` again (PROT_NONE).  False, with nothing changed, if this cannot be done
+    (no park arena here, mremap refused): the caller mprotects instead."""
+    if not _park["reserved"] and not _reserve_park():
+        return False
+    to = addr + PARK_OFFSET
+    if _libc.mremap(addr, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, to) != to:
+        return False
+    if _libc.mmap(addr, length, PROT_NONE,
+                  _MAP_PRIVATE | _MAP_ANON | _MAP_NORESERVE | _MAP_FIXED, -1, 0) != addr:
+        # (out of memory for a vma): move it back rather than leave a hole
+        if _libc.mremap(to, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr) != addr:
+            _fail(f"mremap back to {addr:#x}")
+        unpark_drop(addr, length)
+        return False
+    return True
+
+
+def unpark(addr: int, length: int) -> None:
+    """Move the region parked for ``addr`` back to ``addr`` (over its reservation)."""
+    if _libc.mremap(addr + PARK_OFFSET, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED,
+                    addr) != addr:
+        _fail(f"mremap to {addr:#x}")
+    unpark_drop(addr, length)
+
+
+def unpark_drop(addr: int, length: int) -> None:
+    """Put the park arena's reservation back over ``addr``'s parking place (dropping
+    whatever is parked there)."""
+    unmap(addr + PARK_OFFSET, length)
 
 
 _from_memory = ctypes.pythonapi.PyMemoryView_FromMemory

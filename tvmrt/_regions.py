@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from . import _memory as memory
 from ._args import check_u64
-from ._layout import PAGE, U64
+from ._layout import PAGE, PARK_MIN, U64
 from ._wire import FdsLost, close_all
 from .errors import BadSize, InvalidArgument, NotOwned, RemoteProtocolError, Unaligned
 
@@ -49,8 +49,8 @@ class RegionTable:
     views or lend regions.
     """
 
-    __slots__ = ("_lock", "mapped", "owned", "shared", "lent", "_starts", "_stale",
-                 "_roots", "refresh")
+    __slots__ = ("_lock", "mapped", "owned", "shared", "lent", "parked", "_starts",
+                 "_stale", "_roots", "refresh")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()     # never held while calling out (refresh)
@@ -58,6 +58,8 @@ class RegionTable:
         self.owned: dict[int, tuple[int, int]] = {}    # relay: vaddr -> (seg, length)
         self.shared: dict[int, int] = {}               # shm windows: vaddr -> length
         self.lent: dict[int, tuple[int, int]] = {}     # revoked by lend: vaddr -> (seg, len)
+        # given up by parking (_memory.park), not mprotect: vaddr -> length
+        self.parked: dict[int, int] = {}
         self._starts: list[int] = []                   # sorted starts of owned + shared
         self._stale = False
         # root view handed out per region start: vaddr -> (root, flag, seg).  Every view
@@ -111,6 +113,9 @@ class RegionTable:
                                 old = self.mapped.get(seg)
                                 if old is not None and old != (vaddr, length):
                                     self._drop(seg)
+                                elif self.parked and vaddr in self.parked:
+                                    # mapped afresh: the parked mapping goes
+                                    memory.unpark_drop(vaddr, self.parked.pop(vaddr))
                                 # has_fd - 1: where the region starts in the
                                 # file (a split region's second half: not 0)
                                 memory.map_fixed(vaddr, length, fd, has_fd - 1)
@@ -122,7 +127,9 @@ class RegionTable:
                             if m is None or m[0] != vaddr or m[1] != length:
                                 raise RemoteProtocolError(
                                     f"grant of segment {seg} that is not mapped here")
-                            if _mprotect(vaddr, length, _RW):
+                            if length >= PARK_MIN and self.parked.pop(vaddr, None):
+                                memory.unpark(vaddr, length)
+                            elif _mprotect(vaddr, length, _RW):
                                 memory.protect_failed(vaddr)
                         if self.lent:
                             self.lent.pop(vaddr, None)
@@ -144,6 +151,8 @@ class RegionTable:
             return
         vaddr, length = m
         self._kill(vaddr)
+        if self.parked.pop(vaddr, None):
+            memory.unpark_drop(vaddr, length)
         if self.owned.get(vaddr, (None,))[0] == seg:
             del self.owned[vaddr]
         if self.lent.get(vaddr, (None,))[0] == seg:
@@ -188,7 +197,9 @@ class RegionTable:
                     r = self._roots.get(vaddr)
                     if r is not None:
                         r[1][0] = 1                 # its views raise before the page goes
-                    if _mprotect(vaddr, size, _NONE):
+                    if size >= PARK_MIN and memory.park(vaddr, size):
+                        self.parked[vaddr] = size
+                    elif _mprotect(vaddr, size, _NONE):
                         memory.protect_failed(vaddr)
                     del self.owned[vaddr]
                     self.lent[vaddr] = o
@@ -220,7 +231,10 @@ class RegionTable:
         with self._lock:
             if self.lent.get(vaddr) != (seg, length):
                 return
-            memory.protect(vaddr, length, memory.PROT_RW)
+            if self.parked.pop(vaddr, None):
+                memory.unpark(vaddr, length)
+            else:
+                memory.protect(vaddr, length, memory.PROT_RW)
             self._unpark(vaddr, seg)
             del self.lent[vaddr]
             self.owned[vaddr] = (seg, length)
@@ -235,7 +249,9 @@ class RegionTable:
             if o is None:
                 return False
             self._park(vaddr)
-            if _mprotect(vaddr, o[1], _NONE):
+            if o[1] >= PARK_MIN and memory.park(vaddr, o[1]):
+                self.parked[vaddr] = o[1]
+            elif _mprotect(vaddr, o[1], _NONE):
                 memory.protect_failed(vaddr)
             self._stale = True
             return True

@@ -26,13 +26,19 @@ OUTCOMES = ("ok", "bad", "gone", "late", "other")
 def _writable_segments(pid: int) -> set[int]:
     """Numbers of the tvmrt segments process ``pid`` maps writable now (a segment's name
     is ``tvmrt.<monitor pid>.<segment number, hex>.<random>``: a memfd, shown as
-    ``/memfd:<name> (deleted)``)."""
+    ``/memfd:<name> (deleted)``), in the arenas where regions live.  A big region the
+    process has given up is parked (``tvmrt._memory.park``): still mapped, in the park
+    arena, while its own address is ``PROT_NONE``; the ownership checked here is who can
+    write a region at its address, so the park arena is left out."""
+    from ._layout import PARK_ARENA
+    park_lo, park_hi = PARK_ARENA[0], PARK_ARENA[0] + PARK_ARENA[1]
     out = set()
     try:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 parts = line.split(None, 5)
-                if len(parts) == 6 and parts[1][1] == "w" and "/memfd:tvmrt." in parts[5]:
+                if len(parts) == 6 and parts[1][1] == "w" and "/memfd:tvmrt." in parts[5] \
+                        and not park_lo <= int(parts[0].split("-", 1)[0], 16) < park_hi:
                     name = parts[5].rsplit("/", 1)[1].split()[0]
                     fields = name.split(".")
                     if len(fields) == 4:

@@ -2,7 +2,7 @@
 
     python tools/page_table_cost.py [--mib 64] [--rounds 20] [--live N]
 
-A tvmrt loan of a region both sides touch does, per round trip, four ``mprotect`` calls
+A loan of a region both sides touch did, per round trip, four ``mprotect`` calls
 over the whole region (revoke in the caller, grant in the server, revoke in the server,
 grant in the caller), each rewriting one page-table entry per populated page and
 flushing the TLB; the touches themselves then run without faults.  This measures, on a
@@ -10,7 +10,10 @@ populated memfd mapping of ``--mib`` MiB: one ``mprotect(PROT_NONE)`` +
 ``mprotect(PROT_READ|PROT_WRITE)`` pair, the minor faults the next touch takes (0: the
 entries are kept, only their protection changes), one byte written per page after the
 pair, and the same write with no ``mprotect`` (what iceoryx2's loan costs: its segments
-stay mapped in both processes).  Medians over ``--rounds``.
+stay mapped in both processes).  Then what tvmrt does instead for regions of 1 MiB or
+more: a park + unpark pair (``tvmrt._memory.park``: the mapping moved away with
+``mremap``, whole page-table pages at a time, and back) and the touch after it.
+Medians over ``--rounds``.
 
 Where the CPU has memory protection keys (``pku`` in ``/proc/cpuinfo``), it also
 measures the same revoke and grant done with a key instead of ``mprotect``: the region
@@ -112,6 +115,40 @@ def main(argv=None) -> int:
     print(f"  touch, no mprotect        {med(plain) / 1e3:9.1f} µs")
     print(f"  a loan's round trip does two pairs: {2 * med(pair) / 1e6:.2f} ms of "
           f"page-table work before any touch")
+    # what tvmrt does for a region this big: park it (mremap away, PROT_NONE back at its
+    # address) and bring it back, at an arena address as a real region has
+    from tvmrt import _memory as memory
+    from tvmrt._layout import ARENAS, PARK_MIN
+    if size >= PARK_MIN:
+        memory.reserve_arenas()
+        at = ARENAS["mmap"][0] + ARENAS["mmap"][1] - 2 * size
+        fd2 = os.memfd_create("page-table-cost-park")
+        os.ftruncate(fd2, size)
+        memory.map_fixed(at, size, fd2)
+        park_pages = memory.view(at, size)[::PAGE]
+        park_pages[:] = b"\1" * n
+        parked, ptouch, pfaults = [], [], []
+        for i in range(ns.rounds):
+            t0 = time.perf_counter_ns()
+            if not memory.park(at, size):
+                print("  (parking refused here)")
+                break
+            memory.unpark(at, size)
+            t1 = time.perf_counter_ns()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            park_pages[:] = bytes((i & 0xFF,)) * n
+            t2 = time.perf_counter_ns()
+            pfaults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+            parked.append(t1 - t0)
+            ptouch.append(t2 - t1)
+        if parked:
+            print(f"  park + unpark pair        {med(parked) / 1e3:9.1f} µs  "
+                  f"(what tvmrt does from {PARK_MIN >> 20} MiB: mremap of page tables)")
+            print(f"  touch after the pair      {med(ptouch) / 1e3:9.1f} µs  "
+                  f"(minor faults: {med(pfaults):.0f})")
+        del park_pages
+        memory.unmap(at, size)
+        os.close(fd2)
     if hasattr(libc, "pkey_alloc"):
         key = libc.pkey_alloc(0, 0)
         if key > 0:

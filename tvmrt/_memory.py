@@ -16,7 +16,7 @@ import ctypes.util
 import mmap as _mmap
 import os
 
-from ._layout import ARENAS, PAGE, PARK_ARENA, PARK_OFFSET, page_round  # noqa: F401
+from ._layout import ARENAS, PAGE, PARK_ARENA, PARK_MIN, PARK_OFFSET, page_round  # noqa: F401
 
 PROT_NONE = 0
 PROT_RW = _mmap.PROT_READ | _mmap.PROT_WRITE
@@ -101,19 +101,27 @@ def map_fixed(addr: int, length: int, fd: int, offset: int = 0, prot: int = PROT
     _libc.madvise(addr, length, _MADV_DONTFORK)
 
 
-def protect(addr: int, length: int, prot: int) -> None:
-    """mprotect: PROT_NONE revokes access, PROT_RW grants it."""
-    if _libc.mprotect(addr, length, prot) != 0:
+# the raw call (0, or -1 with errno set): the loan path calls it without a wrapper
+_mprotect = _libc.mprotect
+
+
+def revoke(addr: int, length: int) -> bool:
+    """Take this process's access to the region at ``addr`` away: a region of
+    ``PARK_MIN`` bytes or more is parked (:func:`park`; True), a smaller one -- or one
+    that cannot be parked -- is ``PROT_NONE``d (False).  OSError if neither works."""
+    if length >= PARK_MIN and park(addr, length):
+        return True
+    if _mprotect(addr, length, PROT_NONE):
         _fail(f"mprotect at {addr:#x}")
+    return False
 
 
-#: the raw call for the loan path (0, or -1 with errno set: see :func:`protect_failed`)
-mprotect = _libc.mprotect
-
-
-def protect_failed(addr: int):
-    """Raise the OSError of the :data:`mprotect` at ``addr`` that just returned -1."""
-    _fail(f"mprotect at {addr:#x}")
+def restore(addr: int, length: int, parked: bool) -> None:
+    """Give the access :func:`revoke` took back (``parked``: what it returned)."""
+    if parked:
+        unpark(addr, length)
+    elif _mprotect(addr, length, PROT_RW):
+        _fail(f"mprotect at {addr:#x}")
 
 
 def unmap(addr: int, length: int) -> None:

@@ -28,13 +28,9 @@ from collections.abc import Callable
 
 from . import _memory as memory
 from ._args import check_u64
-from ._layout import PAGE, PARK_MIN, U64
+from ._layout import PAGE, U64
 from ._wire import FdsLost, close_all
 from .errors import BadSize, InvalidArgument, NotOwned, RemoteProtocolError, Unaligned
-
-_mprotect = memory.mprotect
-_RW, _NONE = memory.PROT_RW, memory.PROT_NONE
-
 
 #: A region revoked for a request that has not been answered yet: ``(vaddr, seg,
 #: length)``, a plain tuple (it is made on every loaning call).  Undo it with
@@ -113,9 +109,8 @@ class RegionTable:
                                 old = self.mapped.get(seg)
                                 if old is not None and old != (vaddr, length):
                                     self._drop(seg)
-                                elif self.parked and vaddr in self.parked:
-                                    # mapped afresh: the parked mapping goes
-                                    memory.unpark_drop(vaddr, self.parked.pop(vaddr))
+                                elif self.parked:
+                                    self._forget_parked(vaddr)  # mapped afresh below
                                 # has_fd - 1: where the region starts in the
                                 # file (a split region's second half: not 0)
                                 memory.map_fixed(vaddr, length, fd, has_fd - 1)
@@ -127,15 +122,12 @@ class RegionTable:
                             if m is None or m[0] != vaddr or m[1] != length:
                                 raise RemoteProtocolError(
                                     f"grant of segment {seg} that is not mapped here")
-                            if length >= PARK_MIN and self.parked.pop(vaddr, None):
-                                memory.unpark(vaddr, length)
-                            elif _mprotect(vaddr, length, _RW):
-                                memory.protect_failed(vaddr)
+                            memory.restore(vaddr, length, self.parked.pop(vaddr, 0) > 0)
                         if self.lent:
                             self.lent.pop(vaddr, None)
                         r = roots.get(vaddr)
                         if r is not None and r[1][0]:
-                            self._unpark(vaddr, seg)
+                            self._unpark_views(vaddr, seg)
                         if kind == "shm":
                             self.shared[vaddr] = length
                         else:
@@ -151,8 +143,8 @@ class RegionTable:
             return
         vaddr, length = m
         self._kill(vaddr)
-        if self.parked.pop(vaddr, None):
-            memory.unpark_drop(vaddr, length)
+        if self.parked:
+            self._forget_parked(vaddr)
         if self.owned.get(vaddr, (None,))[0] == seg:
             del self.owned[vaddr]
         if self.lent.get(vaddr, (None,))[0] == seg:
@@ -160,6 +152,13 @@ class RegionTable:
         self.shared.pop(vaddr, None)
         self._stale = True
         memory.unmap(vaddr, length)
+
+    def _forget_parked(self, vaddr: int) -> None:
+        """The region at ``vaddr`` is unmapped or mapped afresh: a parked mapping of it
+        goes too (its parking place gets the park arena's reservation back)."""
+        length = self.parked.pop(vaddr, None)
+        if length is not None:
+            memory.unpark_drop(vaddr, length)
 
     def drop(self, seg: int) -> None:
         """Unmap segment ``seg`` here (freed or detached); views of it die."""
@@ -197,10 +196,8 @@ class RegionTable:
                     r = self._roots.get(vaddr)
                     if r is not None:
                         r[1][0] = 1                 # its views raise before the page goes
-                    if size >= PARK_MIN and memory.park(vaddr, size):
+                    if memory.revoke(vaddr, size):
                         self.parked[vaddr] = size
-                    elif _mprotect(vaddr, size, _NONE):
-                        memory.protect_failed(vaddr)
                     del self.owned[vaddr]
                     self.lent[vaddr] = o
                     self._stale = True
@@ -231,11 +228,8 @@ class RegionTable:
         with self._lock:
             if self.lent.get(vaddr) != (seg, length):
                 return
-            if self.parked.pop(vaddr, None):
-                memory.unpark(vaddr, length)
-            else:
-                memory.protect(vaddr, length, memory.PROT_RW)
-            self._unpark(vaddr, seg)
+            memory.restore(vaddr, length, self.parked.pop(vaddr, 0) > 0)
+            self._unpark_views(vaddr, seg)
             del self.lent[vaddr]
             self.owned[vaddr] = (seg, length)
             self._stale = True
@@ -248,11 +242,9 @@ class RegionTable:
             o = self.owned.pop(vaddr, None)
             if o is None:
                 return False
-            self._park(vaddr)
-            if o[1] >= PARK_MIN and memory.park(vaddr, o[1]):
+            self._park_views(vaddr)
+            if memory.revoke(vaddr, o[1]):
                 self.parked[vaddr] = o[1]
-            elif _mprotect(vaddr, o[1], _NONE):
-                memory.protect_failed(vaddr)
             self._stale = True
             return True
 
@@ -355,13 +347,13 @@ class RegionTable:
             off = addr - start
             return r[0][off:off + size]
 
-    def _park(self, vaddr: int) -> None:
+    def _park_views(self, vaddr: int) -> None:
         """The region leaves: its views raise until the same segment comes back."""
         r = self._roots.get(vaddr)
         if r is not None:
             r[1][0] = 1
 
-    def _unpark(self, vaddr: int, seg: int) -> None:
+    def _unpark_views(self, vaddr: int, seg: int) -> None:
         """The region is back: its views work again if it is the same segment."""
         r = self._roots.get(vaddr)
         if r is not None:
@@ -431,7 +423,7 @@ class StrictRegionTable(RegionTable):
             o = self.owned.pop(vaddr, None)
             if o is None:
                 return False
-            self._park(vaddr)
+            self._park_views(vaddr)
             self._unmap_seg(vaddr, o[1], o[0])
             self._stale = True
             return True

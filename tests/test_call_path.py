@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import select
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 import tracemalloc
 
 import pytest
 
+from conftest import wait_until
 from core_driver import Driver
 from tvmrt import bench
 from tvmrt._layout import PAGE
@@ -138,90 +133,57 @@ sys.addaudithook(_hook)
 
 
 class _AuditedTvm(bench.Tvm):
-    """:class:`tvmrt.bench.Tvm` on a monitor started here, with :data:`_AUDIT`."""
+    """:class:`tvmrt.bench.Tvm` on a monitor running :data:`_AUDIT` (its prelude)."""
 
     def __init__(self, max_n: int, tmp: str):
         super().__init__(max_n)
-        self.dir = tmp
         self.log = os.path.join(tmp, "proc.log")
-        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> _AuditedTvm:
-        from tvmrt.host import SERVER as SERVER_TYPE, Host
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.path.join(self.dir, "m.sock")
-        boot = (f"import sys; sys.path.insert(0, {root!r})\n" + _AUDIT.format(log=self.log)
-                + "from tvmrt.cli import main; sys.exit(main())")
-        r, w = os.pipe()
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-c", boot, "monitor", "--socket",
-                                          path, "--quiet", "--ready-fd", str(w)],
-                                         stdin=subprocess.DEVNULL, pass_fds=(w,))
-        finally:
-            os.close(w)
-        try:
-            ready, _, _ = select.select([r], [], [], 30)
-            assert ready and os.read(r, 64).startswith(b"ready"), "the monitor did not start"
-        finally:
-            os.close(r)
-        self.host = Host.connect(path, embedded=False)
-        self.shm = self.host.shmget(bench.page_round(bench.HDR.size + 8 * self.max_n))
-        self.host.create("bench_server", name=bench.SERVER_NAME, type=SERVER_TYPE)
+    def start(self, prelude: str = "") -> _AuditedTvm:
+        super().start(_AUDIT.format(log=self.log))
         return self
 
     def proc_opens(self) -> list[str]:
         """The monitor's own /proc opens so far."""
-        assert self.proc is not None
+        assert self.host is not None and self.host.embedded is not None
         try:
             with open(self.log) as f:
-                return [line for line in f if line.split()[0] == str(self.proc.pid)]
+                return [line for line in f
+                        if line.split()[0] == str(self.host.embedded.pid)]
         except FileNotFoundError:
             return []
-
-    def stop(self) -> None:
-        try:
-            super().stop()
-        finally:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("config", ["null", "loan_4k"])
-def test_the_default_mode_call_path_reads_no_proc_and_makes_no_fd_or_segment(config):
+def test_the_default_mode_call_path_reads_no_proc_and_makes_no_fd_or_segment(config,
+                                                                               tmp_path):
     """Blocks of 20 and of 2,000 calls (each with its own caller enclave, created and
     destroyed) cost the monitor the same /proc opens -- those of the create and the
     exit, none per call -- and leave its fds and segments where they were."""
-    tmp = tempfile.mkdtemp(prefix="tvmrt-audit-")
-    tvm = _AuditedTvm(2100, tmp)
+    tvm = _AuditedTvm(2100, str(tmp_path))
     try:
         tvm.start()
         tvm.block(config, 20, 0)                    # first create: warm pool, imports
         opens, fds, segs = [], [], []
+        mon: dict = {}
+
+        def settled():
+            # the warm pool refills after each create (a channel fd per warm process),
+            # and the caller's socket closes when the monitor has read its EOF, after
+            # the run's answer (sockets: this host's and the server's).  A leak per
+            # call (2,000 fds) never settles.
+            mon.update(tvm.host.ps()["monitor"])
+            return mon["warm"] >= POOL_SIZE and mon["sockets"] == 2
+
         for n in (20, 2000, 20, 2000):
             before = len(tvm.proc_opens())
             tvm.block(config, n, 0)
             opens.append(len(tvm.proc_opens()) - before)
-            # Settled counts: the warm pool refills after each create (a channel fd per
-            # warm process), and the caller's socket closes when the monitor has read its
-            # EOF, after the run's answer.  A leak per call (2,000 fds) never settles.
-            deadline = time.monotonic() + 10
-            while True:
-                mon = tvm.host.ps()["monitor"]
-                # sockets: this host's and the server's, the caller's gone
-                settled = mon["warm"] >= POOL_SIZE and mon["sockets"] == 2
-                if settled or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+            wait_until(settled, 10)
             fds.append(mon["fds"])
             segs.append(mon["segments"])
         assert opens[1] == opens[0] and opens[3] == opens[2], (opens, tvm.proc_opens())
         assert len(set(fds)) == 1 and len(set(segs)) == 1, (fds, segs)
     finally:
         tvm.stop()
-        shutil.rmtree(tmp, ignore_errors=True)

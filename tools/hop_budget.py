@@ -29,13 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import msgpack
@@ -113,8 +110,8 @@ class EpollFloor:
         bench._reap(self.pids, 5.0)
 
 
-#: Run in the measuring monitor before ``tvmrt monitor``: while forwarding is on (SIGUSR1;
-#: SIGUSR2 turns it off) Core.message answers ``call`` (no region) and ``ret`` by
+#: The measuring monitor's prelude: while forwarding is on (SIGUSR1; SIGUSR2 turns it
+#: off) Core.message answers ``call`` (no region) and ``ret`` by
 #: forwarding, as the real core's _dispatch and _finish_call word them, and passes every
 #: other message to the real core.
 _FORWARD_CORE = """
@@ -150,43 +147,17 @@ mc.Core.message = message
 
 
 class ForwardTvm(bench.Tvm):
-    """:class:`tvmrt.bench.Tvm` on a monitor started here with :data:`_FORWARD_CORE`;
+    """:class:`tvmrt.bench.Tvm` on a monitor running :data:`_FORWARD_CORE`;
     :meth:`forward` turns forwarding on or off between blocks."""
 
-    def start(self) -> ForwardTvm:
-        from tvmrt.host import SERVER, Host
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.dir = tempfile.mkdtemp(prefix="tvmrt-fwd-")
-        path = os.path.join(self.dir, "sock")
-        boot = (f"import sys; sys.path.insert(0, {root!r}); {_FORWARD_CORE}\n"
-                f"from tvmrt.cli import main; sys.exit(main())")
-        self.proc = subprocess.Popen([sys.executable, "-c", boot, "monitor", "--socket",
-                                      path, "--quiet"], stdin=subprocess.DEVNULL)
-        for _ in range(200):
-            if os.path.exists(path) or self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        try:
-            self.host = Host.connect(path, embedded=False)
-            self.shm = self.host.shmget(bench.page_round(bench.HDR.size + 8 * self.max_n))
-            self.host.create("bench_server", name=bench.SERVER_NAME, type=SERVER)
-        except BaseException:
-            self.stop()
-            raise
+    def start(self, prelude: str = _FORWARD_CORE) -> ForwardTvm:
+        super().start(prelude)
         return self
 
     def forward(self, on: bool) -> None:
-        self.proc.send_signal(signal.SIGUSR1 if on else signal.SIGUSR2)
+        assert self.host is not None and self.host.embedded is not None
+        os.kill(self.host.embedded.pid, signal.SIGUSR1 if on else signal.SIGUSR2)
         time.sleep(0.05)            # handled at the monitor's next bytecode
-
-    def stop(self) -> None:
-        try:
-            if self.host is not None:
-                super().stop()
-        finally:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def main(argv=None) -> int:

@@ -142,7 +142,7 @@ class EmbeddedMonitor:
 
     def __init__(self, verbose: bool = False, cpu: int | None = None,
                  key_file: str | None = None, sandbox: bool = True,
-                 isolation: str = "mprotect"):
+                 isolation: str = "mprotect", prelude: str = ""):
         #: the monitor's key file (``tvmrt monitor --key``), or None: a fresh key
         self.key_file = None if key_file is None else os.path.abspath(key_file)
         self.dir = None
@@ -154,6 +154,10 @@ class EmbeddedMonitor:
         #: the transfer mode (``tvmrt monitor --isolation``): "mprotect" or "strict"
         self.isolation = isolation
         self.ready_pipe = None
+        #: Python run in the monitor process before ``tvmrt monitor`` starts: for the
+        #: measuring tools and tests that change or watch the monitor (an audit hook,
+        #: a stub core), never set by tvmrt itself
+        self.prelude = prelude
 
     def start(self, timeout: float = 20.0) -> EmbeddedMonitor:
         """Start the monitor and wait until it listens; MonitorGone if it does not.
@@ -187,7 +191,7 @@ class EmbeddedMonitor:
         # Run the very tvmrt this process imported, whatever the child's cwd or sys.path
         # would otherwise pick (e.g. a source checkout beside an installed copy).
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        boot = (f"import sys; sys.path.insert(0, {root!r}); "
+        boot = (f"import sys; sys.path.insert(0, {root!r})\n{self.prelude}\n"
                 f"from tvmrt.cli import main; sys.exit(main())")
         cmd = [sys.executable, "-c", boot, "monitor", "--socket", self.path,
                "--ready-fd", str(w), "--quiet", "--own-socket-dir"]

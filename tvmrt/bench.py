@@ -420,10 +420,13 @@ class Tvm:
         self.blocks = 0
         self.caller_cpu_ns = 0          # CPU time of the last block's caller loop
 
-    def start(self) -> Tvm:
+    def start(self, prelude: str = "") -> Tvm:
+        """Start the monitor (with ``prelude``: see
+        :attr:`tvmrt._embedded.EmbeddedMonitor.prelude`), the server and the shm."""
+        from ._embedded import EmbeddedMonitor
         from .host import SERVER, Host
-        self.host = Host.connect(embedded=True, sandbox=self.sandbox,
-                                 isolation=self.isolation)
+        self.host = Host._owning(EmbeddedMonitor(sandbox=self.sandbox,
+                                                isolation=self.isolation, prelude=prelude))
         self.state = self.host.ps().get("sandbox")
         self.shm = self.host.shmget(page_round(HDR.size + 8 * self.max_n))
         self.host.create("bench_server", name=SERVER_NAME, type=SERVER)

@@ -356,8 +356,14 @@ class Host:
             except MonitorGone:
                 if embedded is False or path is not None:
                     raise
-        mon = EmbeddedMonitor(verbose=verbose, key_file=key_file, sandbox=sandbox,
-                              isolation=isolation).start()
+        return cls._owning(EmbeddedMonitor(verbose=verbose, key_file=key_file,
+                                          sandbox=sandbox, isolation=isolation))
+
+    @classmethod
+    def _owning(cls, mon) -> Host:
+        """Start the embedded monitor ``mon`` (a :class:`tvmrt._embedded.EmbeddedMonitor`
+        not started yet) and connect to it; the host stops it on :meth:`close`."""
+        mon.start()
         try:
             return cls(_dial(mon.path), mon.path, embedded=mon)
         except BaseException:

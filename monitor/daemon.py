@@ -727,7 +727,11 @@ class Daemon:
             elif t is Signal:
                 # the zygote signals: the process is its child, so the pid is not reused.
                 # A stop is acknowledged, and sends to the peer wait for it (_stopping).
-                if eff.sig == "stop" and eff.peer in self.socks:
+                if eff.peer not in self.socks:
+                    # cut off earlier in this batch (a violation found by one of its
+                    # Verifies, performed in place): like a Send to it, dropped
+                    continue
+                if eff.sig == "stop":
                     self._stopping.setdefault(eff.peer, [0, []])[0] += 1
                     self._zsend({"op": "signal", "k": eff.peer, "sig": eff.sig, "ack": 1})
                 else:

@@ -349,6 +349,8 @@ class Driver:
             elif t is Signal:
                 _assert(eff.peer in self.enclaves, f"signal to non-enclave {eff.peer}")
                 _assert(eff.sig in ("stop", "cont"), f"bad signal {eff.sig!r}")
+                if eff.peer in self.tamper_closed:
+                    continue      # as a send: to a violator cut off earlier in this batch
                 _assert(eff.peer not in self.closed, f"signal to closed peer {eff.peer}")
                 if eff.sig == "stop":
                     _assert(eff.peer not in self.stopped, f"{eff.peer} stopped twice")

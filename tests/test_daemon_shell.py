@@ -101,3 +101,37 @@ def test_a_busy_call_pair_does_not_starve_other_hosts(clean, host):
         t.join(300)
     assert result == [0]
     assert served_during_the_run, "the other host was only served after the run ended"
+
+
+def test_a_signal_for_a_peer_cut_off_earlier_in_its_batch_is_dropped(tmp_path):
+    """The shell performs a Verify in place: a violation it finds goes to the core at
+    once, whose answer may cut off a peer that the rest of the same batch still names
+    (found by the strict model: the end of a stopped chain continues its server, which
+    a Verify earlier in that batch had just found cheating and killed).  Like a Send to
+    it, such a Signal is dropped: the zygote is not asked to signal a process the
+    monitor has cut off.  A Signal for a peer it has not cut off still goes."""
+    from tvmrt import _wire as wire
+    from tvmrt.monitor.daemon import Daemon, _Epoll
+    from tvmrt.monitor.effects import Close, Signal
+
+    d = Daemon(path=str(tmp_path / "sock"))
+    d.sel = _Epoll()
+    d.zsock, zygote = socket.socketpair()
+    peer, other = socket.socketpair()
+    d.socks[5] = peer
+    d.socks[6] = other
+    try:
+        d._apply([Close(5), Signal(5, "cont"), Signal(6, "cont")])
+        zygote.setblocking(False)
+        got = []
+        while True:
+            try:
+                got.append(wire.Receiver().recv(zygote, True)[0])
+            except BlockingIOError:
+                break
+        assert got == [{"op": "signal", "k": 6, "sig": "cont"}]
+        assert 5 not in d.socks and peer.fileno() == -1
+    finally:
+        for s in (d.zsock, zygote, other):
+            s.close()
+        d.sel.ep.close()

@@ -231,6 +231,13 @@ def _open_reserve() -> int | None:
         return None
 
 
+def _close_warm(chan: socket.socket, mfd: int | None) -> None:
+    """Close what the monitor holds of a warm process: its channel, its maps fd."""
+    chan.close()
+    if mfd is not None:
+        os.close(mfd)
+
+
 def _bye(conn: socket.socket, exc: TvmError) -> None:
     """Tell a client why it is being disconnected (protocol ``bye``), then close it."""
     try:
@@ -933,19 +940,19 @@ class Daemon:
             _trace.mark("m_spawn")
         while self.warm:
             w = self.warm.popleft()
-            if self._become(w, peer, spec, shm_seg, stdio):
+            done = self._become(w, peer, spec, shm_seg, stdio)
+            if done:
                 return
-            if self.warm and self.warm[0] is w:
-                break               # out of fds: kept for the next create
+            if done is None:
+                # out of fds: not the warm process's fault; kept for the next create,
+                # and the zygote's way below refuses this one (ResourceExhausted)
+                self.warm.appendleft(w)
+                break
         mine = theirs = None
         null = None
         try:
             mine, theirs = wire.seqpacket_pair()
-            if stdio == "message" and len(self._fds) >= 2:
-                out = self._fds[:2]
-            else:
-                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                out = [null, null]
+            fds, null = self._birth_fds(stdio, shm_seg)
         except OSError as exc:
             for sk in (mine, theirs):
                 if sk is not None:
@@ -953,38 +960,45 @@ class Daemon:
             self._apply(self.core.spawn_failed(peer, exc.strerror or str(exc),
                                                exhausted=True))
             return
-        mine.setblocking(False)
-        self.socks[peer] = mine
-        self.sel.register(mine, ("peer", peer))
-        fds = [theirs.fileno()] + list(out)
-        if shm_seg is not None and shm_seg in self.segs:
-            fds.append(self.segs[shm_seg].fd)
+        self._adopt(peer, mine)
         try:
-            self._zsend({"op": "spawn", "k": peer, "spec": spec}, fds)
+            self._zsend({"op": "spawn", "k": peer, "spec": spec}, [theirs.fileno(), *fds])
         finally:
             theirs.close()
             if null is not None:
                 os.close(null)
 
-    def _become(self, w, peer, spec, shm_seg, stdio) -> bool:
-        """Send warm process ``w`` its spec and fds (its host's stdout and stderr, or
-        /dev/null; the shm segment): its channel is the enclave's from now on, and the
-        zygote is told whose process it is.  False when the process is gone."""
-        pid, chan, mfd = w
+    def _birth_fds(self, stdio, shm_seg) -> tuple[list[int], int | None]:
+        """What a new enclave gets besides its channel: its host's stdout and stderr
+        (those that came with the create) or ``/dev/null`` twice, then the shm segment;
+        and the ``/dev/null`` fd to close once they are sent (or None).  OSError when
+        ``/dev/null`` cannot be opened (out of fds)."""
         null = None
         if stdio == "message" and len(self._fds) >= 2:
             fds = self._fds[:2]
         else:
-            try:
-                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            except OSError:
-                # out of fds: not the warm process's fault; the zygote's way refuses
-                # the create (ResourceExhausted) and this one waits for the next
-                self.warm.appendleft(w)
-                return False
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             fds = [null, null]
         if shm_seg is not None and shm_seg in self.segs:
             fds.append(self.segs[shm_seg].fd)
+        return fds, null
+
+    def _adopt(self, peer, sock) -> None:
+        """``sock`` is enclave ``peer``'s channel from now on."""
+        sock.setblocking(False)
+        self.socks[peer] = sock
+        self.sel.register(sock, ("peer", peer))
+
+    def _become(self, w, peer, spec, shm_seg, stdio) -> bool | None:
+        """Send warm process ``w`` its spec and fds (:meth:`_birth_fds`): its channel is
+        the enclave's from now on, and the zygote is told whose process it is.  True
+        when done; False when the process is gone (dropped); None when this monitor is
+        out of fds (``w`` is not used, nor dropped)."""
+        pid, chan, mfd = w
+        try:
+            fds, null = self._birth_fds(stdio, shm_seg)
+        except OSError:
+            return None
         try:
             wire.send(chan, {"op": "become", "k": peer, "spec": spec}, fds)
         except (MonitorGone, OSError):
@@ -995,9 +1009,7 @@ class Daemon:
                 os.close(null)
         if _trace.FD is not None:
             _trace.mark("m_sent")
-        chan.setblocking(False)
-        self.socks[peer] = chan
-        self.sel.register(chan, ("peer", peer))
+        self._adopt(peer, chan)
         if mfd is not None:
             self.maps[peer] = mfd
         self._zsend({"op": "assigned", "k": peer, "pid": pid})
@@ -1005,9 +1017,9 @@ class Daemon:
         return True
 
     def _drop_warm(self, pid, chan, mfd) -> None:
-        chan.close()
-        if mfd is not None:
-            os.close(mfd)
+        """Give warm process ``pid`` up: close what this monitor holds of it, and have
+        the zygote kill it."""
+        _close_warm(chan, mfd)
         self._zsend({"op": "drop", "pid": pid})
 
     def _zsend(self, msg, fds=()):
@@ -1047,10 +1059,7 @@ class Daemon:
             os.close(fd)
         self.maps.clear()
         while self.warm:
-            _, chan, mfd = self.warm.popleft()
-            chan.close()
-            if mfd is not None:
-                os.close(mfd)
+            _close_warm(*self.warm.popleft()[1:])
         for shm in self.segs.values():
             shm.close_fd()
         self.segs.clear()

@@ -269,16 +269,17 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
         gates[pid] = gate_r
         return pid, zend
 
-    def refill() -> bool:
-        """Fork warm processes up to ``pool``; False when a fork failed (out of
+    def refill() -> int:
+        """Fork warm processes up to ``pool``; returns the forks the idle loop may try
+        until the next assignment (below): ``pool``, or 0 when a fork failed (out of
         processes or memory: a create then waits for a fork of its own)."""
         while prepared is not None and len(warm) < pool:
             try:
                 pid, zend = fork_warm()
             except OSError:
-                return False
+                return 0
             warm[pid] = zend
-        return True
+        return pool
 
     def announce(pid: int, zend: socket.socket) -> None:
         """A warm process said it is ready (with its maps fd in strict mode): hand its
@@ -410,7 +411,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
     # refilled when nothing else is waiting, with at most ``pool`` such forks between
     # two assignments: processes that die as soon as they are forked must not make the
     # zygote fork in a loop.
-    idle_forks = pool if refill() else 0
+    idle_forks = refill()
     while True:
         if stop:
             finish()
@@ -441,7 +442,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             if spid is not None and gates.get(spid) == fd:
                 # an enclave said ready (or ended, or wrote: the eapp holds the fd too)
                 os.close(gates.pop(spid))
-                idle_forks = pool if refill() else 0
+                idle_forks = refill()
         if sock.fileno() not in ready:
             if not ready and short:
                 idle_forks -= 1
@@ -467,7 +468,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
                 wire.send(sock, {"op": "exited", "k": peer, "how": how})
             if not warm:
                 # the monitor has none left: the next create must not wait for a fork
-                idle_forks = pool if refill() else 0
+                idle_forks = refill()
         elif op == "drop":
             # the monitor could not use warm process ``pid`` (its channel was closed)
             dpid = msg.get("pid")
@@ -492,7 +493,7 @@ def serve(sock: socket.socket, monitor_pid: int, sandbox: str = "off",
             if spid is None:
                 continue
             # the monitor had none left: a burst, or forks failed before (then try again)
-            idle_forks = pool if refill() else 0
+            idle_forks = refill()
         elif op == "kill":
             kpid = by_peer.get(msg.get("k"))
             if kpid is not None:

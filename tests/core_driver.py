@@ -129,7 +129,9 @@ class Driver:
         self.freed: set[int] = set()
         self.failed: set[int] = set()         # segments the shell could not create
         self.tamper: set[int] = set()         # segments to report resized at their next grant
-        self.tamper_closed: set[int] = set()  # peers cut off for tampering
+        # peers the shell cut off in the middle of a batch (a tampered segment, or a violation
+        # a Verify found): the rest of that batch's Sends and Signals to them are dropped
+        self.cut_off: set[int] = set()
         self.hold: dict[int, int] = {}        # seg -> peer it was last given to
         # strict mode: (peer, seg) whose process keeps a mapping of seg (a cheater), and
         # the cheaters reported to the core: their segments must not move until they die
@@ -278,10 +280,10 @@ class Driver:
                 if bad:
                     self.tamper.discard(bad[0])
                     res = self.core.segment_tampered(bad[0], eff)
-                    self.tamper_closed.update(e.peer for e in res if type(e) is Close)
+                    self.cut_off.update(e.peer for e in res if type(e) is Close)
                     done += self._apply(res, src)
                     continue
-                if eff.peer in self.tamper_closed:
+                if eff.peer in self.cut_off:
                     continue      # a send of this batch to a violator the shell cut off
                 self._on_send(eff, src)
             elif t is NewSeg:
@@ -349,7 +351,7 @@ class Driver:
             elif t is Signal:
                 _assert(eff.peer in self.enclaves, f"signal to non-enclave {eff.peer}")
                 _assert(eff.sig in ("stop", "cont"), f"bad signal {eff.sig!r}")
-                if eff.peer in self.tamper_closed:
+                if eff.peer in self.cut_off:
                     continue      # as a send: to a violator cut off earlier in this batch
                 _assert(eff.peer not in self.closed, f"signal to closed peer {eff.peer}")
                 if eff.sig == "stop":
@@ -409,7 +411,7 @@ class Driver:
                 res = self.core.isolation_violation(peer, seg, eff)
                 # the rest of this batch to a violator the core closed is dropped by the
                 # shell (no socket), as for a tampered segment
-                self.tamper_closed.update(e.peer for e in res if type(e) is Close)
+                self.cut_off.update(e.peer for e in res if type(e) is Close)
                 return self._apply(res, src)
         self.verified += 1
         # every other live holder it knows of must have been checked

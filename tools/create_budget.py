@@ -27,11 +27,6 @@ CODE = b"def main(args):\n    return 0\n"
 FIRST, LAST = "h_send", "h_reply"
 
 
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
 def read_trace(path):
     """{seq: {step: ns}}: the stamps of each create, in order (the n-th h_send begins
     create n; every other stamp belongs to the create whose h_send precedes it)."""
@@ -67,6 +62,7 @@ def main() -> int:
         os.close(fd)
         os.environ["TVMRT_TRACE_CREATE"] = trace
     from tvmrt import _trace
+    from tvmrt.bench import percentile
     from tvmrt.host import Host
     _trace.reopen()
     out: dict = {}
@@ -89,7 +85,7 @@ def main() -> int:
                     time.sleep(ns.gap / 1e3)
             cpu1 = os.times()
             out["median_us"] = statistics.median(lat) / 1e3
-            out["p99_us"] = pct(lat, 99) / 1e3
+            out["p99_us"] = percentile(sorted(lat), 99) / 1e3
             out["host_cpu_us"] = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) \
                 / ns.n * 1e6
             if ns.burst:

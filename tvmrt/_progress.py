@@ -87,6 +87,12 @@ class Progress:
                     except (OSError, ValueError):   # stderr closed under us
                         return
 
+    def next_phase(self) -> None:
+        """The next part of a run counts its own calls from zero."""
+        self.done = 0
+        self.total = 0
+        self.poll = None
+
     def clear(self) -> None:
         """Erase the line (the thread does not redraw it until the next :meth:`show`)."""
         with self._lock:

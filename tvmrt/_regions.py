@@ -122,7 +122,7 @@ class RegionTable:
                             if m is None or m[0] != vaddr or m[1] != length:
                                 raise RemoteProtocolError(
                                     f"grant of segment {seg} that is not mapped here")
-                            memory.restore(vaddr, length, self.parked.pop(vaddr, 0) > 0)
+                            self._take_back(vaddr, length)
                         if self.lent:
                             self.lent.pop(vaddr, None)
                         r = roots.get(vaddr)
@@ -152,6 +152,16 @@ class RegionTable:
         self.shared.pop(vaddr, None)
         self._stale = True
         memory.unmap(vaddr, length)
+
+    def _give_up(self, vaddr: int, length: int) -> None:
+        """Take this process's access to the region at ``vaddr`` away (parked or
+        ``PROT_NONE``: :func:`tvmrt._memory.revoke`), remembering which."""
+        if memory.revoke(vaddr, length):
+            self.parked[vaddr] = length
+
+    def _take_back(self, vaddr: int, length: int) -> None:
+        """Undo :meth:`_give_up`: the region at ``vaddr`` is this process's again."""
+        memory.restore(vaddr, length, self.parked.pop(vaddr, None) is not None)
 
     def _forget_parked(self, vaddr: int) -> None:
         """The region at ``vaddr`` is unmapped or mapped afresh: a parked mapping of it
@@ -196,8 +206,7 @@ class RegionTable:
                     r = self._roots.get(vaddr)
                     if r is not None:
                         r[1][0] = 1                 # its views raise before the page goes
-                    if memory.revoke(vaddr, size):
-                        self.parked[vaddr] = size
+                    self._give_up(vaddr, size)
                     del self.owned[vaddr]
                     self.lent[vaddr] = o
                     self._stale = True
@@ -228,7 +237,7 @@ class RegionTable:
         with self._lock:
             if self.lent.get(vaddr) != (seg, length):
                 return
-            memory.restore(vaddr, length, self.parked.pop(vaddr, 0) > 0)
+            self._take_back(vaddr, length)
             self._unpark_views(vaddr, seg)
             del self.lent[vaddr]
             self.owned[vaddr] = (seg, length)
@@ -243,8 +252,7 @@ class RegionTable:
             if o is None:
                 return False
             self._park_views(vaddr)
-            if memory.revoke(vaddr, o[1]):
-                self.parked[vaddr] = o[1]
+            self._give_up(vaddr, o[1])
             self._stale = True
             return True
 

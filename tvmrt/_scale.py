@@ -41,6 +41,20 @@ def create_idle(host, n: int, into: list, prefix: str = "idle", live=None) -> fl
     return time.monotonic() - t0
 
 
+def ps_with_pool_full(host, timeout: float) -> dict:
+    """``host.ps()`` once the monitor holds its full pool of warm processes (forked
+    ahead to become enclaves: monitor/zygote.py), or after ``timeout`` seconds: the
+    state it is in whenever it has not just created an enclave (their channels are
+    among its idle fds, a create takes one)."""
+    from tvmrt.monitor.zygote import POOL_SIZE
+    deadline = time.monotonic() + timeout
+    while True:
+        info = host.ps()
+        if info["monitor"].get("warm", POOL_SIZE) >= POOL_SIZE or time.monotonic() > deadline:
+            return info
+        time.sleep(0.001)
+
+
 def create_to_ready(host, n: int, prefix: str = "ready") -> list[int]:
     """Time ``n`` single creates of an idle server, ns each: from ``host.create()`` until
     it returns, which is when the enclave has reported ready (its module code ran).
@@ -50,14 +64,10 @@ def create_to_ready(host, n: int, prefix: str = "ready") -> list[int]:
     not just created one: this is one create's latency.  Creates back to back, each
     paying for the refill of the one before, are what the burst measures
     (:func:`create_idle`)."""
-    from tvmrt.monitor.zygote import POOL_SIZE
     out = []
     clock = time.perf_counter_ns
     for i in range(n):
-        deadline = time.monotonic() + 5.0
-        while (host.ps()["monitor"].get("warm", POOL_SIZE) < POOL_SIZE
-               and time.monotonic() < deadline):
-            time.sleep(0.001)
+        ps_with_pool_full(host, 5.0)
         t0 = clock()
         e = host.create(IDLE_EAPP, name=f"{prefix}-{i}", type=SERVER)
         out.append(clock() - t0)

@@ -263,18 +263,6 @@ def run_host(host, tag: int, callers: int, calls: int, max_pages: int, instances
 RSS_SLACK = 32 << 20
 
 
-def _with_pool_full(probe) -> dict:
-    """The monitor's ``ps`` once it holds its full pool of warm processes (their channels
-    are among its idle fds), or after 10 s."""
-    from tvmrt.monitor.zygote import POOL_SIZE
-    deadline = time.monotonic() + 10
-    while True:
-        info = probe.ps()
-        if info["monitor"].get("warm", POOL_SIZE) >= POOL_SIZE or time.monotonic() > deadline:
-            return info
-        time.sleep(0.05)
-
-
 def _segments(mon_pid: int | None = None) -> int:
     """This monitor's segments in ``/dev/shm`` (every tvmrt segment if ``mon_pid`` is
     None)."""
@@ -290,6 +278,7 @@ def main(ns) -> int:
     import psutil
 
     from tvmrt._embedded import EmbeddedMonitor
+    from tvmrt._scale import ps_with_pool_full
     from tvmrt.host import Host
 
     embedded = None
@@ -306,7 +295,7 @@ def main(ns) -> int:
         # includes this connection at the start and at the end alike
         probe = Host.connect(path, embedded=False)
         try:
-            base = _with_pool_full(probe)
+            base = ps_with_pool_full(probe, 10.0)
             m0 = base["monitor"]
             mon_pid = m0["pid"]
             segs0 = _segments(mon_pid)

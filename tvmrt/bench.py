@@ -801,13 +801,6 @@ def main(ns) -> int:
             signal.signal(s, h)
 
 
-def _next_phase(progress) -> None:
-    """The next part of a run counts its own calls from zero on the progress line."""
-    progress.done = 0
-    progress.total = 0
-    progress.poll = None
-
-
 def _main(ns) -> int:
     from ._progress import Progress
     as_json = getattr(ns, "json", False)
@@ -828,13 +821,13 @@ def _main(ns) -> int:
             tables = [format_table(res)]
             if getattr(ns, "peers", False):
                 from . import _peers
-                _next_phase(progress)
+                progress.next_phase()
                 calls = c["calls"] if c["calls"] != 20000 else 5000
                 res["peers"] = _peers.measure(n=calls, rounds=c["rounds"], sandbox=sandbox,
                                               big_calls=c["big_calls"], progress=progress)
                 tables.append(_peers.format_table(res["peers"]))
             if plot:
-                _next_phase(progress)
+                progress.next_phase()
                 res["plot"] = _plot.sweep(quick=getattr(ns, "quick", False),
                                           sandbox=sandbox, progress=progress)
                 _plot.draw(res["plot"], plot)
@@ -844,7 +837,7 @@ def _main(ns) -> int:
                 progress.clear()
                 print("\n\n".join(tables), flush=True)
             if getattr(ns, "throughput", False) or getattr(ns, "scale", None):
-                _next_phase(progress)
+                progress.next_phase()
                 res.update(_scale_sections(ns, progress, as_json, sandbox))
     except KeyboardInterrupt:
         print("tvmrt bench: interrupted", file=sys.stderr)
